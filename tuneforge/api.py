@@ -1,0 +1,263 @@
+"""``tuneforge.train(recipe, **overrides)`` — the whole run, from recipe to registered model.
+
+The CLI is a thin layer over this function. Order matters and is deliberate: the recipe and every data
+record are checked first (cheap, and an error there loses nothing), then the tokenizer and token cache,
+then the plan, and only then is the model loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tuneforge.config import Recipe, load_recipe, recipe_yaml
+from tuneforge.errors import TuneforgeError
+from tuneforge.paths import runs_dir
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: where things are and what was measured."""
+
+    run_dir: Path
+    output_dir: Path  # adapter or full model, loadable with plain transformers / peft
+    merged_dir: Path | None
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    evals: list[dict[str, float]]
+    mix: dict[str, Any]
+    resolved: dict[str, Any]
+    data: dict[str, Any]
+    tracking_run_id: str | None = None
+    model_version: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Keyword overrides: ``train__lr=1e-4`` or ``**{"train.lr": 1e-4}``."""
+    return {k.replace("__", "."): v for k, v in overrides.items()}
+
+
+def _run_dir(recipe: Recipe) -> Path:
+    if recipe.output.dir:
+        return Path(recipe.output.dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = runs_dir() / f"{recipe.name}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = runs_dir() / f"{recipe.name}-{stamp}-{n}"
+    return path
+
+
+def train(recipe: str | Path | dict[str, Any] | Recipe, *, resume: str | Path | None = None,
+          progress: bool | None = None, set: list[str] | None = None, **overrides: Any) -> TrainResult:
+    """Train a recipe (path, dict or :class:`Recipe`); returns paths and measured metrics.
+
+    ``resume`` continues from a checkpoint (or the newest in a run directory) exactly where it stopped.
+    ``progress`` shows terminal progress (default: only when stderr is a terminal).
+    """
+    if isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe.to_dict(), _overrides(overrides))
+    else:
+        recipe = load_recipe(recipe, set)
+        if overrides:
+            recipe = load_recipe(recipe.to_dict(), _overrides(overrides))
+    return _train(recipe, resume=resume, progress=progress)
+
+
+def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) -> TrainResult:
+    from tuneforge.data.pipeline import load_sources, tokenize_sources
+    from tuneforge.models.loading import check_model_path
+
+    wall0 = time.perf_counter()
+    loaded = load_sources(recipe)  # every record checked before anything heavy happens
+    check_model_path(recipe.model.path)
+
+    import torch
+
+    from tuneforge.data.sampler import build_plan
+    from tuneforge.models.adapters import apply_adapter, check_qlora_supported, is_peft
+    from tuneforge.models.chat_templates import resolve_template
+    from tuneforge.models.export import save_result
+    from tuneforge.models.loading import load_model, load_tokenizer
+    from tuneforge.planner import resolve
+    from tuneforge.training.checkpoint import find_checkpoint, load_checkpoint
+    from tuneforge.training.forward import supports_selective_head
+    from tuneforge.training.loop import LoopSettings, make_optimizer, train_loop
+    from tuneforge.training.progress import Progress
+    from tuneforge.training.schedule import lr_multiplier
+
+    if recipe.adapter.kind == "qlora":
+        check_qlora_supported()
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.chat_template,
+                               recipe.model.trust_remote_code)
+    template = resolve_template(recipe.model.chat_template) if recipe.model.chat_template else tokenizer.chat_template
+    if template is None and any(s.format != "text" for s in loaded):
+        raise TuneforgeError(
+            f"{recipe.model.tokenizer or recipe.model.path}: the tokenizer has no chat template; "
+            "set model.chat_template (e.g. 'chatml') to train on chat data"
+        )
+    tokens = tokenize_sources(loaded, tokenizer, template, recipe)
+    prompt_learning = recipe.adapter.kind in ("prompt_tuning", "p_tuning", "prefix_tuning")
+    packing = recipe.data.packing and not prompt_learning  # virtual tokens are per row, not per document
+    plan = build_plan([t.train for t in tokens], [t.weight for t in tokens], mix_by=recipe.data.mix_by,
+                      seed=recipe.train.seed, max_length=recipe.data.max_length, packing=packing,
+                      global_batch_size=recipe.train.global_batch_size, epochs=recipe.train.epochs,
+                      max_steps=recipe.train.max_steps)
+    res = resolve(recipe, plan.num_steps)
+    torch.set_num_threads(res.num_threads)
+    device = torch.device(res.device)
+
+    torch.manual_seed(recipe.train.seed)
+    model = load_model(recipe.model.path, dtype=torch.float32, device=device,
+                       attn_implementation=recipe.model.attn_implementation,
+                       trust_remote_code=recipe.model.trust_remote_code)
+    model = apply_adapter(model, recipe.adapter)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if is_peft(model):
+            model.enable_input_require_grads()
+    optimizer = make_optimizer(model, recipe.train.lr, recipe.train.weight_decay, recipe.train.betas, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_multiplier(recipe.train.schedule, res.total_steps, res.warmup_steps, recipe.train.min_lr_ratio)
+    )
+
+    run_dir = _run_dir(recipe)
+    start_step = 0
+    if resume is not None:
+        ckpt = find_checkpoint(resume)
+        meta = load_checkpoint(ckpt, model, optimizer, scheduler)
+        if meta.get("recipe_hash") not in (None, _train_hash(recipe)):
+            raise TuneforgeError(f"--resume {resume}: the checkpoint was made with a different recipe "
+                                 "(data, model or training settings changed); resume needs the same recipe")
+        start_step = int(meta["step"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
+
+    data_info = {t.name: t.stats for t in tokens}
+    data_hashes = {s.name: s.data_hash for s in loaded}
+    tracker = _start_tracker(recipe, res, data_hashes, run_dir)
+    show = progress if progress is not None else os.isatty(2)
+    settings = LoopSettings(
+        total_steps=res.total_steps, micro_batch_size=res.micro_batch_size, max_length=recipe.data.max_length,
+        packing=packing, grad_clip=recipe.train.grad_clip, precision=res.precision, device=device,
+        log_every=recipe.train.log_every, eval_every=res.eval_every, checkpoint_every=res.checkpoint_every,
+        keep_checkpoints=recipe.train.keep_checkpoints, pad_id=tokenizer.pad_token_id,
+        selective_head=supports_selective_head(model),
+    )
+    bar = Progress(res.total_steps, start_step, enabled=show)
+    bar.note(_describe(recipe, res, plan, tokens, run_dir))
+    with tracker:
+        tracker.log_metrics(plan.mix.as_metrics(), step=0)
+        loop = train_loop(
+            model, optimizer, scheduler, plan, [t.train for t in tokens],
+            {t.name: t.val for t in tokens if t.val is not None}, settings, start_step=start_step, run_dir=run_dir,
+            progress=bar, log_fn=tracker.log_metrics, checkpoint_meta={"recipe_hash": _train_hash(recipe)},
+        )
+        out_dir = save_result(model, tokenizer, run_dir / ("adapter" if is_peft(model) else "model"))
+        merged = None
+        if recipe.output.merge and is_peft(model) and not prompt_learning:
+            from tuneforge.models.export import merge_adapter
+
+            merged = merge_adapter(out_dir, run_dir / "merged", base=recipe.model.path)
+        metrics = _final_metrics(loop, plan, wall0)
+        (run_dir / "result.json").write_text(json.dumps(
+            {"metrics": metrics, "mix": _mix_dict(plan), "resolved": res.as_dict(), "data": data_info}, indent=2))
+        tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=res.total_steps)
+        for name in ("recipe.yaml", "result.json", "metrics.jsonl"):
+            tracker.log_artifact(run_dir / name)
+        tracker.log_artifact(out_dir, out_dir.name)
+        version = None
+        if recipe.tracking.register_as:
+            version = tracker.register_model(
+                merged or out_dir, recipe.tracking.register_as,
+                tags={"base_model": recipe.model.path, "recipe_hash": recipe.hash(), "method": recipe.method,
+                      "adapter": recipe.adapter.kind,
+                      **{f"data_hash.{k}": v for k, v in data_hashes.items()}},
+            )
+    bar.note(plan.mix.summary())
+    bar.note(f"saved {out_dir}" + (f" and {merged}" if merged else ""))
+    return TrainResult(run_dir=run_dir, output_dir=out_dir, merged_dir=merged, metrics=metrics,
+                       history=loop.history, evals=loop.evals, mix=_mix_dict(plan), resolved=res.as_dict(),
+                       data=data_info, tracking_run_id=getattr(tracker, "run_id", None), model_version=version)
+
+
+def _train_hash(recipe: Recipe) -> str:
+    """Hash of what determines the trajectory (not output/tracking settings)."""
+    d = recipe.to_dict()
+    d.pop("output", None)
+    d.pop("tracking", None)
+    d["train"].pop("checkpoint_every", None)
+    d["train"].pop("log_every", None)
+    d["train"].pop("eval_every", None)
+    return _hash_dict(d)
+
+
+def _hash_dict(d: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _mix_dict(plan: Any) -> dict[str, Any]:
+    m = plan.mix
+    return {"names": m.names, "target": m.target, "realised": m.realised(), "realised_tokens": m.realised("tokens"),
+            "tokens": m.tokens, "examples": m.examples, "repeats": m.repeats, "mix_by": m.mix_by}
+
+
+def _final_metrics(loop: Any, plan: Any, wall0: float) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if loop.history:
+        tail = loop.history[-max(1, min(10, len(loop.history))):]
+        metrics["train_loss"] = sum(h["loss"] for h in tail) / len(tail)
+        metrics["first_loss"] = loop.history[0]["loss"]
+    if loop.evals:
+        metrics.update({k.replace("val/", "val_"): v for k, v in loop.evals[-1].items() if k != "step"})
+    if loop.train_seconds:
+        metrics["tokens_per_s"] = loop.tokens / loop.train_seconds
+    metrics["train_seconds"] = loop.train_seconds
+    metrics["wall_seconds"] = time.perf_counter() - wall0
+    metrics["steps"] = float(plan.num_steps)
+    return metrics
+
+
+def _describe(recipe: Recipe, res: Any, plan: Any, tokens: Any, run_dir: Path) -> str:
+    src = ", ".join(f"{t.name} ({t.stats['train']} ex{', cached' if t.stats['cache_hit'] else ''})" for t in tokens)
+    return (f"tuneforge {recipe.method} · {recipe.adapter.kind} · {res.device}/{res.precision} · "
+            f"{res.total_steps} steps × {recipe.train.global_batch_size} rows "
+            f"(micro {res.micro_batch_size} × accum {res.grad_accumulation}) · data: {src}\nrun dir: {run_dir}")
+
+
+def _start_tracker(recipe: Recipe, res: Any, data_hashes: dict[str, str], run_dir: Path) -> Any:
+    from tuneforge.tracking.mlflow_tracker import NullTracker, Tracker
+
+    if not recipe.tracking.enabled:
+        return NullTracker()
+    params = {"recipe": recipe.to_dict(), "resolved": res.as_dict()}
+    tags = {"tuneforge.method": recipe.method, "tuneforge.base_model": recipe.model.path,
+            "tuneforge.recipe_hash": recipe.hash(), "tuneforge.run_dir": str(run_dir),
+            **{f"tuneforge.data_hash.{k}": v for k, v in data_hashes.items()}}
+    return Tracker.start(experiment=recipe.tracking.experiment, run_name=recipe.tracking.run_name or run_dir.name,
+                         params=params, tags=tags, tracking_uri=recipe.tracking.uri)
+
+
+def export(run_or_adapter: str | Path, out_dir: str | Path, *, merge: bool = True, base: str | None = None) -> Path:
+    """Export a run's result; with ``merge`` the adapter is folded into full weights."""
+    from tuneforge.models.export import merge_adapter
+
+    src = Path(run_or_adapter)
+    adapter = src / "adapter" if (src / "adapter").is_dir() else src
+    if (src / "model").is_dir() and not (src / "adapter").is_dir():
+        shutil.copytree(src / "model", out_dir, dirs_exist_ok=True)
+        return Path(out_dir)
+    if not merge:
+        shutil.copytree(adapter, out_dir, dirs_exist_ok=True)
+        return Path(out_dir)
+    return merge_adapter(adapter, out_dir, base=base)

@@ -1,0 +1,181 @@
+"""The ``tuneforge`` command: a thin layer over the Python API.
+
+Every user-fixable problem is a :class:`~tuneforge.errors.TuneforgeError` and is printed as a plain message
+with a non-zero exit code — never a traceback. Heavy imports happen inside the commands, so ``--help`` and
+``data validate`` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tuneforge.errors import TuneforgeError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tuneforge.api import train
+    from tuneforge.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    resume = args.resume
+    if resume == "latest":
+        if not recipe.output.dir:
+            raise TuneforgeError("--resume without a path needs output.dir in the recipe (or pass the run directory)")
+        resume = recipe.output.dir
+    result = train(recipe, resume=resume, progress=not args.quiet)
+    summary = {"run_dir": str(result.run_dir), "output_dir": str(result.output_dir), "metrics": result.metrics}
+    if result.model_version:
+        summary["model_version"] = result.model_version
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_recipe_show(args: argparse.Namespace) -> int:
+    from tuneforge.config import load_recipe, recipe_yaml
+
+    print(recipe_yaml(load_recipe(args.recipe, args.set)), end="")
+    return 0
+
+
+def _cmd_data_validate(args: argparse.Namespace) -> int:
+    from tuneforge.data.validate import validate_file
+
+    token_length = None
+    if args.model:
+        token_length = _token_length_fn(args.model, args.chat_template)
+    report = validate_file(args.file, args.format, token_length=token_length,
+                           max_tokens=args.max_length if args.model else None)
+    for issue in report.issues:
+        print(issue)
+    print(report.summary(), file=sys.stderr if report.n_bad else sys.stdout)
+    return 1 if report.n_bad else 0
+
+
+def _token_length_fn(model: str, chat_template: str | None) -> Any:
+    from tuneforge.data.templates import render_chat
+    from tuneforge.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model, chat_template)
+
+    def length(example: dict) -> int:
+        if "text" in example:
+            return len(tokenizer(example["text"], add_special_tokens=False)["input_ids"]) + 2
+        if "messages" in example:
+            text = render_chat(tokenizer, example["messages"], tokenizer.chat_template)
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return 0
+
+    return length
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tuneforge.api import export
+
+    out = export(args.run, args.out, merge=args.merge, base=args.base)
+    print(out)
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from tuneforge.paths import default_tracking_uri
+    from tuneforge.tracking.ui import run_ui
+
+    return run_ui(args.uri or default_tracking_uri(), host=args.host, port=args.port)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tuneforge.demo.run import run_demo
+
+    run_demo(quick=args.quick, rebuild=args.rebuild)
+    return 0
+
+
+def _cmd_grader_run(args: argparse.Namespace) -> int:
+    from tuneforge.rewards.cli import grader_cli
+
+    return grader_cli(args.grader, args.item, args.sample)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description="Customise open LLMs on your own hardware.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a recipe")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.lr=1e-4")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_OR_CHECKPOINT",
+                   help="continue exactly from the newest checkpoint (of output.dir, or of the given path)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("recipe", help="work with recipes")
+    rsub = p.add_subparsers(dest="recipe_command", required=True, metavar="SUBCOMMAND")
+    q = rsub.add_parser("show", help="print the fully resolved recipe with every default filled in")
+    q.add_argument("recipe")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    q.set_defaults(fn=_cmd_recipe_show)
+
+    p = sub.add_parser("data", help="work with data files")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    q = dsub.add_parser("validate", help="report every bad record as FILE:LINE: field: problem")
+    q.add_argument("file")
+    q.add_argument("--format", default="auto",
+                   choices=["auto", "messages", "prompt_completion", "text", "preference"])
+    q.add_argument("--model", help="tokenizer (model dir) to check lengths with")
+    q.add_argument("--chat-template", default=None)
+    q.add_argument("--max-length", type=int, default=2048)
+    q.set_defaults(fn=_cmd_data_validate)
+
+    p = sub.add_parser("export", help="export a run's result (merge an adapter into full weights)")
+    p.add_argument("run", help="run directory or adapter directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--base", default=None, help="base model (default: the one recorded in the adapter)")
+    p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--uri", default=None, help="tracking URI (default: the embedded SQLite store)")
+    p.set_defaults(fn=_cmd_ui)
+
+    p = sub.add_parser("demo", help="build a base model, fine-tune it with and without data mixing, compare")
+    p.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the cached base model")
+    p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("grader", help="test a reward grader")
+    gsub = p.add_subparsers(dest="grader_command", required=True, metavar="SUBCOMMAND")
+    q = gsub.add_parser("run", help="grade one sample against one item")
+    q.add_argument("grader", help="grader JSON file")
+    q.add_argument("--item", required=True, help="item JSON, or @file")
+    q.add_argument("--sample", required=True, help="sample JSON (or plain output text), or @file")
+    q.set_defaults(fn=_cmd_grader_run)
+    return parser
+
+
+def _version() -> str:
+    from tuneforge import __version__
+
+    return f"tuneforge {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except TuneforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

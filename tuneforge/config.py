@@ -1,0 +1,296 @@
+"""The recipe schema: the single source of truth for every option tuneforge has.
+
+A recipe is YAML validated by these pydantic models. Unknown keys are errors that name the field path and
+suggest the nearest valid key; ``--set a.b=value`` overrides any field. ``"auto"`` values are resolved
+against the hardware by :func:`tuneforge.planner.resolve` (never silently to a slow path).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuneforge.errors import RecipeError
+
+Method = Literal["sft", "cpt"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(description="Hugging Face model directory, or a hub id when online.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; defaults to `path`.")
+    chat_template: str | None = Field(
+        None, description="Built-in template name (`chatml`) or a Jinja string; default: the tokenizer's own."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+
+
+class SourceConfig(_Section):
+    path: str = Field(description="JSONL, JSON, Parquet, CSV file or a `datasets` directory.")
+    name: str | None = Field(None, description="Name used in reports and metrics; defaults to the file stem.")
+    weight: float = Field(1.0, gt=0, description="Relative share of the mixture (normalised over sources).")
+    format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
+
+
+class SanitizeConfig(_Section):
+    dedup: bool = True
+    drop_empty: bool = True
+    max_chars: int | None = Field(None, gt=0)
+
+
+class DataConfig(_Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    validation: str | None = Field(None, description="Separate validation file; otherwise split off `val_fraction`.")
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    mix_by: Literal["tokens", "examples"] = Field(
+        "tokens", description="Weights are shares of supervised tokens (default) or of examples."
+    )
+    max_length: int = Field(512, gt=8)
+    packing: bool = Field(True, description="Pack short examples into full rows, no cross-document attention.")
+    on_overlong: Literal["error", "truncate", "drop"] = Field(
+        "error", description="Chat examples longer than max_length: refuse (default), cut, or skip. Text is chunked."
+    )
+    loss_on: Literal["assistant", "all"] = Field("assistant", description="Which tokens chat examples train on.")
+    sanitize: SanitizeConfig = SanitizeConfig()
+    cache: bool = Field(True, description="Memory-mapped token cache keyed by data, tokenizer, template, length.")
+
+
+class AdapterConfig(_Section):
+    kind: Literal["lora", "dora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning", "full"] = "lora"
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = Field("all-linear", description="`all-linear` or module names.")
+    num_virtual_tokens: int = Field(20, gt=0, description="Prompt/P-/prefix tuning.")
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the first data source (the mixture follows it).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    global_batch_size: int = Field(32, gt=0, description="Sequences per optimizer step over all replicas.")
+    micro_batch_size: int | Literal["auto"] = "auto"
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    eval_every: int | None = Field(None, gt=0, description="Validation loss every N steps (default: 10 times a run).")
+    checkpoint_every: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+    num_threads: int | None = Field(None, gt=0, description="CPU threads; default: all cores.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite under $TUNEFORGE_HOME.")
+    experiment: str = "tuneforge"
+    run_name: str | None = None
+    register_as: str | None = Field(None, description="Register the result under this model name.")
+
+
+class OutputConfig(_Section):
+    dir: str | None = Field(None, description="Run directory; default: $TUNEFORGE_HOME/runs/<name>-<time>.")
+    merge: bool = Field(False, description="Also save merged full weights (adapters only).")
+
+
+class Recipe(_Section):
+    name: str = "run"
+    method: Method = "sft"
+    model: ModelConfig
+    data: DataConfig
+    adapter: AdapterConfig = AdapterConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_path_safe(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\\0") or v.startswith("."):
+            raise ValueError("must be a non-empty name without slashes that does not start with '.'")
+        return v
+
+    @model_validator(mode="after")
+    def _method_fits_adapter(self) -> Recipe:
+        if self.method == "cpt" and self.data.loss_on != "all":
+            self.data.loss_on = "all"
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        """Stable hash of the resolved recipe (for MLflow tags and run identity)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe (path or dict), apply ``key.path=value`` overrides and validate it.
+
+    Relative data/model paths in a recipe file are resolved against the file's directory, so a recipe
+    runs the same from any working directory.
+    """
+    origin = "<recipe>"
+    base_dir: Path | None = None
+    if isinstance(source, dict):
+        raw = json.loads(json.dumps(source))  # deep copy, plain types
+    else:
+        path = Path(source)
+        origin = str(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise RecipeError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: a recipe must be a mapping of sections (model, data, train, …)")
+        base_dir = path.resolve().parent
+    for key, value in _normalise_overrides(overrides).items():
+        _set_path(raw, key, value, origin)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, origin)) from None
+    if base_dir is not None:
+        _resolve_relative_paths(recipe, base_dir)
+    return recipe
+
+
+def _normalise_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. train.lr=1e-4")
+        key, text = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+    return out
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    """Set ``a.b.c`` (list items by index: ``data.sources.0.weight``), checking each key against the schema."""
+    parts = dotted.split(".")
+    node: Any = raw
+    model: type[BaseModel] | None = Recipe
+    for i, part in enumerate(parts):
+        where = ".".join(parts[: i + 1])
+        key: str | int
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"--set {dotted}: '{where}' must be an index below {len(node)}")
+            key = int(part)
+        else:
+            if model is not None and part not in model.model_fields:
+                raise RecipeError(f"--set {dotted}: unknown field '{where}'{_suggest(part, list(model.model_fields))}")
+            key = part
+        if i == len(parts) - 1:
+            node[key] = value
+            return
+        if isinstance(node, list):
+            node = node[key]  # the item model stays the same
+        else:
+            model = _field_model(model, part) if model is not None else None
+            node = node.setdefault(key, {})
+
+
+def _field_model(model: type[BaseModel], field: str) -> type[BaseModel] | None:
+    """The pydantic model inside a field's annotation (``X``, ``X | None``, ``list[X]``), if any."""
+    annotation = model.model_fields[field].annotation
+    stack = [annotation]
+    while stack:
+        a = stack.pop()
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+        stack.extend(getattr(a, "__args__", ()))
+    return None
+
+
+def _resolve_relative_paths(recipe: Recipe, base_dir: Path) -> None:
+    def fix(p: str | None) -> str | None:
+        if p is None:
+            return None
+        candidate = Path(p).expanduser()
+        if candidate.is_absolute():
+            return str(candidate)
+        local = base_dir / candidate
+        # Keep hub ids ("org/name") as they are when no such local path exists.
+        return str(local) if local.exists() or p.startswith(".") else p
+
+    recipe.model.path = fix(recipe.model.path) or recipe.model.path
+    recipe.model.tokenizer = fix(recipe.model.tokenizer)
+    for source in recipe.data.sources:
+        source.path = fix(source.path) or source.path
+    recipe.data.validation = fix(recipe.data.validation)
+    if recipe.output.dir is not None:
+        recipe.output.dir = fix(recipe.output.dir) if not recipe.output.dir.startswith("/") else recipe.output.dir
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" — did you mean '{close[0]}'?" if close else f" (valid: {', '.join(options)})"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        model = _field_model(model, part)
+    return model
+
+
+def format_validation_error(error: ValidationError, origin: str) -> str:
+    """Turn pydantic's errors into one line per problem: ``origin: field.path: problem``."""
+    lines = []
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            hint = _suggest(str(loc[-1]), list(parent.model_fields)) if parent else ""
+            lines.append(f"{origin}: {path}: unknown field{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"{origin}: {path}: required field is missing")
+        else:
+            given = err.get("input")
+            shown = json.dumps(given, default=str)[:80] if not isinstance(given, dict) else "a mapping"
+            lines.append(f"{origin}: {path}: {err['msg']} (got {shown})")
+    return "invalid recipe\n" + "\n".join(lines)
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML, every default filled in, in schema order."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=False)

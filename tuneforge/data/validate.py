@@ -1,0 +1,141 @@
+"""Validate a whole data file and report every bad record, not just the first.
+
+Users fix data in one go when they see all of it: ``FILE:LINE: field: problem (expected …)`` for each
+issue, then a summary. Training calls ``load_examples``, which raises the same report as a ``DataError``
+before any model is loaded, so a bad line never costs a model download or a GPU hour.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneforge.data.formats import check_record, describe_unknown, detect_format, resolve_format, to_canonical
+from tuneforge.data.readers import RawRecord, read_records
+from tuneforge.errors import DataError, DataIssue
+
+
+@dataclass
+class ValidationReport:
+    """What validation found: every issue, and the canonical form of every good record."""
+
+    path: str
+    format: str | None
+    n_records: int = 0
+    n_bad: int = 0
+    issues: list[DataIssue] = field(default_factory=list)
+    examples: list[tuple[int, dict]] = field(default_factory=list)  # (line, canonical record)
+
+    @property
+    def ok(self) -> bool:
+        return not self.issues
+
+    def summary(self) -> str:
+        """A line of counts, then issues per field (indices folded: ``messages[*].role``) or record-level problem."""
+        fmt = self.format or "unknown"
+        head = (
+            f"{self.path}: {self.n_records} record(s), format {fmt}: "
+            f"{self.n_records - self.n_bad} good, {self.n_bad} bad ({len(self.issues)} issue(s))"
+        )
+        by_field = Counter(re.sub(r"\[\d+\]", "[*]", i.field) or i.problem.split(":")[0] for i in self.issues)
+        lines = [f"  {n:>6} × {name}" for name, n in by_field.most_common()]
+        return "\n".join([head, *lines])
+
+    def render(self) -> str:
+        """The full report: every issue on its own line, then the summary."""
+        return "\n".join([*(str(i) for i in self.issues), self.summary()])
+
+    def raise_if_bad(self) -> None:
+        if self.issues:
+            raise DataError(self.issues, self.summary())
+
+
+def validate_records(
+    records: Iterable[RawRecord],
+    fmt: str = "auto",
+    *,
+    token_length: Callable[[dict], int] | None = None,
+    max_tokens: int | None = None,
+    allow_extra: Collection[str] = (),
+    path: str = "",
+) -> ValidationReport:
+    """Check every record; with ``fmt="auto"`` the first record whose keys name a format fixes it.
+
+    ``token_length(canonical)`` is only called for records that pass the format checks, and only when
+    ``max_tokens`` is set: a record longer than ``max_tokens`` is bad (it would be silently truncated).
+    """
+    fmt = resolve_format(fmt)
+    allow = frozenset(allow_extra)
+    report = ValidationReport(path=path, format=None if fmt == "auto" else fmt)
+    fixed = None if fmt == "auto" else fmt
+    first_line = 0
+    for rec in records:
+        report.n_records += 1
+        report.path = report.path or rec.path
+        problems: list[tuple[str, str, str]]
+        if rec.error is not None:
+            problems = [("", rec.error, "")]
+        elif fixed is None:
+            found = detect_format(rec.value)
+            if found is None:
+                problems = [describe_unknown(rec.value)]
+            else:
+                fixed, first_line = found, rec.line
+                report.format = found
+                problems = check_record(rec.value, fixed, allow_extra=allow)
+        else:
+            found = detect_format(rec.value) if fmt == "auto" else None
+            if found is not None and found != fixed:
+                problems = [("", f"is a {found} record", f"{fixed} records, the format found at line {first_line}")]
+            else:
+                problems = check_record(rec.value, fixed, allow_extra=allow)
+        if not problems:
+            example = to_canonical(rec.value, fixed)
+            if max_tokens is not None and token_length is not None:
+                n = token_length(example)
+                if n > max_tokens:
+                    problems = [("", f"is {n} tokens long after tokenization", f"at most {max_tokens} tokens")]
+            if not problems:
+                report.examples.append((rec.line, example))
+                continue
+        report.n_bad += 1
+        report.issues.extend(DataIssue(rec.path, rec.line, f, p, e) for f, p, e in problems)
+    if report.n_records == 0:
+        report.issues.append(DataIssue(report.path, 0, "", "holds no records", "at least one record"))
+    return report
+
+
+def validate_file(
+    path: str | Path,
+    fmt: str = "auto",
+    *,
+    token_length: Callable[[dict], int] | None = None,
+    max_tokens: int | None = None,
+    allow_extra: Collection[str] = (),
+) -> ValidationReport:
+    """Read and validate a whole file (or ``datasets`` directory)."""
+    return validate_records(
+        read_records(path),
+        fmt,
+        token_length=token_length,
+        max_tokens=max_tokens,
+        allow_extra=allow_extra,
+        path=str(path),
+    )
+
+
+def load_examples(
+    path: str | Path,
+    fmt: str = "auto",
+    *,
+    token_length: Callable[[dict], int] | None = None,
+    max_tokens: int | None = None,
+    allow_extra: Collection[str] = (),
+) -> list[dict]:
+    """The canonical examples of a file; raises ``DataError`` with the full report if any record is bad."""
+    report = validate_file(path, fmt, token_length=token_length, max_tokens=max_tokens, allow_extra=allow_extra)
+    report.raise_if_bad()
+    return [example for _, example in report.examples]

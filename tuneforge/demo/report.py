@@ -1,0 +1,167 @@
+"""The demo's report: a results table, one sentence read off the numbers, and two plots.
+
+A table row is a dict::
+
+    {"model": "base", "role": "base", "general_accuracy": 0.61, "domain_macro_f1": 0.01,
+     "skills": {"add": 0.4, ...}}
+
+``model`` is the display name; ``role`` (``base`` / ``domain_only`` / ``mixed``) tells the verdict which
+row is which (without roles, three rows are taken in that order); every other scalar is a column;
+``skills`` (optional) holds per-skill general accuracy. The verdict is computed, never written in, so the
+report says what this run measured even when that is "mixing did not help".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROLES = ("base", "domain_only", "mixed")
+HEADLINE = ("general_accuracy", "domain_macro_f1")
+_HIDDEN = {"model", "role", "skills"}
+
+
+def _columns(table: list[dict]) -> list[str]:
+    cols: list[str] = []
+    for row in table:
+        for key, value in row.items():
+            if key not in _HIDDEN and key not in cols and not isinstance(value, dict):
+                cols.append(key)
+    return cols
+
+
+def _skills(table: list[dict]) -> list[str]:
+    skills: list[str] = []
+    for row in table:
+        for skill in row.get("skills") or {}:
+            if skill not in skills:
+                skills.append(skill)
+    return skills
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def format_table(table: list[dict]) -> str:
+    """The results as aligned plain text for a terminal (headline columns, then per-skill accuracy)."""
+    cols = _columns(table)
+    out = _grid(["model", *cols], [[str(r["model"]), *(_cell(r.get(c)) for c in cols)] for r in table])
+    skills = _skills(table)
+    if skills:
+        rows = [[s, *(_cell((r.get("skills") or {}).get(s)) for r in table)] for s in skills]
+        out += "\n\n" + _grid(["skill", *(str(r["model"]) for r in table)], rows)
+    return out
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _by_role(table: list[dict]) -> dict[str, dict]:
+    rows = {r["role"]: r for r in table if r.get("role") in ROLES}
+    if not rows and len(table) == len(ROLES):
+        rows = dict(zip(ROLES, table))
+    missing = [role for role in ROLES if role not in rows]
+    if missing:
+        raise ValueError(f"the report needs rows with role {missing} (or exactly three rows in order {ROLES})")
+    return rows
+
+
+def verdict(table: list[dict], margin: float = 0.02) -> str:
+    """One sentence, read off the numbers: did mixing general data into fine-tuning preserve general skill?
+
+    Differences smaller than ``margin`` (absolute accuracy) count as no difference: with a few hundred
+    evaluation items, one or two answers either way is noise.
+    """
+    rows = _by_role(table)
+    base, dom, mix = (rows[r]["general_accuracy"] for r in ROLES)
+    f1_dom, f1_mix = rows["domain_only"]["domain_macro_f1"], rows["mixed"]["domain_macro_f1"]
+    numbers = (
+        f"general accuracy {base:.3f} (base) → {dom:.3f} (domain only) vs {mix:.3f} (mixed); "
+        f"domain macro-F1 {f1_dom:.3f} (domain only) vs {f1_mix:.3f} (mixed)"
+    )
+    if mix - dom >= margin:
+        if mix >= base - margin:
+            head = "Mixing general data into fine-tuning preserved general skills"
+        else:
+            head = "Mixing general data into fine-tuning preserved more general skill than domain-only fine-tuning, but not all of it"
+    elif dom - mix >= margin:
+        head = "Mixing general data into fine-tuning did not preserve general skills: domain-only fine-tuning kept more"
+    else:
+        head = "Mixing general data into fine-tuning made no measurable difference to general skills"
+    return f"{head}: {numbers}."
+
+
+def write_report(run_dir: Path, table: list[dict], loss_curves: dict[str, list[tuple[int, float]]],
+                 title: str) -> dict[str, Path]:
+    """Write ``report.md``, ``loss_curves.png`` and ``before_after.png`` into ``run_dir``; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"report": run_dir / "report.md", "loss_curves": run_dir / "loss_curves.png",
+             "before_after": run_dir / "before_after.png"}
+
+    # Loss curves: one panel per run, since pre-training and fine-tuning losses live on different scales.
+    names = list(loss_curves) or ["(no training)"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        points = loss_curves.get(name, [])
+        if points:
+            steps, losses = zip(*points)
+            ax.plot(steps, losses, linewidth=1.2)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(paths["loss_curves"], dpi=110)
+    plt.close(fig)
+
+    # Before/after: headline metrics per model, and per-skill general accuracy when given.
+    skills = _skills(table)
+    models = [str(r["model"]) for r in table]
+    fig, axes = plt.subplots(1, 2 if skills else 1, figsize=(11 if skills else 5.5, 3.8), squeeze=False)
+    panels = [(axes[0][0], list(HEADLINE), lambda r, k: r.get(k), "headline metrics")]
+    if skills:
+        panels.append((axes[0][1], skills, lambda r, k: (r.get("skills") or {}).get(k), "general accuracy per skill"))
+    for ax, keys, get, heading in panels:
+        width = 0.8 / max(1, len(table))
+        for i, row in enumerate(table):
+            values = [get(row, k) or 0.0 for k in keys]
+            ax.bar([x + i * width for x in range(len(keys))], values, width, label=models[i])
+        ax.set_xticks([x + width * (len(table) - 1) / 2 for x in range(len(keys))])
+        ax.set_xticklabels(keys, rotation=30 if len(keys) > 3 else 0, ha="right" if len(keys) > 3 else "center")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(heading)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["before_after"], dpi=110)
+    plt.close(fig)
+
+    cols = _columns(table)
+    parts = [f"# {title}", "", _markdown(["model", *cols], [[str(r["model"]), *(_cell(r.get(c)) for c in cols)] for r in table])]
+    parts += ["", verdict(table)]
+    if skills:
+        rows = [[s, *(_cell((r.get("skills") or {}).get(s)) for r in table)] for s in skills]
+        parts += ["", "## General accuracy per skill", "", _markdown(["skill", *models], rows)]
+    parts += ["", "## Loss", "", "![loss curves](loss_curves.png)", "", "## Before and after", "",
+              "![before and after](before_after.png)", ""]
+    paths["report"].write_text("\n".join(parts), encoding="utf-8")
+    return paths

@@ -1,0 +1,277 @@
+"""A small generated world and the "general skills" a tiny model can learn from it.
+
+The demo pre-trains a ~2-5 M parameter model from scratch in a few CPU minutes, so its general skills must
+be learnable from about a million tokens: a closed world of invented facts, small arithmetic and string
+operations, all asked in a handful of fixed phrasings with answers of a few tokens.
+
+Held-out design (what ``general_eval_items`` asks):
+
+* Facts (``capital``, ``profession``, ``color``) are the *trained* facts in the *trained* phrasings.
+  The world is closed: nobody can know the capital of Arvonia without having read it, so the skill is
+  recall, and recall is exactly what catastrophic forgetting destroys. Paraphrase generalisation is not
+  something a model this small shows reliably after two minutes, so held-out phrasings would measure
+  that instead of retention.
+* Arithmetic (``add``, ``sub``, ``larger``) uses operand pairs that never occur in training data.
+* String operations (``reverse``, ``uppercase``, ``first_letter``, ``length``) use words that never occur in
+  training data. Words are written spelled out (``t a m``) because a BPE tokenizer merges letters into
+  opaque tokens; spelled out, each operation is a rule over letters that transfers to unseen words instead
+  of a per-word lookup.
+
+The split is a fixed hash of the content (``is_held_out``), independent of any seed, so no seed can leak an
+evaluation item into training.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+Render = Callable[[list[dict]], str]
+
+# The world is the same for every seed: training and evaluation must talk about the same facts.
+WORLD_SEED = 20240611
+
+COUNTRIES = (
+    "Arvonia", "Belmora", "Calvaro", "Dravia", "Elunor", "Feyland", "Gorvia", "Halvir",
+    "Istrel", "Kelmar", "Lunaris", "Morvane", "Ostrel", "Pellia", "Quoran", "Sorvia",
+)
+CAPITALS = (
+    "Abrak", "Bexil", "Corvo", "Dunmar", "Eskel", "Fario", "Grent", "Holm",
+    "Ivra", "Kesto", "Lodan", "Mirel", "Nesk", "Orlo", "Pavik", "Rusk",
+)
+PEOPLE = (
+    "Brin", "Cato", "Dena", "Elko", "Fira", "Gus", "Hale", "Ivo",
+    "Juno", "Kira", "Lark", "Milo", "Nell", "Otto", "Pim", "Rue",
+)
+PROFESSIONS = ("baker", "pilot", "farmer", "doctor", "painter", "singer", "teacher", "sailor")
+COLORS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple")
+
+FACT_SKILLS = ("capital", "profession", "color")
+ARITHMETIC_SKILLS = ("add", "sub", "larger")
+STRING_SKILLS = ("reverse", "uppercase", "first_letter", "length")
+SKILLS = FACT_SKILLS + ARITHMETIC_SKILLS + STRING_SKILLS
+
+# Letters for generated words: no q/x/y, so words stay pronounceable and the alphabet small.
+_CONSONANTS = "bcdfghjklmnprstvwz"
+_VOWELS = "aeiou"
+_WORD_SHAPES = ("cvc", "cvcv", "cvcc", "cvcvc")
+
+# Two phrasings per skill; training and evaluation use the same ones (only the content is held out).
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "capital": ("What is the capital of {c}?", "Name the capital city of {c}."),
+    "profession": ("What does {p} do for a living?", "What is the job of {p}?"),
+    "color": ("What is the favorite color of {p}?", "Which color does {p} like most?"),
+    "add": ("What is {a} + {b}?", "Add {a} and {b}."),
+    "sub": ("What is {a} - {b}?", "Subtract {b} from {a}."),
+    "larger": ("Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?"),
+    "reverse": ("Reverse the letters: {w}", "Write {w} backwards."),
+    "uppercase": ("Write in capital letters: {w}", "Uppercase: {w}"),
+    "first_letter": ("What is the first letter of {w}?", "Give the first letter: {w}"),
+    "length": ("How many letters are in {w}?", "Count the letters: {w}"),
+}
+
+# Statements of the facts for the pre-training prose.
+_STATEMENTS: dict[str, tuple[str, ...]] = {
+    "capital": (
+        "The capital of {c} is {x}.",
+        "{c} is a country. Its capital is {x}.",
+        "{x} is the capital city of {c}.",
+    ),
+    "profession": ("{p} works as a {x}.", "{p} is a {x}.", "By trade, {p} is a {x}."),
+    "color": (
+        "The favorite color of {p} is {x}.",
+        "{p} likes {x} more than any other color.",
+        "{p} always wears {x}, the favorite color of {p}.",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class World:
+    """The invented facts: country → capital, person → profession, person → favorite color."""
+
+    capital: dict[str, str]
+    profession: dict[str, str]
+    color: dict[str, str]
+
+
+@dataclass(frozen=True)
+class QA:
+    """One question with its short answer."""
+
+    skill: str
+    question: str
+    answer: str
+
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": self.question}, {"role": "assistant", "content": self.answer}]
+
+
+@lru_cache(maxsize=1)
+def world() -> World:
+    """The one world, drawn from ``WORLD_SEED`` (cached: it never changes)."""
+    rng = random.Random(WORLD_SEED)
+    capitals = list(CAPITALS)
+    rng.shuffle(capitals)
+    return World(
+        capital=dict(zip(COUNTRIES, capitals)),
+        profession={p: rng.choice(PROFESSIONS) for p in PEOPLE},
+        color={p: rng.choice(COLORS) for p in PEOPLE},
+    )
+
+
+def is_held_out(key: str) -> bool:
+    """Whether a piece of content belongs to evaluation: a fixed 1-in-5 hash split, the same everywhere."""
+    return zlib.crc32(key.encode("utf-8")) % 5 == 0
+
+
+def spell(word: str) -> str:
+    """``"tam"`` → ``"t a m"``: one token per letter, whatever the tokenizer merges."""
+    return " ".join(word)
+
+
+def render_plain(messages: list[dict]) -> str:
+    """A plain-text chat surface form; pass the tokenizer's own chat template instead when there is one."""
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def _word(rng: random.Random) -> str:
+    shape = rng.choice(_WORD_SHAPES)
+    return "".join(rng.choice(_CONSONANTS if ch == "c" else _VOWELS) for ch in shape)
+
+
+def _draw(rng: random.Random, skill: str, held_out: bool) -> QA:
+    """One question of ``skill`` whose content is on the requested side of the split.
+
+    Rejection sampling over a large space (thousands of pairs and words), so it stays fast.
+    """
+    w = world()
+    template = rng.choice(QUESTIONS[skill])
+    if skill == "capital":
+        c = rng.choice(COUNTRIES)
+        return QA(skill, template.format(c=c), w.capital[c])
+    if skill in ("profession", "color"):
+        p = rng.choice(PEOPLE)
+        return QA(skill, template.format(p=p), getattr(w, skill)[p])
+    while True:
+        if skill in ARITHMETIC_SKILLS:
+            if skill == "add":
+                a, b = rng.randrange(50), rng.randrange(50)
+                answer = a + b
+            elif skill == "sub":
+                a = rng.randrange(100)
+                b = rng.randrange(a + 1)
+                answer = a - b
+            else:
+                a, b = rng.sample(range(100), 2)
+                answer = max(a, b)
+            if is_held_out(f"{skill}:{a}:{b}") == held_out:
+                return QA(skill, template.format(a=a, b=b), str(answer))
+        else:
+            word = _word(rng)
+            if is_held_out(f"word:{word}") != held_out:
+                continue
+            if skill == "reverse":
+                answer = spell(word[::-1])
+            elif skill == "uppercase":
+                answer = spell(word.upper())
+            elif skill == "first_letter":
+                answer = word[0]
+            else:
+                answer = str(len(word))
+            return QA(skill, template.format(w=spell(word)), answer)
+
+
+def _statement(rng: random.Random) -> str:
+    w = world()
+    kind = rng.choice(FACT_SKILLS)
+    template = rng.choice(_STATEMENTS[kind])
+    if kind == "capital":
+        c = rng.choice(COUNTRIES)
+        return template.format(c=c, x=w.capital[c])
+    p = rng.choice(PEOPLE)
+    return template.format(p=p, x=getattr(w, kind)[p])
+
+
+def _prose_doc(rng: random.Random) -> str:
+    return " ".join(_statement(rng) for _ in range(rng.randint(6, 10)))
+
+
+def _chat_doc(rng: random.Random, render: Render) -> str:
+    return "\n".join(render(_draw(rng, rng.choice(SKILLS), False).messages()) for _ in range(rng.randint(4, 7)))
+
+
+def _exercise_doc(rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(6, 10)):
+        qa = _draw(rng, rng.choice(SKILLS), False)
+        lines.append(f"Q: {qa.question} A: {qa.answer}")
+    return "\n".join(lines)
+
+
+def general_corpus(seed: int, n_docs: int, render: Render | None = None) -> list[str]:
+    """Raw text documents for continued pre-training: fact prose, Q/A sheets and chat transcripts.
+
+    ``render`` turns one user/assistant exchange into text; give it the tokenizer's chat template so that
+    pre-training already practises the surface form the chat evaluation uses (default: ``render_plain``).
+    Only training-side content appears (see ``is_held_out``).
+    """
+    render = render or render_plain
+    rng = random.Random(f"corpus:{seed}")
+    docs = []
+    for _ in range(n_docs):
+        kind = rng.random()
+        if kind < 0.3:
+            docs.append(_prose_doc(rng))
+        elif kind < 0.75:
+            docs.append(_chat_doc(rng, render))
+        else:
+            docs.append(_exercise_doc(rng))
+    return docs
+
+
+def general_chat_examples(seed: int, n: int) -> list[dict]:
+    """``n`` single-turn chat records (OpenAI shape), skills drawn uniformly, training side of the split."""
+    rng = random.Random(f"chat:{seed}")
+    return [{"messages": _draw(rng, rng.choice(SKILLS), False).messages()} for _ in range(n)]
+
+
+def _fact_questions(skill: str) -> list[QA]:
+    """Every question of a fact skill: each entity in each phrasing."""
+    w = world()
+    if skill == "capital":
+        return [QA(skill, t.format(c=c), w.capital[c]) for c in COUNTRIES for t in QUESTIONS[skill]]
+    facts = getattr(w, skill)
+    return [QA(skill, t.format(p=p), facts[p]) for p in PEOPLE for t in QUESTIONS[skill]]
+
+
+def general_eval_items(seed: int, n: int) -> list[dict]:
+    """``n`` evaluation items, balanced over ``SKILLS`` (round robin), held-out content where it applies.
+
+    Each item is ``{"messages": [user], "answer": str, "skill": str}``. Fact questions are dealt from a
+    shuffled deck of all of them (16 entities × 2 phrasings), so they repeat only once the deck is used up.
+    """
+    rng = random.Random(f"eval:{seed}")
+    decks: dict[str, list[QA]] = {}
+    seen: set[str] = set()
+    items = []
+    for i in range(n):
+        skill = SKILLS[i % len(SKILLS)]
+        if skill in FACT_SKILLS:
+            if not decks.get(skill):
+                decks[skill] = _fact_questions(skill)
+                rng.shuffle(decks[skill])
+            qa = decks[skill].pop()
+        else:
+            for _ in range(100):  # avoid repeats; the held-out space has hundreds of items per skill
+                qa = _draw(rng, skill, held_out=True)
+                if qa.question not in seen:
+                    break
+            seen.add(qa.question)
+        items.append(
+            {"messages": [{"role": "user", "content": qa.question}], "answer": qa.answer, "skill": skill}
+        )
+    return items

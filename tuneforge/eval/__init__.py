@@ -1,0 +1,1 @@
+"""Evaluation: metrics over generated answers (and, elsewhere, the tasks that produce them)."""

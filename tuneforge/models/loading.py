@@ -1,0 +1,74 @@
+"""Load a base model and its tokenizer from a local directory, or from the hub when the user names one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from tuneforge.errors import ModelError
+
+
+def quiet_transformers() -> None:
+    """Progress bars for loading a 5 MB model are noise in a training log."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _looks_local(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else is meant as a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def check_model_path(name: str) -> None:
+    """Fail early with a useful message, before anything heavy is imported or downloaded."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise ModelError(f"model path {name}: not a Hugging Face model directory (expected a config.json in it)")
+        return
+    if _looks_local(name):
+        raise ModelError(
+            f"model path {name}: no such directory (expected a local Hugging Face model directory "
+            "or a hub id like 'org/name')"
+        )
+
+
+def load_tokenizer(name: str, chat_template: str | None = None, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    from tuneforge.models.chat_templates import resolve_template
+
+    check_model_path(name)
+    quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load tokenizer from {name}: {e}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"tokenizer of {name} is not a fast (Rust) tokenizer; tuneforge needs offsets for loss masks")
+    if chat_template is not None:
+        tokenizer.chat_template = resolve_template(chat_template)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, *, dtype: Any = None, device: Any = "cpu", attn_implementation: str = "sdpa",
+               trust_remote_code: bool = False) -> Any:
+    """A causal LM in `dtype` on `device`; errors name the path and what was expected."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(name)
+    quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot load a causal LM from {name}: {e}") from None
+    return model.to(device)

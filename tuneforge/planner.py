@@ -1,0 +1,72 @@
+"""Recipe + hardware + data → the resolved plan: every ``auto`` becomes a concrete, explained value."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tuneforge.config import Recipe
+from tuneforge.errors import RecipeError
+from tuneforge.training.precision import pick_device, pick_precision
+from tuneforge.training.schedule import warmup_steps_for
+
+# Tokens per micro-batch that keep activations cache-friendly on CPU / comfortably in GPU memory for
+# the small-to-medium models tuneforge trains by default.
+MICRO_TOKENS = {"cpu": 8192, "cuda": 32768, "mps": 16384}
+
+
+@dataclass
+class Resolved:
+    device: str
+    precision: str
+    micro_batch_size: int
+    grad_accumulation: int
+    data_parallel: int
+    total_steps: int
+    warmup_steps: int
+    eval_every: int | None
+    checkpoint_every: int | None
+    num_threads: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_micro_batch(recipe: Recipe, device: torch.device, data_parallel: int = 1) -> int:
+    g = recipe.train.global_batch_size
+    if g % data_parallel:
+        raise RecipeError(f"train.global_batch_size={g} must be divisible by the {data_parallel} data-parallel replicas")
+    per_replica = g // data_parallel
+    m = recipe.train.micro_batch_size
+    if m == "auto":
+        budget = MICRO_TOKENS.get(device.type, 8192)
+        m = max(1, min(per_replica, budget // recipe.data.max_length))
+        while per_replica % m:
+            m -= 1
+    elif per_replica % m:
+        raise RecipeError(
+            f"train.micro_batch_size={m} must divide the per-replica batch {per_replica} "
+            f"(train.global_batch_size={g} / {data_parallel} replicas)"
+        )
+    return m
+
+
+def resolve(recipe: Recipe, total_steps: int, data_parallel: int = 1) -> Resolved:
+    device = pick_device(recipe.train.device)
+    micro = resolve_micro_batch(recipe, device, data_parallel)
+    t = recipe.train
+    eval_every = t.eval_every or max(1, total_steps // 10)
+    return Resolved(
+        device=str(device),
+        precision=pick_precision(t.precision, device),
+        micro_batch_size=micro,
+        grad_accumulation=t.global_batch_size // data_parallel // micro,
+        data_parallel=data_parallel,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps_for(total_steps, t.warmup_steps, t.warmup_ratio),
+        eval_every=eval_every,
+        checkpoint_every=t.checkpoint_every,
+        num_threads=t.num_threads or len(os.sched_getaffinity(0)),
+    )
