@@ -78,7 +78,7 @@ def test_csv_header_counts_and_multiline_fields(tmp_path):
     records = list(read_records(p))
     assert _lines(records) == [2, 3, 8, 9]
     assert records[1].value == {"prompt": "two\nline prompt", "completion": "and a\nthree\nline answer"}
-    assert records[2].error is not None and "3 fields" in records[2].error
+    assert records[2].error == "wrong number of CSV fields: 3, the header has 2"
     assert records[3].value == {"prompt": "last", "completion": "one"}
 
 

@@ -175,7 +175,7 @@ def test_auto_format_reports_other_formats_explicit_format_does_not_guess(tmp_pa
     report = validate_file(p)
     assert report.format == "prompt_completion" and report.n_bad == 1
     (issue,) = report.issues
-    assert issue.line == 2 and "text" in issue.problem and "line 1" in issue.expected
+    assert issue.line == 2 and issue.problem == "wrong format: a text record" and "line 1" in issue.expected
 
     explicit = validate_file(p, fmt="text")
     assert explicit.format == "text"
@@ -190,6 +190,7 @@ def test_undetectable_first_record_and_empty_file(tmp_path):
     p = write_jsonl(tmp_path, [{"mesages": []}, chat(user(), bot())])
     report = validate_file(p)
     assert [(i.line, i.field) for i in report.issues] == [(1, "")]
+    assert report.issues[0].problem.startswith("unknown format") and "mesages" in report.issues[0].problem
     assert "did you mean 'messages'" in report.issues[0].expected
     assert report.format == "messages" and len(report.examples) == 1
 
@@ -222,7 +223,8 @@ def test_token_length_limit(tmp_path):
     report = validate_file(p, fmt="messages", token_length=words, max_tokens=10)
     lines = by_line(report)
     assert sorted(lines) == [2, 3]
-    assert lines[2][0].problem == "is 40 tokens long after tokenization" and "10" in lines[2][0].expected
+    assert lines[2][0].problem == "too long after tokenization: 40 tokens" and "10" in lines[2][0].expected
+    assert "1 × too long after tokenization" in report.summary()  # grouped by kind, not by count
     assert validate_file(p, fmt="messages", token_length=words, max_tokens=40).n_bad == 1
 
 

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tuneforge.objectives.distill import distill_loss
 from tuneforge.objectives.dpo import dpo_loss, orpo_loss, simpo_loss
@@ -24,6 +23,8 @@ from tuneforge.objectives.grpo import group_advantages, grpo_loss
 from tuneforge.objectives.logprobs import masked_mean, sequence_logprobs, token_logprobs
 from tuneforge.objectives.ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, ppo_value_loss
 from tuneforge.objectives.reward import pairwise_accuracy, reward_loss
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'")
 
 VOCAB = 40
 F64 = dict(dtype=torch.float64)
@@ -145,7 +146,8 @@ def test_token_logprobs_hand_reference_ignore_index_and_bf16():
     half = (logits * 4).to(torch.bfloat16)
     got_half = token_logprobs(half, labels)
     assert got_half.dtype == torch.float32
-    torch.testing.assert_close(got_half, token_logprobs(half.float(), labels), rtol=1e-6, atol=1e-6)
+    upcast = half.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
+    torch.testing.assert_close(got_half, upcast, rtol=1e-6, atol=1e-6)
 
 
 def test_sequence_logprobs_matches_trl_get_batch_logps():
@@ -216,7 +218,7 @@ def test_dpo_loss_matches_trl_dpo_trainer(trl_env, loss_type):
     trl_policy, trl_ref = _tiny_llama(10), _tiny_llama(11)
     add_fused_lm_head(trl_policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     add_fused_lm_head(trl_ref)
-    args = DPOConfig(output_dir=trl_env["dir"], report_to="none", use_cpu=True)  # before the Accelerator: it resets accelerate state
+    args = DPOConfig(output_dir=trl_env["dir"], report_to="none", use_cpu=True)  # before the Accelerator
     trainer = _bare_trainer(
         DPOTrainer,
         model=trl_policy,
@@ -298,7 +300,8 @@ def test_dpo_loss_hand_reference(loss_type, eps):
     for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist()):
         h = (a - c) - (b - d)
         if loss_type == "sigmoid":
-            per_pair.append(-(1 - eps) * math.log(1 / (1 + math.exp(-beta * h))) - eps * math.log(1 / (1 + math.exp(beta * h))))
+            sig_pos, sig_neg = 1 / (1 + math.exp(-beta * h)), 1 / (1 + math.exp(beta * h))
+            per_pair.append(-(1 - eps) * math.log(sig_pos) - eps * math.log(sig_neg))
         elif loss_type == "ipo":
             per_pair.append((h - 1 / (2 * beta)) ** 2)
         else:
@@ -384,7 +387,9 @@ def test_reward_loss_matches_trl_reward_trainer(trl_env, use_margin, center):
     margin = torch.tensor([0.5, 0.0, 1.5, 0.25]) if use_margin else None
 
     trl_model = _tiny_llama(31, classifier=True)
-    args = RewardConfig(output_dir=trl_env["dir"], report_to="none", use_cpu=True, center_rewards_coefficient=center)  # before the Accelerator: it resets accelerate state
+    args = RewardConfig(  # before the Accelerator
+        output_dir=trl_env["dir"], report_to="none", use_cpu=True, center_rewards_coefficient=center
+    )
     trainer = _bare_trainer(
         RewardTrainer,
         model=trl_model,
@@ -410,12 +415,11 @@ def test_reward_loss_matches_trl_reward_trainer(trl_env, use_margin, center):
 
 
 def test_reward_loss_hand_reference_and_ties():
-    chosen = torch.tensor([1.0, 0.5, -0.2, 2.0], **F64)
-    rejected = torch.tensor([0.0, 0.5, 0.3, -1.0], **F64)
-    margin = torch.tensor([0.2, 0.0, 0.1, 1.0], **F64)
+    w_list, l_list, m_list = [1.0, 0.5, -0.2, 2.0], [0.0, 0.5, 0.3, -1.0], [0.2, 0.0, 0.1, 1.0]
+    chosen, rejected, margin = (torch.tensor(v, **F64) for v in (w_list, l_list, m_list))
     loss, metrics = reward_loss(chosen, rejected, margin=margin, center_coeff=0.05)
-    bt = statistics.fmean(math.log1p(math.exp(-(w - l - m))) for w, l, m in zip([1.0, 0.5, -0.2, 2.0], [0.0, 0.5, 0.3, -1.0], [0.2, 0.0, 0.1, 1.0]))
-    center = statistics.fmean((w + l) ** 2 for w, l in zip([1.0, 0.5, -0.2, 2.0], [0.0, 0.5, 0.3, -1.0]))
+    bt = statistics.fmean(math.log1p(math.exp(-(w - l - m))) for w, l, m in zip(w_list, l_list, m_list))
+    center = statistics.fmean((w + l) ** 2 for w, l in zip(w_list, l_list))
     assert loss.item() == pytest.approx(bt + 0.05 * center, rel=1e-12)
     assert pairwise_accuracy(chosen, rejected).item() == 0.5  # the tie at 0.5 counts as wrong
     assert metrics["accuracy"].item() == 0.5
@@ -484,7 +488,7 @@ def test_grpo_loss_matches_trl_grpo_trainer(trl_env, loss_type, beta, kl_correct
     add_fused_lm_head(trl_model, outputs=("log_probs", "entropy"))
     args = GRPOConfig(
         output_dir=trl_env["dir"], report_to="none", use_cpu=True, use_bias_correction_kl=kl_correction
-    )  # before the Accelerator: it resets accelerate state
+    )  # before the Accelerator
     trainer = _bare_trainer(
         GRPOTrainer,
         model=trl_model,
@@ -684,6 +688,31 @@ def test_distill_loss_matches_trl_gkd_generalized_jsd(kind, beta, temperature):
                                  temperature=temperature)
     torch.testing.assert_close(ours, theirs, **TIGHT)
     assert not metrics["distill/divergence"].requires_grad
+    # a global token count (gradient accumulation) as the divisor, as TRL's num_items_in_batch
+    global_count = int(mask.sum()) * 3
+    theirs = GKDTrainer.generalized_jsd_loss(
+        student, teacher, labels=labels, beta=beta, temperature=temperature, num_items_in_batch=global_count
+    )
+    ours, _ = distill_loss(student, teacher, mask, kind=kind, beta=beta if kind == "jsd" else 0.5,
+                           temperature=temperature, num_items_in_batch=global_count)
+    torch.testing.assert_close(ours, theirs, **TIGHT)
+
+
+@pytest.mark.parametrize(("kind", "beta"), [("forward_kl", 0.0), ("reverse_kl", 1.0), ("jsd", 0.3)])
+def test_distill_loss_matches_trl_distillation_trainer_kernel(kind, beta):
+    """TRL's DistillationTrainer projects hidden states through the LM head in tiles; with an identity head the
+    hidden states are the logits, so its kernel scores the same divergence (it computes in float32)."""
+    pytest.importorskip("trl")
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    gen = _gen(62)
+    student = torch.randn(3, 6, VOCAB, generator=gen, **F64) * 2
+    teacher = torch.randn(3, 6, VOCAB, generator=gen, **F64) * 2
+    mask = _right_padded_mask(gen, 3, 6)
+    identity = torch.eye(VOCAB, **F64)
+    theirs, _, _ = _chunked_divergence_loss(student, teacher, identity, identity, mask, beta, temperature=1.5)
+    ours, _ = distill_loss(student, teacher, mask, kind=kind, beta=beta if kind == "jsd" else 0.5, temperature=1.5)
+    torch.testing.assert_close(ours.float(), theirs, rtol=2e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
@@ -754,7 +783,9 @@ def _objective_cases():
         yield kind, lambda k=kind: distill_loss(student, teacher, mask, kind=k, temperature=2.0), [student]
 
 
-@pytest.mark.parametrize(("name", "objective", "leaves"), list(_objective_cases()), ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    ("name", "objective", "leaves"), list(_objective_cases()), ids=lambda v: v if isinstance(v, str) else None
+)
 def test_objective_backprops_finite_gradients(name, objective, leaves):
     for t in leaves:
         t.grad = None
@@ -775,7 +806,7 @@ def test_bad_arguments_name_what_was_expected():
         dpo_loss(x, x, x, x, beta=0.1, loss_type="kto")
     with pytest.raises(ValueError, match="label_smoothing applies to the 'sigmoid' loss only"):
         dpo_loss(x, x, x, x, beta=0.1, loss_type="ipo", label_smoothing=0.1)
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="need one shape"):
         dpo_loss(x, x, x, torch.zeros(2), beta=0.1)
     with pytest.raises(ValueError, match="needs ref_logps"):
         grpo_loss(torch.zeros(2, 3), None, None, torch.zeros(2), torch.ones(2, 3), beta=0.1)

@@ -209,7 +209,7 @@ def _hash_dict(d: dict) -> str:
 def _mix_dict(plan: Any) -> dict[str, Any]:
     m = plan.mix
     return {"names": m.names, "target": m.target, "realised": m.realised(), "realised_tokens": m.realised("tokens"),
-            "tokens": m.tokens, "examples": m.examples, "repeats": m.repeats, "mix_by": m.mix_by}
+            "tokens": m.tokens, "examples": m.examples, "passes": m.passes, "mix_by": m.mix_by}
 
 
 def _final_metrics(loop: Any, plan: Any, wall0: float) -> dict[str, float]:

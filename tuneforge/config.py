@@ -237,6 +237,10 @@ def _resolve_relative_paths(recipe: Recipe, base_dir: Path) -> None:
     def fix(p: str | None) -> str | None:
         if p is None:
             return None
+        if p.startswith("$TUNEFORGE_HOME"):  # recipes shipped with tuneforge point into the state directory
+            from tuneforge.paths import state_dir
+
+            p = str(state_dir()) + p[len("$TUNEFORGE_HOME"):]
         candidate = Path(p).expanduser()
         if candidate.is_absolute():
             return str(candidate)

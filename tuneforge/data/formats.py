@@ -63,9 +63,7 @@ def detect_format(value: Any) -> str | None:
         return None
     if "messages" in value:
         return "messages"
-    if "chosen" in value or "rejected" in value or "preferred_output" in value or "non_preferred_output" in value:
-        return "preference"
-    if "input" in value:
+    if any(k in value for k in ("chosen", "rejected", "input", "preferred_output", "non_preferred_output")):
         return "preference"
     if "completion" in value:
         return "prompt_completion"
@@ -88,7 +86,7 @@ def describe_unknown(value: Any) -> Issue:
             expected += f" — did you mean {near[0]!r} for {key!r}?"
             break
     keys = ", ".join(map(str, value)) or "none"
-    return ("", f"cannot tell the record's format from its keys ({keys})", expected)
+    return ("", f"unknown format: cannot tell it from the keys ({keys})", expected)
 
 
 def check_record(value: Any, fmt: str, *, allow_extra: Collection[str] = ()) -> list[Issue]:

@@ -6,7 +6,7 @@ examples are long), or in examples. The order is a pure function of the seed: at
 furthest below its target share goes next ("largest deficit first"), so the realised ratio tracks the
 target within one example at every point of the run, not just on average — which also makes a run
 stopped at any step have the asked ratio. A source that runs out starts a fresh seeded shuffle (a
-*repeat*); repeats are counted and reported.
+*repeat*); how many passes each source made is reported.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class MixReport:
     target: list[float]
     tokens: list[int] = field(default_factory=list)
     examples: list[int] = field(default_factory=list)
-    repeats: list[int] = field(default_factory=list)  # completed passes beyond the first
+    passes: list[float] = field(default_factory=list)  # examples drawn / examples in the source
     mix_by: str = "tokens"
 
     def realised(self, by: str | None = None) -> list[float]:
@@ -60,20 +60,20 @@ class MixReport:
 
     def as_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for name, tgt, real, tok_share, rep in zip(
-            self.names, self.target, self.realised(), self.realised("tokens"), self.repeats
+        for name, tgt, real, tok_share, passes in zip(
+            self.names, self.target, self.realised(), self.realised("tokens"), self.passes
         ):
             out[f"mix/{name}/target"] = tgt
             out[f"mix/{name}/realised"] = real
             out[f"mix/{name}/token_share"] = tok_share
-            out[f"mix/{name}/repeats"] = float(rep)
+            out[f"mix/{name}/passes"] = passes
         return out
 
     def summary(self) -> str:
         lines = [f"data mix (by {self.mix_by}):"]
-        for name, tgt, real, tok, ex, rep in zip(
-            self.names, self.target, self.realised(), self.tokens, self.examples, self.repeats
+        for name, tgt, real, tok, ex, passes in zip(
+            self.names, self.target, self.realised(), self.tokens, self.examples, self.passes
         ):
-            note = f", repeated {rep}×" if rep else ""
+            note = f", {passes:.2f} passes — repeated, reshuffled each pass" if passes > 1.001 else f", {passes:.2f} passes"
             lines.append(f"  {name}: target {tgt:.1%}, realised {real:.1%} ({tok} supervised tokens, {ex} examples{note})")
         return "\n".join(lines)

@@ -61,7 +61,7 @@ def _read_jsonl(p: Path) -> Iterator[RawRecord]:
             except json.JSONDecodeError as e:
                 yield RawRecord(name, lineno, None, f"invalid JSON: {e.msg} at column {e.colno}")
             except UnicodeDecodeError as e:
-                yield RawRecord(name, lineno, None, f"invalid UTF-8 at byte {e.start}")
+                yield RawRecord(name, lineno, None, f"invalid UTF-8: bad byte at column {e.start + 1}")
 
 
 def _read_json(p: Path) -> Iterator[RawRecord]:
@@ -73,7 +73,7 @@ def _read_json(p: Path) -> Iterator[RawRecord]:
         yield RawRecord(name, e.lineno, None, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}")
         return
     except UnicodeDecodeError as e:
-        yield RawRecord(name, 1, None, f"invalid UTF-8 at byte {e.start}")
+        yield RawRecord(name, 1, None, f"invalid UTF-8: bad byte at offset {e.start}")
         return
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
@@ -113,7 +113,7 @@ def _read_csv(p: Path) -> Iterator[RawRecord]:
             if not row:
                 continue  # blank line
             if len(row) != len(header):
-                yield RawRecord(name, start, None, f"row has {len(row)} fields but the header has {len(header)}")
+                yield RawRecord(name, start, None, f"wrong number of CSV fields: {len(row)}, the header has {len(header)}")
                 continue
             yield _decode_json_columns(name, start, dict(zip(header, row)))
 
@@ -176,7 +176,7 @@ def _decode_json_columns(name: str, line: int, row: dict) -> RawRecord:
             try:
                 row[key] = json.loads(text)
             except json.JSONDecodeError as e:
-                return RawRecord(name, line, None, f"column {key!r} holds invalid JSON: {e.msg} at column {e.colno}")
+                return RawRecord(name, line, None, f"invalid JSON in column {key!r}: {e.msg} at column {e.colno}")
     return RawRecord(name, line, row)
 
 

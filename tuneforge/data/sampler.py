@@ -55,14 +55,13 @@ def build_plan(sources: Sequence[TokenizedSource], weights: Sequence[float], *, 
     need_rows = max_steps * g if max_steps else None
     primary_quota = max(1, int(round(epochs * len(sources[0]))))
     mix = MixReport(names=[s.name for s in sources], target=(np.asarray(weights) / np.sum(weights)).tolist(),
-                    mix_by=mix_by, tokens=[0] * len(sources), examples=[0] * len(sources),
-                    repeats=[0] * len(sources))
+                    mix_by=mix_by, tokens=[0] * len(sources), examples=[0] * len(sources))
 
     refs: list[tuple[int, int]] = []
     row_offsets = [0]
     row_tokens: list[int] = []
     cur_len = cur_tok = primary_seen = 0
-    for s, i, n_pass in mixture_stream(costs, weights, seed):
+    for s, i, _ in mixture_stream(costs, weights, seed):
         length = int(lengths[s][i])
         if refs and (not packing or cur_len + length > max_length):
             row_offsets.append(len(refs))
@@ -75,7 +74,6 @@ def build_plan(sources: Sequence[TokenizedSource], weights: Sequence[float], *, 
         cur_tok += int(supervised[s][i])
         mix.examples[s] += 1
         mix.tokens[s] += int(supervised[s][i])
-        mix.repeats[s] = max(mix.repeats[s], n_pass)
         primary_seen += s == 0
         if need_rows is None and primary_seen >= primary_quota:
             # Epoch-based runs end on a step boundary, so no row is dropped or padded.
@@ -84,5 +82,6 @@ def build_plan(sources: Sequence[TokenizedSource], weights: Sequence[float], *, 
         row_offsets.append(len(refs))
         row_tokens.append(cur_tok)
     assert need_rows is not None and len(row_tokens) == need_rows
+    mix.passes = [ex / max(len(src), 1) for ex, src in zip(mix.examples, sources)]
     return Plan(np.asarray(refs, dtype=np.int64).reshape(-1, 2), np.asarray(row_offsets, dtype=np.int64),
                 np.asarray(row_tokens, dtype=np.int64), g, need_rows // g, mix)

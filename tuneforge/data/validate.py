@@ -89,7 +89,7 @@ def validate_records(
         else:
             found = detect_format(rec.value) if fmt == "auto" else None
             if found is not None and found != fixed:
-                problems = [("", f"is a {found} record", f"{fixed} records, the format found at line {first_line}")]
+                problems = [("", f"wrong format: a {found} record", f"{fixed} records, the format found at line {first_line}")]
             else:
                 problems = check_record(rec.value, fixed, allow_extra=allow)
         if not problems:
@@ -97,7 +97,7 @@ def validate_records(
             if max_tokens is not None and token_length is not None:
                 n = token_length(example)
                 if n > max_tokens:
-                    problems = [("", f"is {n} tokens long after tokenization", f"at most {max_tokens} tokens")]
+                    problems = [("", f"too long after tokenization: {n} tokens", f"at most {max_tokens} tokens")]
             if not problems:
                 report.examples.append((rec.line, example))
                 continue

@@ -10,8 +10,10 @@ Definitions (all times wall-clock, from the fault's own log line):
   the watchdog fired, whichever came first.
 * survivor_resume_s — until a surviving replica committed a step whose quorum formed after the fault.
 * replacement_s — until the replacement of the failed slot committed a step.
-* steps_lost — committed steps whose effect was lost (recomputed): highest step committed before the
-  fault minus the last step the job still had when it next committed.
+* steps_lost — committed steps whose effect was lost and had to be recomputed: per fault, the highest
+  step the other replicas had committed minus the last step the job still had when it next committed;
+  per run, the steps thrown away by restarts from a disk checkpoint. A step in flight when a replica
+  died is *recomputed*, not lost: it was never committed (see ``recomputed_attempts``).
 * goodput — useful step time / training wall time. A committed step's useful time is its compute and
   commit plus the *typical* (median) quorum latency; time spent waiting for failure detection,
   re-forming the group, failed attempts and recomputed steps is not useful.
@@ -162,13 +164,33 @@ def analyze(run_dir: Path, events: list[dict[str, Any]] | None = None) -> RunRep
         steps_committed=len(last_commit),
         final_step=(max(last_commit) + 1) if last_commit else 0,
         goodput=(useful / train_s) if train_s else None,
-        steps_lost=sum(f.steps_lost for f in failures),
+        steps_lost=_steps_lost(events, commits),
         recomputed_attempts=sum(1 for a in attempts if not a.get("committed")),
         failures=failures,
         startups=_startups(events),
         median_step_s=statistics.median(step_durs) if step_durs else None,
         median_quorum_s=med_q if quorum_lat else None,
     )
+
+
+def _steps_lost(events: list[dict[str, Any]], commits: list[dict[str, Any]], gap_s: float = 10.0) -> int:
+    """Committed steps thrown away by restarts from disk (each cold restart counted once).
+
+    Loads less than ``gap_s`` apart belong to one restart episode. In episode ``e`` (time ``T``, loaded
+    step ``k``) the steps ``>= k`` committed since the previous episode were lost.
+    """
+    loads = sorted((e["t"], int(e["step"])) for e in events if e["kind"] == "ckpt_loaded")
+    episodes: list[tuple[float, int]] = []
+    for t, step in loads:
+        if episodes and t - episodes[-1][0] < gap_s:
+            episodes[-1] = (episodes[-1][0], min(episodes[-1][1], step))
+        else:
+            episodes.append((t, step))
+    lost, since = 0, float("-inf")
+    for t, k in episodes:
+        lost += len({c["step"] for c in commits if since < c["t_end"] < t and c["step"] >= k})
+        since = t
+    return lost
 
 
 def _recovery(fault: dict[str, Any], events: list[dict[str, Any]], commits: list[dict[str, Any]]) -> RecoveryEvent:
@@ -199,7 +221,8 @@ def _recovery(fault: dict[str, Any], events: list[dict[str, Any]], commits: list
     replacement = [c for c in after if c.get("replica") == victim]
     if replacement:
         rec.replacement_s = min(c["t_end"] for c in replacement) - t0
-    before = [c["step"] for c in commits if c["t_end"] <= t0]
+    before = [c["step"] for c in commits if c["t_end"] <= t0 and not is_victim(c)]
+    before = before or [c["step"] for c in commits if c["t_end"] <= t0]
     if before and after:
         first_after = min(after, key=lambda c: c["t_end"])["step"]
         rec.steps_lost = max(0, max(before) - (first_after - 1))

@@ -40,12 +40,15 @@ def distill_loss(
     kind: str = "forward_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
+    num_items_in_batch: Tensor | int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean per-token divergence between student and teacher over the positions where ``mask`` is non-zero.
 
     ``student_logits`` and ``teacher_logits`` are ``(batch, seq, vocab)`` over the same vocabulary and positions;
     ``mask`` is ``(batch, seq)``. ``beta`` is used by ``kind="jsd"`` only. Only the masked positions are
-    normalised, so padding costs no softmax.
+    normalised, so padding costs no softmax. ``num_items_in_batch`` (the masked-token count of the whole
+    optimiser step, over micro-batches and ranks) replaces the local count as the divisor, so accumulated
+    micro-batches of different sizes weigh every token the same.
     """
     if kind not in DISTILL_KINDS:
         raise ValueError(f"distill_loss: kind must be one of {DISTILL_KINDS}; got {kind!r}")
@@ -74,11 +77,13 @@ def distill_loss(
         log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)]), dim=0)
         per_token = beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
 
-    loss = per_token.sum() / keep.sum().clamp(min=1)
+    local_count = keep.sum().clamp(min=1)
+    divisor = local_count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+    loss = per_token.sum() / divisor.to(per_token).clamp(min=1)
     with torch.no_grad():
         agree = (log_s.argmax(-1) == log_t.argmax(-1)).to(compute_dtype)
         metrics = {
-            "distill/divergence": loss.detach(),
-            "distill/top1_agreement": agree.sum() / keep.sum().clamp(min=1),
+            "distill/divergence": per_token.detach().sum() / local_count,
+            "distill/top1_agreement": agree.sum() / local_count,
         }
     return loss, metrics

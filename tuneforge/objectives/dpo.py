@@ -45,7 +45,7 @@ def _pair_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str,
 def _check_pairs(**tensors: Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) != 1:
-        raise ValueError(f"preference loss: every log-prob tensor needs the same shape (one value per pair); got {shapes}")
+        raise ValueError(f"preference loss: log-prob tensors need one shape (one value per pair); got {shapes}")
 
 
 def _smoothed_logistic(logits: Tensor, label_smoothing: float) -> Tensor:

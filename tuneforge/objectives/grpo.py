@@ -53,7 +53,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "std", eps: 
             f"group_advantages: rewards must be 1-D with a length divisible by group_size={group_size}; "
             f"got shape {tuple(rewards.shape)}"
         )
-    groups = rewards.view(-1, group_size)
+    groups = rewards.reshape(-1, group_size)
     centred = groups - groups.mean(dim=1, keepdim=True)
     if scale == "std":
         std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred)

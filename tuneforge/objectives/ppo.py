@@ -43,7 +43,9 @@ def kl_penalized_rewards(score: Tensor, logps: Tensor, ref_logps: Tensor, mask: 
             f"{tuple(mask.shape)} must match"
         )
     if score.shape != logps.shape[:1]:
-        raise ValueError(f"kl_penalized_rewards: score must be (batch,) = {tuple(logps.shape[:1])}; got {tuple(score.shape)}")
+        raise ValueError(
+            f"kl_penalized_rewards: score must have shape {tuple(logps.shape[:1])}; got {tuple(score.shape)}"
+        )
     _check_right_padded(mask, "kl_penalized_rewards")
     mask = mask.to(logps.dtype)
     rewards = -kl_coef * (logps - ref_logps) * mask

@@ -45,7 +45,8 @@ def reward_loss(
     rejected = _as_pair_vector("rejected_rewards", rejected_rewards)
     if chosen.shape != rejected.shape:
         raise ValueError(
-            f"reward_loss: chosen_rewards {tuple(chosen.shape)} and rejected_rewards {tuple(rejected.shape)} must pair up"
+            f"reward_loss: chosen_rewards {tuple(chosen.shape)} and rejected_rewards {tuple(rejected.shape)} "
+            "must pair up"
         )
     diff = chosen - rejected
     if margin is not None:

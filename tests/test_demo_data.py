@@ -1,0 +1,168 @@
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+
+import pytest
+
+from tuneforge.demo import tickets, world
+from tuneforge.demo.world import FACT_SKILLS, SKILLS
+
+
+def _user(record: dict) -> str:
+    return next(m["content"] for m in record["messages"] if m["role"] == "user")
+
+
+# --- general skills -------------------------------------------------------------------------------------
+
+
+def test_general_generators_are_deterministic_per_seed() -> None:
+    assert world.general_corpus(3, 50) == world.general_corpus(3, 50)
+    assert world.general_corpus(3, 50) != world.general_corpus(4, 50)
+    assert world.general_chat_examples(3, 100) == world.general_chat_examples(3, 100)
+    assert world.general_chat_examples(3, 100) != world.general_chat_examples(4, 100)
+    assert world.general_eval_items(3, 100) == world.general_eval_items(3, 100)
+    assert world.general_eval_items(3, 100) != world.general_eval_items(4, 100)
+
+
+def test_world_is_fixed_and_consistent() -> None:
+    w = world.world()
+    assert len(w.capital) == len(world.COUNTRIES)
+    assert len(set(w.capital.values())) == len(w.capital)  # capitals are a bijection
+    assert set(w.profession) == set(w.color) == set(world.PEOPLE)
+    # The facts taught in prose are the facts asked in evaluation.
+    prose = " ".join(world.general_corpus(0, 400))
+    for country, capital in w.capital.items():
+        assert f"The capital of {country} is {capital}." in prose or f"{capital} is the capital city of {country}." in prose
+
+
+def test_chat_records_have_openai_shape_and_correct_answers() -> None:
+    w = world.world()
+    for record in world.general_chat_examples(0, 500):
+        user, assistant = record["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        q, a = user["content"], assistant["content"]
+        if m := re.fullmatch(r"What is (\d+) \+ (\d+)\?|Add (\d+) and (\d+)\.", q):
+            x, y = (int(g) for g in m.groups() if g is not None)
+            assert a == str(x + y)
+        elif m := re.fullmatch(r"Reverse the letters: ([a-z ]+)|Write ([a-z ]+) backwards\.", q):
+            letters = next(g for g in m.groups() if g is not None)
+            assert a == " ".join(reversed(letters.split()))
+        elif m := re.fullmatch(r"What is the capital of (\w+)\?|Name the capital city of (\w+)\.", q):
+            assert a == w.capital[next(g for g in m.groups() if g is not None)]
+
+
+def test_eval_items_are_balanced_and_answers_short() -> None:
+    items = world.general_eval_items(0, 200)
+    assert Counter(i["skill"] for i in items) == {s: 20 for s in SKILLS}
+    for item in items:
+        assert [m["role"] for m in item["messages"]] == ["user"]
+        assert 1 <= len(item["answer"].split()) <= 5
+
+
+def test_eval_items_are_held_out_from_training_except_facts() -> None:
+    train_questions = {_user(r) for r in world.general_chat_examples(0, 5000)}
+    corpus = "\n".join(world.general_corpus(0, 2000))
+    fact_overlap = 0
+    for item in world.general_eval_items(0, 500):
+        q = _user(item)
+        if item["skill"] in FACT_SKILLS:
+            fact_overlap += q in train_questions  # by design: facts are recalled, not generalised
+        else:
+            assert q not in train_questions, q
+            assert f"{q}\n" not in corpus and f"{q} A:" not in corpus, q
+    assert fact_overlap > 0
+
+
+def test_spelled_words_in_eval_never_appear_in_training() -> None:
+    spelled = re.compile(r"(?<![A-Za-z])((?:[a-z] ){2,4}[a-z])(?![A-Za-z])")
+    train_words = {w for r in world.general_chat_examples(1, 3000) for w in spelled.findall(_user(r))}
+    train_words |= set(spelled.findall("\n".join(world.general_corpus(1, 500))))
+    eval_words = {
+        w for i in world.general_eval_items(1, 400) if i["skill"] in world.STRING_SKILLS for w in spelled.findall(_user(i))
+    }
+    assert eval_words and train_words and not (eval_words & train_words)
+
+
+def test_general_generation_is_fast() -> None:
+    start = time.perf_counter()
+    world.general_chat_examples(0, 10_000)
+    world.general_eval_items(0, 10_000)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_custom_render_reaches_the_corpus() -> None:
+    render = lambda msgs: "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)  # noqa: E731
+    docs = world.general_corpus(0, 100, render=render)
+    assert any("<|im_start|>assistant\n" in d for d in docs)
+    assert not any("Assistant: " in d for d in docs)
+
+
+# --- tickets --------------------------------------------------------------------------------------------
+
+
+def test_taxonomy_has_at_least_100_unique_three_level_leaves() -> None:
+    labels = tickets.leaf_labels()
+    assert len(labels) >= 100
+    assert len(set(labels)) == len(labels)
+    assert all(len(label.split("/")) == 3 and all(label.split("/")) for label in labels)
+    # Every leaf phrase points at exactly one leaf, or the labels would be ambiguous.
+    phrases = [p for area in tickets.TAXONOMY.values() for _, issues in area.values() for ps in issues.values() for p in ps]
+    assert len(phrases) == len(set(phrases))
+
+
+def test_ticket_generators_are_deterministic_per_seed() -> None:
+    assert tickets.ticket_examples(5, 300) == tickets.ticket_examples(5, 300)
+    assert tickets.ticket_examples(5, 300) != tickets.ticket_examples(6, 300)
+    assert tickets.ticket_eval_items(5, 300) == tickets.ticket_eval_items(5, 300)
+    assert tickets.ticket_eval_items(5, 300) != tickets.ticket_eval_items(6, 300)
+
+
+def test_every_leaf_appears_in_training_and_eval_data() -> None:
+    labels = set(tickets.leaf_labels())
+    train = tickets.ticket_examples(0, len(labels))
+    assert {r["messages"][-1]["content"] for r in train} == labels
+    evals = tickets.ticket_eval_items(0, 2 * len(labels))
+    assert Counter(i["answer"] for i in evals) == {label: 2 for label in labels}
+
+
+def test_ticket_records_have_expected_shape() -> None:
+    record = tickets.ticket_examples(0, 1)[0]
+    assert [m["role"] for m in record["messages"]] == ["system", "user", "assistant"]
+    assert record["messages"][0]["content"] == tickets.TICKET_SYSTEM_PROMPT
+    item = tickets.ticket_eval_items(0, 1, system_prompt=None)[0]
+    assert [m["role"] for m in item["messages"]] == ["user"]
+    assert item["skill"] == "tickets" and item["answer"] in tickets.leaf_labels()
+
+
+def test_each_ticket_carries_its_leaf_phrase() -> None:
+    phrases = {
+        f"{a}/{t}/{i}": ps for a, topics in tickets.TAXONOMY.items() for t, (_, issues) in topics.items() for i, ps in issues.items()
+    }
+    for record in tickets.ticket_examples(1, 500):
+        text, label = record["messages"][1]["content"].lower(), record["messages"][2]["content"]
+        assert any(p in text for p in phrases[label]), (text, label)
+
+
+def test_ticket_eval_is_held_out_from_training() -> None:
+    train_texts = {r["messages"][1]["content"] for r in tickets.ticket_examples(0, 20_000)}
+    for item in tickets.ticket_eval_items(0, 1000):
+        assert _user(item) not in train_texts
+
+
+def test_ticket_generation_is_fast_and_writes_jsonl(tmp_path) -> None:
+    start = time.perf_counter()
+    records = tickets.ticket_examples(0, 10_000)
+    assert time.perf_counter() - start < 1.5
+    path = tickets.write_jsonl(records[:10], tmp_path / "sub" / "t.jsonl")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == records[:10]
+
+
+@pytest.mark.parametrize("n", [0, 1, 7])
+def test_small_counts(n: int) -> None:
+    assert len(tickets.ticket_examples(0, n)) == n
+    assert len(world.general_eval_items(0, n)) == n
+    assert len(world.general_corpus(0, n)) == n

@@ -1,0 +1,213 @@
+"""``tuneforge demo``: the whole product on an embedded default, offline, on a laptop CPU.
+
+1. Build a base model once (cached): a BPE tokenizer trained here and a small Llama pre-trained with
+   tuneforge's own ``cpt`` method on a generated general-skills corpus.
+2. Fine-tune it on a generated support-ticket task (120 leaf categories) twice: domain data alone, and
+   domain data mixed 75/25 with general data.
+3. Evaluate base and both results (domain macro-F1, general-skill accuracy), print the table, write a
+   report with plots, log everything to MLflow and register the mixed model.
+
+Every number is measured in this run; the report's verdict is read off them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tuneforge.demo import tickets, world
+from tuneforge.paths import runs_dir, state_dir
+
+DEMO_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big each part of the demo is; ``quick`` is for smoke tests."""
+
+    corpus_docs: int = 6000
+    general_chat: int = 6000
+    ticket_train: int = 3000
+    general_eval: int = 300
+    ticket_eval: int = 600
+    vocab_size: int = 1024
+    hidden_size: int = 192
+    num_layers: int = 4
+    pretrain_steps: int = 600
+    finetune_steps: int = 150
+    max_length: int = 256
+    batch: int = 16
+
+
+FULL = DemoSize()
+QUICK = DemoSize(corpus_docs=300, general_chat=300, ticket_train=300, general_eval=40, ticket_eval=60,
+                 vocab_size=512, hidden_size=64, num_layers=2, pretrain_steps=20, finetune_steps=10, batch=8)
+
+MIXED_MODEL_NAME = "tuneforge-demo-tickets"
+
+
+def _write_jsonl(records: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def write_data(root: Path, size: DemoSize) -> dict[str, Path]:
+    """Generate the bundled data sets as ordinary JSONL files a user can open and reuse in recipes."""
+    data = root / "data"
+    return {
+        "general_corpus": _write_jsonl([{"text": t} for t in world.general_corpus(1, size.corpus_docs)],
+                                       data / "general_corpus.jsonl"),
+        "general_chat": _write_jsonl(world.general_chat_examples(2, size.general_chat), data / "general_chat.jsonl"),
+        "tickets": _write_jsonl(tickets.ticket_examples(3, size.ticket_train), data / "tickets.jsonl"),
+        "general_eval": _write_jsonl(world.general_eval_items(4, size.general_eval), data / "general_eval.jsonl"),
+        "tickets_eval": _write_jsonl(tickets.ticket_eval_items(5, size.ticket_eval), data / "tickets_eval.jsonl"),
+    }
+
+
+def _base_key(size: DemoSize) -> str:
+    return hashlib.sha256(json.dumps({"v": DEMO_VERSION, **asdict(size)}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _recipe(name: str, base: Path, sources: list[dict], out: Path, size: DemoSize, *, method: str, steps: int,
+            lr: float, register: str | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "method": method,
+        "model": {"path": str(base)},
+        "data": {"sources": sources, "max_length": size.max_length, "val_fraction": 0.02},
+        "adapter": {"kind": "full"},
+        "train": {"max_steps": steps, "global_batch_size": size.batch, "lr": lr, "warmup_steps": max(1, steps // 20),
+                  "schedule": "cosine", "min_lr_ratio": 0.1, "log_every": max(1, steps // 10),
+                  "eval_every": max(1, steps // 3), "weight_decay": 0.01},
+        "tracking": {"experiment": "tuneforge-demo", "run_name": name, "register_as": register},
+        "output": {"dir": str(out)},
+    }
+
+
+def build_base(root: Path, files: dict[str, Path], size: DemoSize, rebuild: bool, say: Any) -> tuple[Path, Any]:
+    """Train the tokenizer and pre-train the base once; later runs reuse it (keyed by the demo's sizes)."""
+    import tuneforge
+    from tuneforge.models.tiny import TinySpec, build_tiny
+
+    key = _base_key(size)
+    base = root / "base"
+    marker = base / "tuneforge-demo.json"
+    if marker.exists() and json.loads(marker.read_text()).get("key") == key and not rebuild:
+        say(f"base model: cached at {base}")
+        return base, None
+    shutil.rmtree(base, ignore_errors=True)
+    say("base model: training a BPE tokenizer and pre-training a small Llama on the general-skills corpus")
+    texts = [json.loads(line)["text"] for line in files["general_corpus"].read_text().splitlines()]
+    chats = [json.loads(line) for line in files["general_chat"].read_text().splitlines()]
+    texts += [" ".join(m["content"] for m in c["messages"]) for c in chats[:2000]]
+    texts += [" ".join(m["content"] for m in c["messages"]) for c in tickets.ticket_examples(99, 500)]
+    spec = TinySpec(hidden_size=size.hidden_size, num_layers=size.num_layers, num_heads=max(2, size.hidden_size // 32),
+                    num_kv_heads=max(1, size.hidden_size // 96), intermediate_size=size.hidden_size * 8 // 3 // 16 * 16,
+                    max_position_embeddings=size.max_length)
+    init = build_tiny(root / f"init-{key}", texts, vocab_size=size.vocab_size, spec=spec, seed=0)
+    sources = [{"path": str(files["general_corpus"]), "name": "corpus", "weight": 0.5},
+               {"path": str(files["general_chat"]), "name": "general_chat", "weight": 0.5}]
+    result = tuneforge.train(
+        _recipe("demo-pretrain", init, sources, root / f"pretrain-{key}", size, method="cpt",
+                steps=size.pretrain_steps, lr=3e-3),
+        progress=None,
+    )
+    shutil.copytree(result.output_dir, base)
+    shutil.rmtree(init, ignore_errors=True)
+    marker.write_text(json.dumps({"key": key, "size": asdict(size), "pretrain_run": str(result.run_dir)}))
+    return base, result
+
+
+def evaluate(model_dir: Path, general: list[dict], domain: list[dict]) -> dict[str, Any]:
+    """General-skill accuracy (overall and per skill) and domain macro-F1 over all 120 leaf labels."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.eval.generate import generate_answers
+    from tuneforge.eval.metrics import accuracy, macro_f1, per_skill_accuracy
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    g_pred = generate_answers(model, tokenizer, [i["messages"] for i in general], max_new_tokens=8)
+    d_pred = generate_answers(model, tokenizer, [i["messages"] for i in domain], max_new_tokens=12)
+    return {
+        "general_accuracy": accuracy(g_pred, [i["answer"] for i in general]),
+        "domain_macro_f1": macro_f1(d_pred, [i["answer"] for i in domain], labels=tickets.leaf_labels()),
+        "domain_accuracy": accuracy(d_pred, [i["answer"] for i in domain]),
+        "skills": per_skill_accuracy(general, g_pred),
+    }
+
+
+def run_demo(quick: bool = False, rebuild: bool = False) -> dict[str, Any]:
+    """Run the demo end to end; returns the table and where the report is."""
+    import tuneforge
+    from rich.console import Console
+
+    from tuneforge.demo.report import format_table, write_report
+
+    console = Console(stderr=True)
+    say = lambda text: console.print(f"[bold cyan]demo[/] {text}")  # noqa: E731
+    t0 = time.perf_counter()
+    size = QUICK if quick else FULL
+    root = state_dir() / "demo" / ("quick" if quick else "full")
+    files = write_data(root, size)
+    run_dir = runs_dir() / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    base, pretrain = build_base(root, files, size, rebuild, say)
+
+    domain_src = {"path": str(files["tickets"]), "name": "tickets"}
+    mixed_sources = [dict(domain_src, weight=0.75),
+                     {"path": str(files["general_chat"]), "name": "general", "weight": 0.25}]
+    runs = {}
+    for name, sources, register in (("domain_only", [domain_src], None), ("mixed", mixed_sources, MIXED_MODEL_NAME)):
+        say(f"fine-tuning: {name.replace('_', ' ')}")
+        runs[name] = tuneforge.train(
+            _recipe(f"demo-{name}", base, sources, run_dir / name, size, method="sft", steps=size.finetune_steps,
+                    lr=1e-3, register=register),
+            progress=None,
+        )
+
+    say("evaluating base, domain-only and mixed models")
+    read = lambda p: [json.loads(line) for line in Path(p).read_text().splitlines()]  # noqa: E731
+    general, domain = read(files["general_eval"]), read(files["tickets_eval"])
+    table = []
+    for role, label, path in (("base", "base", base), ("domain_only", "domain only", runs["domain_only"].output_dir),
+                              ("mixed", "mixed 75/25", runs["mixed"].output_dir)):
+        table.append({"model": label, "role": role, **evaluate(Path(path), general, domain)})
+
+    curves = {"fine-tune: domain only": [(h["step"], h["loss"]) for h in runs["domain_only"].history],
+              "fine-tune: mixed": [(h["step"], h["loss"]) for h in runs["mixed"].history]}
+    if pretrain is not None:
+        curves = {"pre-training (cpt)": [(h["step"], h["loss"]) for h in pretrain.history], **curves}
+    paths = write_report(run_dir, table, curves, title="tuneforge demo: fine-tuning with and without data mixing")
+    (run_dir / "table.json").write_text(json.dumps(table, indent=2))
+    _log_demo(run_dir, table, paths, runs)
+    console.print(format_table(table))
+    console.print(paths["report"].read_text().split("\n\n")[1] if "\n\n" in paths["report"].read_text() else "")
+    say(f"report: {paths['report']}  ({time.perf_counter() - t0:.0f} s)")
+    return {"table": table, "report": paths["report"], "run_dir": run_dir,
+            "mixed_version": runs["mixed"].model_version, "seconds": time.perf_counter() - t0}
+
+
+def _log_demo(run_dir: Path, table: list[dict], paths: dict[str, Path], runs: dict[str, Any]) -> None:
+    """One MLflow run holds the comparison: the table's numbers as metrics and the report as artifacts."""
+    from tuneforge.tracking.mlflow_tracker import Tracker
+
+    params = {"runs": {k: str(v.run_dir) for k, v in runs.items()}}
+    with Tracker.start(experiment="tuneforge-demo", run_name=f"{run_dir.name}-report", params=params,
+                       tags={"tuneforge.kind": "demo-report"}) as tracker:
+        for row in table:
+            metrics = {f"{row['role']}/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float))}
+            metrics.update({f"{row['role']}/skill/{k}": float(v) for k, v in row["skills"].items()})
+            tracker.log_metrics(metrics, step=0)
+        for path in paths.values():
+            tracker.log_artifact(path)
+        tracker.log_artifact(run_dir / "table.json")
