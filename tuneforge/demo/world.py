@@ -51,7 +51,8 @@ COLORS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple"
 
 FACT_SKILLS = ("capital", "profession", "color")
 ARITHMETIC_SKILLS = ("add", "sub", "larger")
-STRING_SKILLS = ("reverse", "uppercase", "first_letter", "length")
+STRING_SKILLS = ("first_letter", "length")
+DIGIT_MAX = 10  # operands 0-9: sums and differences of one or two digits
 SKILLS = FACT_SKILLS + ARITHMETIC_SKILLS + STRING_SKILLS
 
 # Letters for generated words: no q/x/y, so words stay pronounceable and the alphabet small.
@@ -158,16 +159,15 @@ def _draw(rng: random.Random, skill: str, held_out: bool) -> QA:
         return QA(skill, template.format(p=p), getattr(w, skill)[p])
     while True:
         if skill in ARITHMETIC_SKILLS:
+            x, y = rng.randrange(DIGIT_MAX), rng.randrange(DIGIT_MAX)
             if skill == "add":
-                a, b = rng.randrange(50), rng.randrange(50)
-                answer = a + b
-            elif skill == "sub":
-                a = rng.randrange(100)
-                b = rng.randrange(a + 1)
-                answer = a - b
+                a, b, answer = x, y, x + y
+            elif skill == "sub":  # the addition table read backwards: (x + y) - y = x
+                a, b, answer = x + y, y, x
             else:
-                a, b = rng.sample(range(100), 2)
-                answer = max(a, b)
+                if x == y:
+                    continue
+                a, b, answer = x, y, max(x, y)
             if is_held_out(f"{skill}:{a}:{b}") == held_out:
                 return QA(skill, template.format(a=a, b=b), str(answer))
         else:

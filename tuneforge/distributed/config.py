@@ -54,7 +54,7 @@ class ResilienceConfig:
     checkpoint_every: int = 50  # steps between async disk checkpoints (fallback when all die); 0 = off
     keep_checkpoints: int = 2
     heartbeat_timeout_ms: int = 1000  # lighthouse: a replica silent this long is dead
-    join_timeout_ms: int = 3000  # lighthouse: wait this long for live-but-absent replicas
+    join_timeout_ms: int = 500  # lighthouse: after the first member asks, wait this long for live-but-absent ones
     quorum_tick_ms: int = 50
     heartbeat_interval_ms: int = 100
     timeout_s: float = 30.0  # collectives, commit votes and peer state transfer
@@ -137,6 +137,7 @@ class JobSpec:
             raise RecipeError(f"micro_batch_size: got {self.micro_batch_size}, expected >= 1")
         if self.resilience.batch_policy == "fixed" and self.global_batch_size < 1:
             raise RecipeError(f"global_batch_size: got {self.global_batch_size}, expected >= 1")
+        self.batch_policy()  # validates batch_policy / lr_scaling / per_replica_batch_size together
         try:
             json.dumps(self.task_config)
         except TypeError as exc:

@@ -41,7 +41,7 @@ class Lighthouse:
         min_replicas: int,
         log_path: Path,
         heartbeat_timeout_ms: int = 1000,
-        join_timeout_ms: int = 3000,
+        join_timeout_ms: int = 500,
         quorum_tick_ms: int = 50,
         host: str = "127.0.0.1",
     ) -> None:
@@ -53,6 +53,7 @@ class Lighthouse:
         self.host = host
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
 
     @property
     def address(self) -> str:
@@ -60,7 +61,8 @@ class Lighthouse:
             raise RuntimeError("lighthouse not started")
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 30.0, port: int = 0) -> str:
+    def launch(self, port: int = 0) -> None:
+        """Start the process; :meth:`wait_ready` returns its address once it listens."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = lighthouse_command() + [
             "--bind", f"{self.host}:{port}",
@@ -69,14 +71,16 @@ class Lighthouse:
             "--quorum_tick_ms", str(self.quorum_tick_ms),
             "--heartbeat_timeout_ms", str(self.heartbeat_timeout_ms),
         ]  # fmt: skip
-        log = open(self.log_path, "ab")
-        start = self.log_path.stat().st_size
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self._log_start = log.tell()
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> str:
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with open(self.log_path, "rb") as f:
-                f.seek(start)
+                f.seek(self._log_start)
                 match = _LISTENING.search(f.read().decode(errors="replace"))
             if match:
                 self.port = int(match.group(1))
@@ -86,6 +90,10 @@ class Lighthouse:
             time.sleep(0.05)
         self.stop()
         raise TuneforgeError(f"torchft lighthouse did not start within {timeout_s:.0f}s; see {self.log_path}")
+
+    def start(self, timeout_s: float = 60.0, port: int = 0) -> str:
+        self.launch(port)
+        return self.wait_ready(timeout_s)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -10,6 +10,8 @@ Definitions (all times wall-clock, from the fault's own log line):
   the watchdog fired, whichever came first.
 * survivor_resume_s — until a surviving replica committed a step whose quorum formed after the fault.
 * replacement_s — until the replacement of the failed slot committed a step.
+* downtime_s — until the job committed a step beyond the highest one committed before the fault (so a
+  restart from disk also pays for recomputing the steps it lost).
 * steps_lost — committed steps whose effect was lost and had to be recomputed: per fault, the highest
   step the other replicas had committed minus the last step the job still had when it next committed;
   per run, the steps thrown away by restarts from a disk checkpoint. A step in flight when a replica
@@ -72,6 +74,7 @@ class RecoveryEvent:
     t_fault: float
     detection_s: float | None = None
     survivor_resume_s: float | None = None
+    downtime_s: float | None = None  # until the job committed a step beyond what it had before the fault
     replacement_s: float | None = None
     steps_lost: int = 0
     cold_restart: bool = False  # recovered from a disk checkpoint (no live peer)
@@ -127,6 +130,7 @@ class RunReport:
             "recomputed_attempts": self.recomputed_attempts,
             "detection_s_mean": mean(f.detection_s for f in self.failures),
             "survivor_resume_s_mean": mean(f.survivor_resume_s for f in self.failures),
+            "downtime_s_mean": mean(f.downtime_s for f in self.failures),
             "replacement_s_mean": mean(f.replacement_s for f in self.failures),
         }
         return {k: float(v) for k, v in out.items() if v is not None}
@@ -226,6 +230,10 @@ def _recovery(fault: dict[str, Any], events: list[dict[str, Any]], commits: list
     if before and after:
         first_after = min(after, key=lambda c: c["t_end"])["step"]
         rec.steps_lost = max(0, max(before) - (first_after - 1))
+    progress = max((c["step"] for c in commits if c["t_end"] <= t0), default=-1)
+    beyond = [c["t_end"] for c in commits if c["t_end"] > t0 and c["step"] > progress and not is_victim(c)]
+    if beyond:
+        rec.downtime_s = min(beyond) - t0
     rec.cold_restart = any(e["kind"] == "ckpt_loaded" and e["t"] > t0 for e in events)
     rec.healed_from_peer = any(e["kind"] == "healed" and e["t"] > t0 for e in events)
     return rec

@@ -32,27 +32,14 @@ from tuneforge.distributed import faults as fault_lib
 from tuneforge.distributed.assignment import plan_step, start_position
 from tuneforge.distributed.config import JobSpec
 from tuneforge.distributed.metrics import EventLog
-
-EXIT_DONE = 0
-EXIT_ORPHANED = 3
-EXIT_LEFT = 10
-
-
-def write_status(run_dir: Path, slot: int | str, **data: Any) -> None:
-    """Atomically publish this replica's state for the supervisor (watchdog, healthy-peer check)."""
-    folder = run_dir / "status"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"replica_{slot}.json"
-    tmp = folder / f".replica_{slot}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"t": time.time(), "pid": os.getpid(), **data}))
-    tmp.replace(path)
-
-
-def checkpoint_paths(run_dir: Path) -> list[Path]:
-    """Complete disk checkpoints, oldest first (partial writes never get the final name)."""
-    folder = run_dir / "ckpt"
-    return sorted(folder.glob("step_*.pt")) if folder.exists() else []
-
+from tuneforge.distributed.runfiles import (
+    EXIT_DONE,
+    EXIT_LEFT,
+    EXIT_ORPHANED,
+    checkpoint_paths,
+    wait_for_lighthouse,
+    write_status,
+)
 
 class Replica:
     """The training loop of one replica; see the module docstring."""
@@ -96,7 +83,7 @@ class Replica:
         from torchft.process_group import ProcessGroupBabyNCCL, ProcessGroupGloo
 
         self.slot, self.inc, self.log = slot, inc, log
-        lighthouse = (self.run_dir / "lighthouse.addr").read_text().strip()
+        lighthouse = wait_for_lighthouse(self.run_dir)
         host = os.environ.get("TUNEFORGE_HOST") or socket.gethostname()
         timeout = timedelta(seconds=self.res.timeout_s)
         use_nccl = self.res.backend == "nccl" or (self.res.backend == "auto" and torch.cuda.is_available())

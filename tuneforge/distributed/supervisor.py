@@ -31,7 +31,7 @@ from tuneforge.distributed import faults as fault_lib
 from tuneforge.distributed.config import JobSpec
 from tuneforge.distributed.lighthouse import Lighthouse
 from tuneforge.distributed.metrics import EventLog, RunReport, analyze
-from tuneforge.distributed.replica import EXIT_DONE, EXIT_LEFT, EXIT_ORPHANED, checkpoint_paths
+from tuneforge.distributed.runfiles import EXIT_DONE, EXIT_ORPHANED, checkpoint_paths
 from tuneforge.errors import TuneforgeError
 
 TICK_S = 0.05
@@ -131,13 +131,20 @@ class Supervisor:
             join_timeout_ms=self.res.join_timeout_ms,
             quorum_tick_ms=self.res.quorum_tick_ms,
         )
-        addr = self.lighthouse.start()
-        (self.run_dir / "lighthouse.addr").write_text(addr)
-        (self.run_dir / "supervisor.json").write_text(json.dumps({"pid": os.getpid(), "lighthouse": addr}))
+        (self.run_dir / "lighthouse.addr").unlink(missing_ok=True)
+        self.lighthouse.launch()
+        # replicas import torch while the lighthouse starts; they wait for lighthouse.addr
         self.job_progress = bool(checkpoint_paths(self.run_dir))
-        for _ in range(self.res.hot_spares):
-            self._spawn_spare()
-        self._reconcile(time.time())
+        self._reconcile(time.time())  # spawns the replicas, then the hot spares
+        try:
+            addr = self.lighthouse.wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+        tmp = self.run_dir / ".lighthouse.addr.tmp"
+        tmp.write_text(addr)
+        tmp.replace(self.run_dir / "lighthouse.addr")
+        (self.run_dir / "supervisor.json").write_text(json.dumps({"pid": os.getpid(), "lighthouse": addr}))
 
     def run(self, timeout_s: float | None = None) -> RunReport:
         """Supervise until the job finishes (or fails / times out); always stops every child."""

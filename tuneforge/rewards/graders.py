@@ -91,7 +91,9 @@ class Grader(ABC):
     def _evaluate_batch(self, samples: list[dict[str, Any]], items: list[dict[str, Any]]) -> list[GradeResult]: ...
 
 
-def _each(fn: Callable[[dict[str, Any], dict[str, Any]], float], samples: list[dict[str, Any]], items: list[dict[str, Any]]) -> list[GradeResult]:
+def _each(
+    fn: Callable[[dict[str, Any], dict[str, Any]], float], samples: list[dict[str, Any]], items: list[dict[str, Any]]
+) -> list[GradeResult]:
     """Apply a per-pair scorer; a template that does not fit this pair scores 0 with its error."""
     out = []
     for sample, item in zip(samples, items):
@@ -167,11 +169,10 @@ class PythonGrader(Grader):
 
     def _evaluate_batch(self, samples: list[dict[str, Any]], items: list[dict[str, Any]]) -> list[GradeResult]:
         outcomes = run_graders(self.source, list(zip(samples, items)), self.limits)
-        results = []
-        for o in outcomes:
-            details = {"output": o.output} if o.output else {}
-            results.append(GradeResult(o.score, None, details) if o.score is not None else GradeResult(0.0, o.error, details))
-        return results
+        return [
+            GradeResult(o.score if o.score is not None else 0.0, o.error, {"output": o.output} if o.output else {})
+            for o in outcomes
+        ]
 
 
 _BINARY: dict[type[ast.operator], Callable[[float, float], float]] = {
@@ -182,7 +183,12 @@ _BINARY: dict[type[ast.operator], Callable[[float, float], float]] = {
     ast.Pow: operator.pow,
 }
 _UNARY: dict[type[ast.unaryop], Callable[[float], float]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
-_FUNCTIONS: dict[str, tuple[Callable[..., float], int, int]] = {"min": (min, 1, 64), "max": (max, 1, 64), "abs": (abs, 1, 1)}
+# name: (function, fewest arguments, most arguments)
+_FUNCTIONS: dict[str, tuple[Callable[..., float], int, int]] = {
+    "min": (min, 1, 64),
+    "max": (max, 1, 64),
+    "abs": (abs, 1, 1),
+}
 
 
 def parse_formula(text: str, names: Sequence[str], where: str) -> ast.expr:
@@ -323,7 +329,14 @@ def _type_ok(value: Any, kind: Any) -> bool:
     return isinstance(value, kind)
 
 
-_KIND_NAMES = {str: "a string", float: "a number", int: "an integer", list: "a list", dict: "a mapping", bool: "true or false"}
+_KIND_NAMES = {
+    str: "a string",
+    float: "a number",
+    int: "an integer",
+    list: "a list",
+    dict: "a mapping",
+    bool: "true or false",
+}
 
 
 class _Loader:
@@ -357,20 +370,27 @@ class _Loader:
                 raise self.error(at(key), "required field is missing")
         for key, value in raw.items():
             if not _type_ok(value, allowed[key]):
-                raise self.error(at(key), f"expected {_KIND_NAMES[allowed[key]]}, got {json.dumps(value, default=str)[:80]}")
+                shown = json.dumps(value, default=str)[:80]
+                raise self.error(at(key), f"expected {_KIND_NAMES[allowed[key]]}, got {shown}")
         name = raw.get("name") or default_name
         for key in ("input", "reference"):
             if isinstance(raw.get(key), str):
                 self.template(raw[key], at(key))
         if kind == "string_check":
-            if raw["operation"] not in StringCheckGrader.OPERATIONS:
-                raise self.error(at("operation"), f"unknown operation {raw['operation']!r}{_suggest(raw['operation'], StringCheckGrader.OPERATIONS)}")
+            op = raw["operation"]
+            if op not in StringCheckGrader.OPERATIONS:
+                hint = _suggest(op, StringCheckGrader.OPERATIONS)
+                raise self.error(at("operation"), f"unknown operation {op!r}{hint}")
             return StringCheckGrader(name, raw["input"], raw["reference"], raw["operation"])
         if kind == "text_similarity":
             similarity.metric(raw["evaluation_metric"], f"{self.origin}: {at('evaluation_metric')}")
-            return TextSimilarityGrader(name, raw["input"], raw["reference"], raw["evaluation_metric"], raw.get("pass_threshold"))
+            return TextSimilarityGrader(
+                name, raw["input"], raw["reference"], raw["evaluation_metric"], raw.get("pass_threshold")
+            )
         if kind == "python":
-            return PythonGrader(name, self.source(raw["source"], at("source")), self.limits(raw.get("limits", {}), at("limits")), raw.get("image_tag"), raw.get("pass_threshold"))
+            source = self.source(raw["source"], at("source"))
+            limits = self.limits(raw.get("limits", {}), at("limits"))
+            return PythonGrader(name, source, limits, raw.get("image_tag"), raw.get("pass_threshold"))
         if kind == "score_model":
             from tuneforge.rewards.judge import build_score_model  # imports openai only when a judge is used
 
@@ -382,7 +402,10 @@ class _Loader:
         subs = {}
         for key, sub in raw["graders"].items():
             if not str(key).isidentifier():
-                raise self.error(f"{at('graders')}.{key}", "grader names must be identifiers (letters, digits, _) to appear in calculate_output")
+                raise self.error(
+                    f"{at('graders')}.{key}",
+                    "grader names must be identifiers (letters, digits, _) to appear in calculate_output",
+                )
             subs[str(key)] = self.build(sub, f"{at('graders')}.{key}", str(key))
         formula = parse_formula(raw["calculate_output"], list(subs), f"{self.origin}: {at('calculate_output')}")
         return MultiGrader(name, subs, raw["calculate_output"], formula)
@@ -404,7 +427,10 @@ class _Loader:
         if not isinstance(parts, list):
             raise self.error(f"{path}.content", "expected a string or a list of text parts")
         for j, part in enumerate(parts):
-            text = part if isinstance(part, str) and isinstance(content, str) else (part.get("text") if isinstance(part, dict) else None)
+            if isinstance(content, str):
+                text = part
+            else:
+                text = part.get("text") if isinstance(part, dict) else None
             if not isinstance(text, str):
                 raise self.error(f"{path}.content[{j}]", 'expected a text part {"type": "input_text", "text": …}')
             self.template(text, f"{path}.content" if isinstance(content, str) else f"{path}.content[{j}].text")
@@ -425,7 +451,8 @@ class _Loader:
                 raise self.error(f"{path}.{key}", f"unknown limit{_suggest(str(key), list(_LIMIT_FIELDS))}")
             want = bool if key == "site_packages" else (float if key in ("cpu_seconds", "wall_seconds") else int)
             if not _type_ok(value, want) or (want is not bool and value <= 0):
-                raise self.error(f"{path}.{key}", f"expected {'true or false' if want is bool else 'a positive number'}, got {value!r}")
+                expected = "true or false" if want is bool else "a positive number"
+                raise self.error(f"{path}.{key}", f"expected {expected}, got {value!r}")
         return Limits(**raw)
 
 
@@ -438,7 +465,8 @@ def _read_config(path: Path) -> Any:
             return yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
-            raise RecipeError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML: {getattr(e, 'problem', e)}") from None
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise RecipeError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -467,4 +495,5 @@ def load_grader(
         origin = origin or "grader"
     if isinstance(raw, dict) and "type" not in raw and isinstance(raw.get("grader"), dict):
         raw = raw["grader"]
-    return _Loader(origin, base_url, api_key).build(raw, "", default_name=str((raw or {}).get("type", "grader")) if isinstance(raw, dict) else "grader")
+    default_name = str(raw.get("type", "grader")) if isinstance(raw, dict) else "grader"
+    return _Loader(origin, base_url, api_key).build(raw, "", default_name)

@@ -23,7 +23,13 @@ from tuneforge.rewards import templates
 from tuneforge.rewards.graders import GradeResult, Grader
 
 # OpenAI's score_model sampling_params (note the plural "completions" in its token limit's name).
-SAMPLING_PARAMS = {"temperature": float, "top_p": float, "seed": int, "max_completions_tokens": int, "reasoning_effort": str}
+SAMPLING_PARAMS = {
+    "temperature": float,
+    "top_p": float,
+    "seed": int,
+    "max_completions_tokens": int,
+    "reasoning_effort": str,
+}
 DEFAULT_MAX_TOKENS = 256
 
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
@@ -72,10 +78,13 @@ class OpenAIJudge:
     def __post_init__(self) -> None:
         import openai
 
-        self._client = openai.OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=self.max_retries)
+        self._client = openai.OpenAI(
+            base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=self.max_retries
+        )
 
     def reply(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
-        kwargs: dict[str, Any] = {k: params[k] for k in ("temperature", "top_p", "seed", "reasoning_effort") if k in params}
+        passed = ("temperature", "top_p", "seed", "reasoning_effort")
+        kwargs: dict[str, Any] = {k: params[k] for k in passed if k in params}
         if "max_completions_tokens" in params:
             kwargs["max_completion_tokens"] = params["max_completions_tokens"]
         response = self._client.chat.completions.create(model=self.model, messages=messages, **kwargs)
@@ -201,9 +210,14 @@ def build_score_model(
             hint = f" — did you mean {close[0]!r}?" if close else f" (valid: {', '.join(SAMPLING_PARAMS)})"
             raise error(f"{at('sampling_params')}.{key}", f"unknown sampling parameter{hint}")
         kind = SAMPLING_PARAMS[key]
-        ok = isinstance(value, str) if kind is str else (isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer()))
+        if kind is str:
+            ok = isinstance(value, str)
+        else:
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = numeric and (kind is float or float(value).is_integer())
         if not ok:
-            raise error(f"{at('sampling_params')}.{key}", f"expected {'a string' if kind is str else 'a number'}, got {value!r}")
+            expected = {str: "a string", int: "an integer", float: "a number"}[kind]
+            raise error(f"{at('sampling_params')}.{key}", f"expected {expected}, got {value!r}")
     if raw.get("max_concurrency", 1) < 1:
         raise error(at("max_concurrency"), f"must be at least 1, got {raw['max_concurrency']!r}")
     if raw.get("max_retries", 0) < 0:

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 STARTUP_SECONDS = 10.0  # interpreter start + Landlock + compiling the source, before the first sample
 STDERR_KEEP = 8192  # bytes of the grader's own output kept for error messages
 MIN_CHUNK = 64  # pairs per child before a batch is split across workers
+RESULT_LINE_MAX = 1 << 20  # a result line is tiny; a megabyte without a newline is a grader misbehaving
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,10 @@ class SandboxViolation(PermissionError):
     pass
 
 
+class SandboxImportError(ImportError):
+    pass  # an ImportError, so packages that treat ctypes as optional (numpy) fall back instead of failing
+
+
 class _CpuTimeout(BaseException):
     pass
 
@@ -145,7 +150,11 @@ def landlock(rw_dir, ro_paths, rw_files):
                 continue
             try:
                 rule = PathBeneath(allowed & fs_all, fd)
-                if libc.syscall(ctypes.c_long(ADD_RULE), ctypes.c_int(ruleset), ctypes.c_int(1), ctypes.byref(rule), ctypes.c_uint32(0)) < 0:
+                added = libc.syscall(
+                    ctypes.c_long(ADD_RULE), ctypes.c_int(ruleset), ctypes.c_int(1),  # 1: PATH_BENEATH
+                    ctypes.byref(rule), ctypes.c_uint32(0),
+                )
+                if added < 0:
                     return 0, "landlock_add_rule(%s): %s" % (path, os.strerror(ctypes.get_errno()))
             finally:
                 os.close(fd)
@@ -170,7 +179,9 @@ def install_audit_hook(rw_dir, ro_paths, rw_files):
         "sqlite3.load_extension", "webbrowser.", "http.client.", "urllib.", "ftplib.", "smtplib.", "imaplib.",
         "poplib.", "nntplib.", "telnetlib.", "syslog.",
     )
-    denied_imports = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters", "_testcapi", "_testinternalcapi"})
+    denied_imports = frozenset(
+        {"ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters", "_testcapi", "_testinternalcapi"}
+    )
     reads = {"os.listdir": (0,), "os.scandir": (0,), "os.getxattr": (0,), "os.listxattr": (0,)}
     writes = {
         "os.mkdir": (0,), "os.remove": (0,), "os.rmdir": (0,), "os.rename": (0, 1), "os.truncate": (0,),
@@ -189,7 +200,9 @@ def install_audit_hook(rw_dir, ro_paths, rw_files):
             return
         if not writing and inside(full, ro_roots):
             return
-        raise SandboxViolation("sandbox: %s %s is not allowed (graders may only use their working directory)" % (what, full))
+        raise SandboxViolation(
+            "sandbox: %s %s is not allowed (graders may only use their working directory)" % (what, full)
+        )
 
     def hook(event, args):
         if event == "open":
@@ -205,7 +218,7 @@ def install_audit_hook(rw_dir, ro_paths, rw_files):
         elif event.startswith(denied):
             raise SandboxViolation("sandbox: %s is not allowed in a grader" % event)
         elif event == "import" and args[0] in denied_imports:
-            raise SandboxViolation("sandbox: importing %s is not allowed in a grader" % args[0])
+            raise SandboxImportError("sandbox: importing %s is not allowed in a grader" % args[0])
 
     sys.addaudithook(hook)
 
@@ -235,7 +248,8 @@ def main():
         os.write(out, (json.dumps(obj) + "\n").encode())
 
     rw_dir = os.path.realpath(os.getcwd())
-    ro_paths = [os.path.realpath(p) for p in [p for p in sys.path if p] + payload["site_dirs"] + payload["system_paths"] if os.path.exists(p)]
+    wanted = [p for p in sys.path if p] + payload["site_dirs"] + payload["system_paths"]
+    ro_paths = [os.path.realpath(p) for p in wanted if os.path.exists(p)]
     sys.path.extend(payload["site_dirs"])
     layers = {"audit_hook": True}
     if payload["landlock"]:
@@ -301,8 +315,8 @@ main()
 
 def _system_paths() -> list[str]:
     """Read-only places the child needs: shared libraries (for extension modules) and time zones."""
-    candidates = ["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/etc/ld.so.cache", "/usr/share/zoneinfo"]
-    candidates.append(os.path.join(sys.base_prefix, "lib"))
+    candidates = ["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/etc/ld.so.cache"]
+    candidates += ["/usr/share/zoneinfo", os.path.join(sys.base_prefix, "lib")]
     return [p for p in candidates if os.path.exists(p)]
 
 
@@ -341,7 +355,9 @@ def _limit_resources(limits: Limits, n_pairs: int) -> None:
         (resource.RLIMIT_AS, mem),
         (resource.RLIMIT_NOFILE, int(limits.open_files)),
         (resource.RLIMIT_FSIZE, int(limits.file_size_mb) * 1024 * 1024),
-        (resource.RLIMIT_NPROC, 1),  # no fork: at least one process of this user exists (this one)
+        # No fork for an unprivileged user (this user already has a process: this one). Root is exempt;
+        # there the audit hook refuses fork and the PID namespace reaps anything that slips through.
+        (resource.RLIMIT_NPROC, 1),
         (resource.RLIMIT_CORE, 0),
     ):
         resource.setrlimit(kind, (value, value))
@@ -366,7 +382,7 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
-def _exit_reason(code: int | None, limits: Limits) -> str:
+def _exit_reason(code: int | None) -> str:
     if code is None:
         return "the grader process did not exit"
     if code < 0:
@@ -394,7 +410,7 @@ def _run_once(source: str, pairs: list[tuple[Any, Any]], limits: Limits, layers:
     ).encode()
     env = {"LC_ALL": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     run = _Run()
-    with tempfile.TemporaryDirectory(prefix="tuneforge-grader-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="tuneforge-grader-", ignore_cleanup_errors=True) as workdir:
         proc = subprocess.Popen(
             _command(),
             stdin=subprocess.PIPE,
@@ -433,6 +449,11 @@ def _run_once(source: str, pairs: list[tuple[Any, Any]], limits: Limits, layers:
                         del stderr[: max(0, len(stderr) - STDERR_KEEP)]
                     else:
                         stdout += chunk
+                        if len(stdout) > RESULT_LINE_MAX:
+                            run.failure = "the grader flooded the result channel"
+                            stdout.clear()
+                            _kill(proc)
+                            break
                         *lines, rest = stdout.split(b"\n")
                         stdout = bytearray(rest)
                         for line in lines:
@@ -447,7 +468,7 @@ def _run_once(source: str, pairs: list[tuple[Any, Any]], limits: Limits, layers:
                 stream.close()
     run.stderr = stderr.decode("utf-8", "replace")
     if run.failure is None and len(run.results) < len(pairs):
-        run.failure = _exit_reason(proc.returncode, limits)
+        run.failure = _exit_reason(proc.returncode)
         if run.stderr.strip():
             run.failure += ": " + run.stderr.strip().splitlines()[-1][:300]
     return run
@@ -476,7 +497,9 @@ def _take(line: bytes, run: _Run, n: int) -> bool:
     return True
 
 
-def _grade_chunk(source: str, pairs: list[tuple[Any, Any]], limits: Limits, switches: tuple[bool, bool]) -> tuple[list[Outcome], dict[str, Any]]:
+def _grade_chunk(
+    source: str, pairs: list[tuple[Any, Any]], limits: Limits, switches: tuple[bool, bool]
+) -> tuple[list[Outcome], dict[str, Any]]:
     """Grade every pair, starting a fresh child after each timeout or crash; each costs only its pair."""
     outcomes: list[Outcome | None] = [None] * len(pairs)
     layers: dict[str, Any] = {}
@@ -539,7 +562,7 @@ def describe_layers(layers: dict[str, Any] | None = None) -> str:
     ns = namespace_prefix()
     parts = ["separate isolated interpreter with empty environment", "rlimits (cpu, memory, files, processes)"]
     if ns:
-        kinds = "user, network, PID" if "-rnp" in ns else ("user, network" if "-rn" in ns else "network, PID" if "-np" in ns else "network")
+        kinds = {"-rnp": "user, network, PID", "-rn": "user, network", "-np": "network, PID"}.get(ns[1], "network")
         parts.append(f"{kinds} namespaces ({' '.join([os.path.basename(ns[0]), *ns[1:]])})")
     else:
         parts.append("no namespaces (unshare unavailable or not permitted)")

@@ -8,7 +8,9 @@ mean what users expect:
 - ``bleu``: sentence BLEU-4 with brevity penalty, uniform weights, sacreBLEU's "exp" smoothing and
   effective order (orders longer than the output are skipped), over word/punctuation tokens.
 - ``rouge_1`` … ``rouge_5``: n-gram overlap F1; ``rouge_l``: longest-common-subsequence F1; both over
-  lower-cased Unicode word tokens (rouge-score's tokeniser, without dropping non-ASCII letters).
+  lower-cased Unicode word tokens (rouge-score's tokeniser, without dropping non-ASCII letters). As in
+  rouge-score, a text with fewer than n words has no n-grams, so ``rouge_4`` of a 3-word answer is 0
+  even against itself: prefer ``rouge_1``/``rouge_l`` for short answers.
 
 LCS uses the bit-parallel algorithm (one big-integer operation per symbol of the second sequence), so
 fuzzy matching two 2,000-character answers costs milliseconds, not seconds.
@@ -72,6 +74,8 @@ def bleu(output: str, reference: str, max_order: int = 4) -> float:
             break  # effective order: a 2-token answer is judged on 1- and 2-grams only
         ref_counts = _ngrams(ref, n)
         matches = sum(min(c, ref_counts[g]) for g, c in _ngrams(hyp, n).items())
+        if matches == 0 and n == 1:
+            return 0.0  # nothing in common: smoothing must not invent a score (sacreBLEU stops early too)
         if matches == 0:
             smooth *= 2.0
             precision = 1.0 / (smooth * total)
@@ -119,7 +123,8 @@ def metric(name: str, where: str = "evaluation_metric") -> Callable[[str, str], 
         return METRICS[name]
     supported = ", ".join(METRICS)
     if name in UNSUPPORTED:
-        raise RecipeError(f"{where}: {name!r} is not supported by tuneforge ({UNSUPPORTED[name]}); supported: {supported}")
+        why = UNSUPPORTED[name]
+        raise RecipeError(f"{where}: {name!r} is not supported by tuneforge ({why}); supported: {supported}")
     close = difflib.get_close_matches(str(name), list(METRICS) + list(UNSUPPORTED), n=1, cutoff=0.5)
     hint = f" — did you mean {close[0]!r}?" if close else ""
     raise RecipeError(f"{where}: unknown metric {name!r}{hint} (supported: {supported})")

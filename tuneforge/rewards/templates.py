@@ -42,7 +42,9 @@ def parse_path(expr: str) -> tuple[str, list[str | int]]:
         m = _TOKEN.match(text, pos)
         dotted_ok = m is not None and (m.group(3) is not None or bool(m.group(1)) == (pos > 0))
         if m is None or not dotted_ok or (pos == 0 and m.group(3) is not None):
-            raise TemplateError(f"template '{{{{{expr}}}}}': cannot parse the path at {text[pos:]!r} (expected e.g. item.answer)")
+            raise TemplateError(
+                f"template '{{{{{expr}}}}}': cannot parse the path at {text[pos:]!r} (expected e.g. item.answer)"
+            )
         seg = m.group(2)
         parts.append(int(m.group(3)) if seg is None else (int(seg) if seg.isdigit() else seg))
         pos = m.end()
@@ -126,7 +128,9 @@ def render(template: str, sample: dict[str, Any], item: dict[str, Any]) -> str:
     return _PLACEHOLDER.sub(lambda m: to_text(lookup(m.group(1), sample, item)), template)
 
 
-def render_messages(messages: list[dict[str, Any]], sample: dict[str, Any], item: dict[str, Any]) -> list[dict[str, Any]]:
+def render_messages(
+    messages: list[dict[str, Any]], sample: dict[str, Any], item: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Render chat messages whose ``content`` is a string or a list of text parts (``input_text``/``text``)."""
     out = []
     for message in messages:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tuneforge.data.batching import Batch, collate
+from tuneforge.data.batching import collate
 from tuneforge.data.sampler import Plan
 from tuneforge.data.token_cache import TokenizedSource
 from tuneforge.objectives.sft import sft_loss
@@ -67,12 +67,26 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
 
 
-def micro_batches(rows: range, size: int) -> list[range]:
-    return [range(i, min(i + size, rows.stop)) for i in range(rows.start, rows.stop, size)]
+def forward_backward(model: torch.nn.Module, plan: Plan, rows: range | list[int], sources: list[TokenizedSource],
+                     s: LoopSettings, scale: float) -> tuple[torch.Tensor, int]:
+    """Accumulate gradients of ``scale · Σ token losses`` over `rows`, in micro-batches.
 
-
-def make_batch(plan: Plan, rows: range, sources: list[TokenizedSource], s: LoopSettings) -> Batch:
-    return collate([plan.row(r) for r in rows], sources, s.pad_id, s.max_length if s.packing else None)
+    Returns the (unscaled, detached) loss sum and the number of tokens fed. Shared by the single-process
+    loop and the elastic replicas, so both compute exactly the same thing.
+    """
+    loss_acc = torch.zeros((), device=s.device)
+    fed = 0
+    rows = list(rows)
+    for i in range(0, len(rows), s.micro_batch_size):
+        batch = collate([plan.row(r) for r in rows[i : i + s.micro_batch_size]], sources, s.pad_id,
+                        s.max_length if s.packing else None).to(s.device)
+        with autocast(s.precision, s.device):
+            logits, targets = supervised_logits(model, batch, s.selective_head)
+        loss_sum, _ = sft_loss(logits, targets)
+        (loss_sum * scale).backward()
+        loss_acc += loss_sum.detach()
+        fed += batch.num_tokens
+    return loss_acc, fed
 
 
 @torch.no_grad()
@@ -118,16 +132,7 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
         for step in range(start_step, s.total_steps):
             t0 = time.perf_counter()
             n_tok = max(plan.step_tokens(step), 1)
-            loss_acc = torch.zeros((), device=s.device)
-            fed = 0
-            for rows in micro_batches(plan.rows_for_step(step), s.micro_batch_size):
-                batch = make_batch(plan, rows, sources, s).to(s.device)
-                with autocast(s.precision, s.device):
-                    logits, targets = supervised_logits(model, batch, s.selective_head)
-                loss_sum, _ = sft_loss(logits, targets)
-                (loss_sum / n_tok).backward()
-                loss_acc += loss_sum.detach()
-                fed += batch.num_tokens
+            loss_acc, fed = forward_backward(model, plan, plan.rows_for_step(step), sources, s, 1.0 / n_tok)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip or math.inf)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()

@@ -1,0 +1,326 @@
+"""Recovery benchmark: the same 3-replica job run three ways, with the same fault schedule.
+
+1. ``no_faults``  — tuneforge, nobody dies (the wall-clock reference).
+2. ``baseline``   — the standard approach: ``torchrun`` elastic agents (c10d rendezvous, tuned with
+   ``last_call_timeout=5`` and ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``), every worker restarts after a
+   failure and resumes from the last async disk checkpoint.
+3. ``tuneforge``  — torchft replicas: survivors keep stepping, the failed replica is replaced (hot spare)
+   and heals from a live peer.
+
+Faults: SIGKILL of one replica's training process at fixed times after training started (default one
+per minute). The job is the toy MLP with a per-sample sleep standing in for accelerator compute, so
+the numbers measure coordination and recovery, not CPU speed. Both systems use the same exact-global-
+batch assignment, so their final parameters agree too (reported).
+
+    python benchmarks/recovery.py            # ~8 min: 600 steps, kills at 30 s and 90 s
+    python benchmarks/recovery.py --quick    # ~2 min: 150 steps, one kill at 12 s
+
+The last line printed is one JSON object (see ``main``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPLICAS = 3
+
+
+def job_spec(steps: int, faults: list[tuple[float, int]], checkpoint_every: int, hot_spares: int) -> Any:
+    from tuneforge.distributed import JobSpec, ResilienceConfig
+
+    plan = {"faults": [{"action": "kill", "replica": r, "time_s": t} for t, r in faults]} if faults else None
+    return JobSpec(
+        task="tuneforge.distributed.toy:make_task",
+        task_config={"num_samples": 4096, "sample_time_s": 0.01},
+        steps=steps,
+        global_batch_size=48,
+        micro_batch_size=8,
+        seed=0,
+        resilience=ResilienceConfig(
+            min_replicas=2,
+            max_replicas=REPLICAS,
+            replicas=REPLICAS,
+            hot_spares=hot_spares,
+            checkpoint_every=checkpoint_every,
+            timeout_s=30,
+            fault_plan=plan,
+        ),
+    )
+
+
+# -- tuneforge ------------------------------------------------------------------------------------
+def run_tuneforge(run_dir: Path, spec: Any) -> Any:
+    from tuneforge.distributed import Supervisor
+
+    sup = Supervisor(spec, run_dir)
+    try:
+        return sup.run(timeout_s=1200)
+    finally:
+        sup.shutdown()
+
+
+# -- baseline: torchrun elastic + restart from disk -----------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(run_dir: Path, spec: Any, faults: list[tuple[float, int]]) -> dict[str, Any]:
+    """Three torchrun agents (one worker each) + the same kills, delivered to the worker processes."""
+    from tuneforge.distributed.metrics import EventLog, analyze
+
+    for sub in ("events", "status", "logs", "ckpt"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    spec.save(run_dir / "job.json")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    port = _free_port()
+    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", OMP_NUM_THREADS="1")
+    log = EventLog(run_dir / "events" / "bench.jsonl", replica=None, inc=None)
+    t_start = time.time()
+    log.log("supervisor_start")
+    agents: list[subprocess.Popen[bytes]] = []
+    try:
+        for agent in range(REPLICAS):
+            cmd = [
+                torchrun,
+                f"--nnodes=1:{REPLICAS}",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=bench",
+                f"--rdzv-conf=last_call_timeout=5,join_timeout=120,is_host={'true' if agent == 0 else 'false'}",
+                "--max-restarts=50",
+                "--monitor-interval=0.1",
+                __file__,
+                "--torchrun-worker",
+                str(run_dir),
+            ]
+            with open(run_dir / "logs" / f"agent_{agent}.log", "ab") as out:
+                agents.append(
+                    subprocess.Popen(
+                        cmd, env=dict(env, BENCH_AGENT=str(agent)), stdout=out, stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )  # fmt: skip
+                )
+            if agent == 0:
+                time.sleep(0.5)  # let the store host bind first
+        pending = sorted(faults)
+        t_train: float | None = None
+        deadline = time.monotonic() + 1500
+        while any(a.poll() is None for a in agents):
+            if time.monotonic() > deadline:
+                raise RuntimeError("baseline did not finish in time")
+            status = _worker_status(run_dir)
+            if t_train is None and any(s.get("step", 0) >= 1 for s in status.values()):
+                t_train = time.time()
+            if pending and t_train is not None and time.time() >= t_train + pending[0][0]:
+                offset, victim = pending.pop(0)
+                st = status.get(victim)
+                if st is None:
+                    continue
+                log.log("fault", desc=f"kill:{victim}@{offset:g}s", action="kill", target=victim, target_inc=st["inc"])
+                try:
+                    os.kill(st["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+        codes = [a.returncode for a in agents]
+        if any(codes):
+            raise RuntimeError(f"torchrun agents exited with {codes}; see {run_dir / 'logs'}")
+    finally:
+        for a in agents:  # stop only what we started: each agent's own session (agent + its worker)
+            if a.poll() is None:
+                os.killpg(a.pid, signal.SIGKILL)
+                a.wait()
+        log.log("supervisor_done")
+    report = analyze(run_dir)
+    report.wall_s = time.time() - t_start
+    return {"report": report}
+
+
+def _worker_status(run_dir: Path) -> dict[int, dict[str, Any]]:
+    out = {}
+    for path in (run_dir / "status").glob("worker_*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        out[int(data["agent"])] = data
+    return out
+
+
+def torchrun_worker(run_dir: Path) -> None:
+    """A conventional DDP-style worker: plain gloo all-reduce, restart = reload the newest checkpoint."""
+    t_main = time.time()
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from torch.utils._pytree import tree_map_only
+
+    from tuneforge.distributed.assignment import plan_step
+    from tuneforge.distributed.config import JobSpec
+    from tuneforge.distributed.metrics import EventLog
+    from tuneforge.distributed.task import load_task, load_task_state, task_state_dict
+
+    spec = JobSpec.load(run_dir / "job.json")
+    agent = int(os.environ["BENCH_AGENT"])
+    inc = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    log = EventLog(run_dir / "events" / f"replica_{agent}_{inc}.jsonl", replica=agent, inc=inc, pid=os.getpid())
+
+    def status(step: int) -> None:
+        tmp = run_dir / "status" / f".worker_{agent}.tmp"
+        tmp.write_text(json.dumps({"agent": agent, "inc": inc, "pid": os.getpid(), "step": step, "t": time.time()}))
+        tmp.replace(run_dir / "status" / f"worker_{agent}.json")
+
+    status(0)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=spec.resilience.timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    task = load_task(spec.task, spec.task_config)
+    t_imports = time.time()
+    model, optimizer, scheduler = task.build(spec.seed)
+    log.log("boot", t_spawn=t_main, t_main=t_main, t_imports=t_imports, t_built=time.time())
+    log.log("manager_ready")
+    step = 0
+    ckpts = sorted((run_dir / "ckpt").glob("step_*.pt"))
+    if ckpts:
+        blob = torch.load(ckpts[-1], weights_only=False)
+        load_task_state(task, model, optimizer, scheduler, blob["task"])
+        step = int(blob["step"])
+        log.log("ckpt_loaded", step=step, path=str(ckpts[-1]))
+    policy = spec.batch_policy()
+    params = [p for p in model.parameters()]
+    saver: threading.Thread | None = None
+    every = spec.resilience.checkpoint_every
+    while step < spec.steps:
+        t0 = time.time()
+        plan = plan_step(policy, step, step * spec.global_batch_size, rank, world, task.num_samples(), spec.seed)
+        scale = 1.0 / task.loss_tokens(plan.global_indices)
+        optimizer.zero_grad(set_to_none=False)
+        for mb in plan.micro_batches:
+            task.forward_backward(model, mb, scale)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        t1 = time.time()
+        log.log("attempt", step=step - 1, committed=True, world=world, rank=rank, t_start=t0, t_quorum=t0, t_end=t1)
+        status(step)
+        if rank == 0 and every and step % every == 0 and step < spec.steps and not (saver and saver.is_alive()):
+            snap = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), task_state_dict(task, model, optimizer, scheduler))
+
+            def save(snap: dict[str, Any] = snap, at: int = step) -> None:
+                tmp = run_dir / "ckpt" / f".step_{at:08d}.tmp"
+                torch.save({"task": snap, "step": at}, tmp)
+                tmp.replace(run_dir / "ckpt" / f"step_{at:08d}.pt")
+
+            saver = threading.Thread(target=save, daemon=True)
+            saver.start()
+    if saver is not None:
+        saver.join()
+    if rank == 0:
+        (run_dir / "final").mkdir(exist_ok=True)
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, run_dir / "final" / "replica_0.pt")
+    dist.destroy_process_group()
+
+
+# -- reporting -------------------------------------------------------------------------------------
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _summary(report: Any, with_survivor: bool) -> dict[str, Any]:
+    out = {
+        "downtime_s_per_failure": _mean([f.downtime_s for f in report.failures]),
+        "steps_lost": report.steps_lost,
+        "goodput": report.goodput,
+        "wall_s": report.wall_s,
+        "train_s": report.train_s,
+        "failures": len(report.failures),
+        "detection_s": _mean([f.detection_s for f in report.failures]),
+    }
+    if with_survivor:
+        out["survivor_resume_s"] = _mean([f.survivor_resume_s for f in report.failures])
+        out["replacement_s"] = _mean([f.replacement_s for f in report.failures])
+        spares = [s.total_s for s in report.startups if s.spare and s.total_s is not None]
+        out["replacement_startup_s"] = _mean(spares)  # activation -> first committed step
+    return out
+
+
+def _rel_diff(a_dir: Path, b_dir: Path) -> float | None:
+    import torch
+
+    a_files, b_files = sorted(a_dir.glob("replica_*.pt")), sorted(b_dir.glob("replica_*.pt"))
+    if not (a_files and b_files):
+        return None
+    a, b = torch.load(a_files[0]), torch.load(b_files[0])
+    return max(float((a[k] - b[k]).norm() / b[k].norm()) for k in a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="150 steps and one kill (smoke run)")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--fault-times", help="comma-separated seconds after training start (default 30,90)")
+    ap.add_argument("--checkpoint-every", type=int, default=50)
+    ap.add_argument("--hot-spares", type=int, default=1)
+    ap.add_argument("--work-dir", type=Path)
+    ap.add_argument("--torchrun-worker", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.torchrun_worker:
+        torchrun_worker(args.torchrun_worker)
+        return 0
+
+    steps = args.steps or (150 if args.quick else 600)
+    times = [float(t) for t in (args.fault_times or ("12" if args.quick else "30,90")).split(",")]
+    faults = [(t, 1 + i % (REPLICAS - 1)) for i, t in enumerate(times)]  # never the same slot twice in a row
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="tuneforge-recovery-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work dir: {work}; {steps} steps, kills at {times} s", file=sys.stderr)
+
+    no_faults = run_tuneforge(work / "no_faults", job_spec(steps, [], args.checkpoint_every, args.hot_spares))
+    print(f"no faults: wall {no_faults.wall_s:.1f}s train {no_faults.train_s:.1f}s", file=sys.stderr)
+    baseline = run_torchrun(work / "baseline", job_spec(steps, [], args.checkpoint_every, 0), faults)["report"]
+    b = _summary(baseline, with_survivor=False)
+    print(f"baseline: {json.dumps(b)}", file=sys.stderr)
+    tuneforge = run_tuneforge(work / "tuneforge", job_spec(steps, faults, args.checkpoint_every, args.hot_spares))
+    t = _summary(tuneforge, with_survivor=True)
+    print(f"tuneforge: {json.dumps(t)}", file=sys.stderr)
+
+    reduction = None
+    if b["downtime_s_per_failure"] and t["downtime_s_per_failure"] is not None:
+        reduction = 1.0 - t["downtime_s_per_failure"] / b["downtime_s_per_failure"]
+    result = {
+        "no_faults": {"wall_s": no_faults.wall_s, "train_s": no_faults.train_s, "goodput": no_faults.goodput},
+        "baseline": b,
+        "tuneforge": t,
+        "downtime_reduction": reduction,
+        "final_params_rel_diff": {
+            "tuneforge_vs_no_faults": _rel_diff(work / "tuneforge" / "final", work / "no_faults" / "final"),
+            "baseline_vs_no_faults": _rel_diff(work / "baseline" / "final", work / "no_faults" / "final"),
+        },
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Training throughput: tuneforge's loop against TRL's ``SFTTrainer``, same model, data, batch and threads.
+
+Both sides train the same tiny Llama (``TinySpec()``, ~1.2 M parameters, 1k vocabulary) on the same
+token sequences, 8 sequences × 128 tokens per optimizer step, fp32, AdamW (lr 2e-4, constant schedule,
+no weight decay, gradients clipped at 1.0), for full fine-tuning and for LoRA (r 16, alpha 32, all
+linear layers, no dropout).
+
+Fairness, concretely:
+
+* Data: random documents over a word list in which every word is one token of the trained tokenizer,
+  so ``bos + 126 words + eos`` is exactly 128 tokens (asserted). tuneforge reads them as text (``cpt``,
+  chunked at 128, so each packed row is one whole document); TRL gets the very same ids pre-tokenized
+  (an ``input_ids`` dataset, which ``SFTTrainer`` neither re-tokenizes nor extends: it only adds
+  ``labels = input_ids`` and truncates to ``max_length``, a no-op here). Every TRL row is checked.
+* TRL is set up for a CPU as a careful user would: fp32 and no gradient checkpointing (its defaults,
+  bf16 + checkpointing, are many times slower on a CPU), one micro-batch per step, no logging, saving
+  or evaluation inside the measured steps, no dataloader workers.
+* Timing: the wall time from the start of one optimizer step to the start of the next, so each side's
+  data loading, collation and bookkeeping count. tuneforge's step start is taken by wrapping
+  ``tuneforge.training.loop.forward_backward`` (a timestamp, nothing else); TRL's by a
+  ``TrainerCallback.on_step_begin``. The same step range (after warm-up) is used on both sides and the
+  per-configuration figure is the median over all its measured steps of all repeats.
+* Isolation: every (system, adapter, repeat) runs in a fresh subprocess with the same thread count
+  (``torch.set_num_threads`` and ``OMP_NUM_THREADS``), and the order alternates between repeats.
+
+    python benchmarks/sft_throughput.py                       # ~2-3 min on 2 idle cores
+    python benchmarks/sft_throughput.py --steps 60 --repeats 3 --threads 1
+
+The last line printed is one JSON object:
+``{"full": {"tuneforge_tok_s", "trl_tok_s", "ratio"}, "lora": {...}}`` (ratio = tuneforge / TRL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SEQ_LEN = 128
+BATCH = 8
+WORDS_PER_DOC = SEQ_LEN - 2  # bos + words + eos
+LR = 2e-4
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+SYSTEMS = ("tuneforge", "trl")
+ADAPTERS = ("full", "lora")
+
+
+# -- shared inputs ------------------------------------------------------------------------------------
+def _candidate_words(rng: random.Random, n: int = 300) -> list[str]:
+    """Pronounceable four-letter words (consonant-vowel ×2): short enough that BPE learns them whole."""
+    cons, vowels = "bdfgklmnprstvz", "aeiou"
+    words: set[str] = set()
+    while len(words) < n:
+        words.add(rng.choice(cons) + rng.choice(vowels) + rng.choice(cons) + rng.choice(vowels))
+    return sorted(words)
+
+
+def prepare(work: Path, n_docs: int, seed: int = 0) -> dict[str, Any]:
+    """Build the tiny model, pick one-token words, write the documents (JSONL) and their token ids (JSON)."""
+    from tuneforge.data.templates import encode_texts
+    from tuneforge.models.loading import load_tokenizer
+    from tuneforge.models.tiny import build_tiny
+
+    rng = random.Random(seed)
+    candidates = _candidate_words(rng)
+    corpus = [" ".join(rng.choice(candidates) for _ in range(30)) for _ in range(3000)]
+    model_dir = build_tiny(work / "model", corpus, vocab_size=1024, seed=seed)
+    tok = load_tokenizer(str(model_dir))
+
+    def one_token(text: str) -> bool:
+        return len(tok(text, add_special_tokens=False)["input_ids"]) == 1
+
+    # A word must be one token both at the start of a document and after a space.
+    words = [w for w in candidates if one_token(w) and one_token(" " + w)]
+    if len(words) < 50:
+        raise RuntimeError(f"only {len(words)} single-token words; the data would be too repetitive")
+
+    docs = [" ".join(rng.choice(words) for _ in range(WORDS_PER_DOC)) for _ in range(n_docs)]
+    # The ids tuneforge trains on come from its own cpt encoder; TRL is fed exactly these.
+    encoded = encode_texts(tok, docs, SEQ_LEN)
+    if len(encoded) != n_docs:
+        raise AssertionError(f"{n_docs} documents became {len(encoded)} chunks; each must be one 128-token row")
+    seqs = []
+    for ids, mask in encoded:
+        assert len(ids) == SEQ_LEN, f"a document is {len(ids)} tokens, expected {SEQ_LEN}"
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and mask.all()
+        seqs.append([int(i) for i in ids])
+
+    (work / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (work / "ids.json").write_text(json.dumps(seqs))
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    n_params = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).num_parameters()
+    return {"model": str(model_dir), "words": len(words), "docs": n_docs, "vocab": len(tok), "params": n_params}
+
+
+# -- workers (one per subprocess) ----------------------------------------------------------------------
+def worker_tuneforge(work: Path, adapter: str, steps: int, threads: int) -> dict[str, Any]:
+    import torch
+
+    import tuneforge
+    import tuneforge.training.loop as loop
+
+    starts: list[float] = []
+    thread_counts: set[int] = set()
+    trainable: list[int] = []
+    inner = loop.forward_backward
+
+    def timed_forward_backward(model: Any, *args: Any, **kwargs: Any) -> Any:
+        starts.append(time.perf_counter())
+        thread_counts.add(torch.get_num_threads())
+        if not trainable:
+            trainable.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
+        return inner(model, *args, **kwargs)
+
+    loop.forward_backward = timed_forward_backward  # train_loop looks it up in the module at call time
+    adapter_cfg = {"kind": adapter, **({k: v for k, v in LORA.items()} if adapter == "lora" else {})}
+    recipe = {
+        "name": f"bench-{adapter}",
+        "method": "cpt",
+        "model": {"path": str(work / "model")},
+        "data": {"sources": [{"path": str(work / "docs.jsonl")}], "packing": True, "max_length": SEQ_LEN,
+                 "val_fraction": 0},
+        "adapter": adapter_cfg,
+        "train": {"max_steps": steps, "global_batch_size": BATCH, "micro_batch_size": BATCH, "lr": LR,
+                  "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0,
+                  "precision": "fp32", "num_threads": threads, "eval_every": 10_000, "device": "cpu"},
+        "tracking": {"enabled": False},
+        "output": {"dir": str(work / f"run-tuneforge-{adapter}-{os.getpid()}")},
+    }
+    result = tuneforge.train(recipe, progress=False)
+    hist = result.history
+    if len(hist) != steps or len(starts) != steps:
+        raise AssertionError(f"expected {steps} steps, got {len(hist)} history rows and {len(starts)} step starts")
+    bad = [h["tokens"] for h in hist if h["tokens"] != BATCH * SEQ_LEN]
+    if bad:
+        raise AssertionError(f"tuneforge fed {bad[0]} tokens in a step, expected {BATCH * SEQ_LEN}")
+    return {
+        "cycle_s": [b - a for a, b in zip(starts, starts[1:])],  # step k start → step k+1 start
+        "inner_s": [h["step_s"] for h in hist],
+        "threads": sorted(thread_counts),
+        "first_loss": hist[0]["loss"],
+        "mean_loss": statistics.fmean(h["loss"] for h in hist),
+        "trainable": trainable[0],
+    }
+
+
+def worker_trl(work: Path, adapter: str, steps: int, threads: int) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    torch.set_num_threads(threads)
+    seqs = json.loads((work / "ids.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(work / "model"))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    peft_config = None
+    if adapter == "lora":
+        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                 target_modules=LORA["target_modules"], bias="none", task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=str(work / f"run-trl-{adapter}-{os.getpid()}"),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        packing=False,
+        padding_free=False,
+        max_length=SEQ_LEN,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="steps",
+        logging_steps=10_000,
+        dataloader_num_workers=0,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+
+    starts: list[float] = []
+    inner: list[float] = []
+    thread_counts: set[int] = set()
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            starts.append(time.perf_counter())
+            thread_counts.add(torch.get_num_threads())
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            inner.append(time.perf_counter() - starts[-1])
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": seqs}),
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[StepTimer()])
+    _check_trl_rows(trainer.train_dataset, seqs)
+    out = trainer.train()
+    if len(starts) != steps:
+        raise AssertionError(f"expected {steps} TRL steps, timed {len(starts)}")
+    n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {
+        "cycle_s": [b - a for a, b in zip(starts, starts[1:])],
+        "inner_s": inner,
+        "threads": sorted(thread_counts),
+        "first_loss": None,
+        "mean_loss": float(out.training_loss),
+        "trainable": n_train,
+    }
+
+
+def _check_trl_rows(dataset: Any, seqs: list[list[int]]) -> None:
+    """TRL must train on exactly our ids, with every token a target (as tuneforge's cpt does)."""
+    if len(dataset) != len(seqs):
+        raise AssertionError(f"TRL kept {len(dataset)} of {len(seqs)} rows")
+    for i, row in enumerate(dataset):
+        if list(row["input_ids"]) != seqs[i]:
+            raise AssertionError(f"TRL changed row {i}'s input_ids (re-tokenized or added tokens)")
+        if "labels" in row and list(row["labels"]) != seqs[i]:
+            raise AssertionError(f"TRL row {i}'s labels are not its input_ids")
+
+
+# -- orchestration -------------------------------------------------------------------------------------
+def run_worker(system: str, adapter: str, work: Path, steps: int, threads: int) -> dict[str, Any]:
+    env = dict(os.environ, TUNEFORGE_HOME=str(work / "home"), HF_HOME=str(work / "hf"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    out_file = work / f"result-{system}-{adapter}-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, __file__, "--worker", system, "--adapter", adapter, "--work", str(work),
+           "--steps", str(steps), "--threads", str(threads), "--out", str(out_file)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{system}/{adapter} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(out_file.read_text())
+
+
+def tokens_per_s(step_seconds: list[float]) -> float:
+    return BATCH * SEQ_LEN / statistics.median(step_seconds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--adapters", default=",".join(ADAPTERS), help="comma-separated: full,lora")
+    p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    p.add_argument("--adapter", choices=ADAPTERS, help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.worker:
+        fn = worker_tuneforge if a.worker == "tuneforge" else worker_trl
+        Path(a.out).write_text(json.dumps(fn(Path(a.work), a.adapter, a.steps, a.threads)))
+        return
+    if a.steps < a.warmup + 3:
+        p.error(f"--steps must be at least --warmup + 3 ({a.warmup + 3})")
+    adapters = [x for x in a.adapters.split(",") if x]
+
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tuneforge-sft-bench-") as tmp:
+        work = Path(tmp)
+        os.environ["TUNEFORGE_HOME"] = str(work / "home")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        info = prepare(work, n_docs=a.steps * BATCH)
+        print(f"model: {info['params'] / 1e6:.2f} M parameters, vocab {info['vocab']}; data: {info['docs']} "
+              f"documents × {SEQ_LEN} tokens over {info['words']} one-token words", flush=True)
+        print(f"batch {BATCH} × {SEQ_LEN} tokens, {a.steps} steps, timing steps {a.warmup + 1}..{a.steps - 1} "
+              f"(start→next start), {a.threads} thread(s), {a.repeats} repeat(s), fp32, AdamW lr {LR}", flush=True)
+
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {(s, ad): [] for s in SYSTEMS for ad in adapters}
+        k = 0
+        for rep in range(a.repeats):
+            for adapter in adapters:
+                order = SYSTEMS if k % 2 == 0 else SYSTEMS[::-1]
+                k += 1
+                for system in order:
+                    t0 = time.perf_counter()
+                    r = run_worker(system, adapter, work, a.steps, a.threads)
+                    r["measured"] = r["cycle_s"][a.warmup:]  # cycle i is step i+1 → steps warmup+1..steps-1
+                    runs[(system, adapter)].append(r)
+                    print(f"  repeat {rep + 1} {adapter:4s} {system:9s}: {tokens_per_s(r['measured']):8.0f} tok/s "
+                          f"(median step {statistics.median(r['measured']) * 1e3:6.1f} ms, "
+                          f"threads {r['threads']}, trainable {r['trainable']}, mean loss {r['mean_loss']:.3f}, "
+                          f"process {time.perf_counter() - t0:4.1f} s)", flush=True)
+
+    summary: dict[str, dict[str, float]] = {}
+    print("\nsummary (median over all timed steps of all repeats):")
+    for adapter in adapters:
+        tf = [s for r in runs[("tuneforge", adapter)] for s in r["measured"]]
+        trl = [s for r in runs[("trl", adapter)] for s in r["measured"]]
+        tf_inner = [s for r in runs[("tuneforge", adapter)] for s in r["inner_s"][a.warmup + 1:]]
+        trl_inner = [s for r in runs[("trl", adapter)] for s in r["inner_s"][a.warmup + 1:]]
+        entry = {"tuneforge_tok_s": round(tokens_per_s(tf), 1), "trl_tok_s": round(tokens_per_s(trl), 1)}
+        entry["ratio"] = round(entry["tuneforge_tok_s"] / entry["trl_tok_s"], 3)
+        summary[adapter] = entry
+        print(f"  {adapter:4s}: tuneforge {entry['tuneforge_tok_s']:8.0f} tok/s   TRL {entry['trl_tok_s']:8.0f} tok/s"
+              f"   ratio {entry['ratio']:.2f}×   (in-step only: tuneforge {tokens_per_s(tf_inner):.0f}, "
+              f"TRL {tokens_per_s(trl_inner):.0f} tok/s)")
+    print(f"total {time.perf_counter() - t_all:.0f} s")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
