@@ -110,12 +110,14 @@ def worker_tuneforge(work: Path, adapter: str, steps: int, threads: int) -> dict
     import tuneforge.training.loop as loop
 
     starts: list[float] = []
+    cpu: list[float] = []
     thread_counts: set[int] = set()
     trainable: list[int] = []
     inner = loop.forward_backward
 
     def timed_forward_backward(model: Any, *args: Any, **kwargs: Any) -> Any:
         starts.append(time.perf_counter())
+        cpu.append(time.process_time())
         thread_counts.add(torch.get_num_threads())
         if not trainable:
             trainable.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -145,6 +147,7 @@ def worker_tuneforge(work: Path, adapter: str, steps: int, threads: int) -> dict
         raise AssertionError(f"tuneforge fed {bad[0]} tokens in a step, expected {BATCH * SEQ_LEN}")
     return {
         "cycle_s": [b - a for a, b in zip(starts, starts[1:])],  # step k start → step k+1 start
+        "cpu_s": [b - a for a, b in zip(cpu, cpu[1:])],  # CPU seconds of all threads over the same span
         "inner_s": [h["step_s"] for h in hist],
         "threads": sorted(thread_counts),
         "first_loss": hist[0]["loss"],
@@ -199,12 +202,14 @@ def worker_trl(work: Path, adapter: str, steps: int, threads: int) -> dict[str, 
     )
 
     starts: list[float] = []
+    cpu: list[float] = []
     inner: list[float] = []
     thread_counts: set[int] = set()
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             starts.append(time.perf_counter())
+            cpu.append(time.process_time())
             thread_counts.add(torch.get_num_threads())
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -219,6 +224,7 @@ def worker_trl(work: Path, adapter: str, steps: int, threads: int) -> dict[str, 
     n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {
         "cycle_s": [b - a for a, b in zip(starts, starts[1:])],
+        "cpu_s": [b - a for a, b in zip(cpu, cpu[1:])],
         "inner_s": inner,
         "threads": sorted(thread_counts),
         "first_loss": None,

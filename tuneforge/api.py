@@ -91,6 +91,7 @@ def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) 
     from tuneforge.training.checkpoint import find_checkpoint, load_checkpoint
     from tuneforge.training.forward import supports_selective_head
     from tuneforge.training.loop import LoopSettings, make_optimizer, train_loop
+    from tuneforge.training.sft_task import BatchShape, SFTTask
     from tuneforge.training.progress import Progress
     from tuneforge.training.schedule import lr_multiplier
 
@@ -145,20 +146,21 @@ def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) 
     data_hashes = {s.name: s.data_hash for s in loaded}
     tracker = _start_tracker(recipe, res, data_hashes, run_dir)
     show = progress if progress is not None else os.isatty(2)
+    task = SFTTask(plan, [t.train for t in tokens], {t.name: t.val for t in tokens if t.val is not None},
+                   BatchShape(micro_batch_size=res.micro_batch_size, max_length=recipe.data.max_length,
+                              packing=packing, pad_id=tokenizer.pad_token_id, precision=res.precision, device=device,
+                              selective_head=supports_selective_head(model)))
     settings = LoopSettings(
-        total_steps=res.total_steps, micro_batch_size=res.micro_batch_size, max_length=recipe.data.max_length,
-        packing=packing, grad_clip=recipe.train.grad_clip, precision=res.precision, device=device,
+        total_steps=res.total_steps, global_batch_size=recipe.train.global_batch_size, grad_clip=recipe.train.grad_clip,
         log_every=recipe.train.log_every, eval_every=res.eval_every, checkpoint_every=res.checkpoint_every,
-        keep_checkpoints=recipe.train.keep_checkpoints, pad_id=tokenizer.pad_token_id,
-        selective_head=supports_selective_head(model),
+        keep_checkpoints=recipe.train.keep_checkpoints,
     )
     bar = Progress(res.total_steps, start_step, enabled=show)
     bar.note(_describe(recipe, res, plan, tokens, run_dir))
     with tracker:
         tracker.log_metrics(plan.mix.as_metrics(), step=0)
         loop = train_loop(
-            model, optimizer, scheduler, plan, [t.train for t in tokens],
-            {t.name: t.val for t in tokens if t.val is not None}, settings, start_step=start_step, run_dir=run_dir,
+            model, optimizer, scheduler, task, settings, start_step=start_step, run_dir=run_dir,
             progress=bar, log_fn=tracker.log_metrics, checkpoint_meta={"recipe_hash": _train_hash(recipe)},
         )
         out_dir = save_result(model, tokenizer, run_dir / ("adapter" if is_peft(model) else "model"))

@@ -152,7 +152,7 @@ def run_demo(quick: bool = False, rebuild: bool = False) -> dict[str, Any]:
     import tuneforge
     from rich.console import Console
 
-    from tuneforge.demo.report import format_table, write_report
+    from tuneforge.demo.report import format_table, verdict, write_report
 
     console = Console(stderr=True)
     say = lambda text: console.print(f"[bold cyan]demo[/] {text}")  # noqa: E731
@@ -191,10 +191,12 @@ def run_demo(quick: bool = False, rebuild: bool = False) -> dict[str, Any]:
     (run_dir / "table.json").write_text(json.dumps(table, indent=2))
     _log_demo(run_dir, table, paths, runs)
     console.print(format_table(table))
-    console.print(paths["report"].read_text().split("\n\n")[1] if "\n\n" in paths["report"].read_text() else "")
+    console.print(verdict(table))
     say(f"report: {paths['report']}  ({time.perf_counter() - t0:.0f} s)")
-    return {"table": table, "report": paths["report"], "run_dir": run_dir,
-            "mixed_version": runs["mixed"].model_version, "seconds": time.perf_counter() - t0}
+    return {"table": table, "report": paths["report"], "run_dir": run_dir, "base_cached": pretrain is None,
+            "token_cache_hits": {k: all(d["cache_hit"] for d in r.data.values()) for k, r in runs.items()},
+            "mixed_version": runs["mixed"].model_version, "mix": runs["mixed"].mix,
+            "seconds": time.perf_counter() - t0}
 
 
 def _log_demo(run_dir: Path, table: list[dict], paths: dict[str, Path], runs: dict[str, Any]) -> None:

@@ -5,10 +5,11 @@ thread writes the queue with ``log_batch`` every ``flush_every`` calls or ``flus
 calls go through an ``MlflowClient`` bound to one tracking URI, so nothing here changes MLflow's global
 tracking URI or active run. MLflow is imported on ``Tracker.start`` only: importing it takes seconds.
 
-Registration uses MLflow 3's logged models: the saved HF/PEFT directory is uploaded as the artifacts of a
-logged model owned by the run, and the model version points at that folder. That avoids
-``mlflow.transformers.log_model`` (which loads the model and pins pip requirements we would have to
-correct) while keeping the UI's run → model → version links.
+Registration uses MLflow 3's logged models through the client: the saved HF/PEFT directory is uploaded as
+the artifacts of a logged model owned by the run, and the model version points at that folder. The UI keeps
+its run → model → version links, and we avoid ``mlflow.transformers.log_model``, which works only through
+the global active run, wants the model object in memory and a pipeline task, and infers pip requirements
+(torchvision among them) that would have to be overridden. tuneforge loads the folder with HF/PEFT itself.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import getpass
 import json
 import logging
 import os
+import posixpath
 import re
+import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -38,7 +42,7 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 # MLflow's own limits (mlflow.utils.validation); read from MLflow at start, these are the 3.x values.
 _LIMITS = {"param_value": 6000, "key": 250, "tag_value": 8000, "params_per_batch": 100, "metrics_per_batch": 1000}
 # Loggers that chat at INFO on every new database (schema creation and migrations).
-_QUIET_LOGGERS = ("mlflow.store.db.utils", "mlflow.store.db.db_types", "alembic")
+_QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic")
 _BAD_KEY_CHARS = re.compile(r"[^\w.\- /]")  # MLflow allows these (plus ':' on POSIX only)
 
 
@@ -81,8 +85,9 @@ def clean_key(key: str) -> str:
     """A key MLflow accepts for params, metrics and tags: odd characters become ``_``, at most 250 chars."""
     out = _BAD_KEY_CHARS.sub("_", str(key)).strip(" /") or "_"
     out = re.sub(r"/{2,}", "/", out)
-    if any(part in (".", "..") for part in out.split("/")):  # MLflow refuses names that normalise away
-        out = out.replace("/", "_")
+    norm = posixpath.normpath(out)
+    if norm != out or norm.startswith(".."):  # MLflow refuses names that resolve to another path
+        out = "_" + out.replace("/", "_")
     return out[: _LIMITS["key"]]
 
 
@@ -134,7 +139,7 @@ def _clean_tags(tags: Mapping[str, Any], limit: int) -> dict[str, str]:
 
 
 def _import_mlflow() -> None:
-    """Import MLflow (slow: ~1.5-3 s) with its usage telemetry off unless the user asked for it (tuneforge
+    """Import MLflow (slow: 2.4-3 s on a busy 2-core machine) with its usage telemetry off unless the user asked for it (tuneforge
     is offline-first) and without the INFO lines it prints whenever it creates or migrates a database."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.utils import validation
@@ -146,6 +151,20 @@ def _import_mlflow() -> None:
         tag_value=validation.MAX_TAG_VAL_LENGTH, params_per_batch=validation.MAX_PARAMS_TAGS_PER_BATCH,
         metrics_per_batch=validation.MAX_METRICS_PER_BATCH,
     )
+
+
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when a tracking server is down: MLflow retries a refused connection
+    with exponential backoff for about four minutes before giving up."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise TuneforgeError(f"tracking.uri {uri!r}: cannot reach the MLflow server ({e}); start it, fix the "
+                             "URI, or remove tracking.uri to use the embedded SQLite store") from e
 
 
 def _experiment_id(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
@@ -198,6 +217,7 @@ class Tracker:
               tracking_uri: str | None = None, flush_every: int = 50, flush_seconds: float = 5.0) -> Tracker:
         """Open (or create) ``experiment`` and start a run with ``params`` flattened to dotted keys."""
         uri = resolve_tracking_uri(tracking_uri)
+        _check_reachable(uri)
         _import_mlflow()
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
