@@ -103,57 +103,73 @@ def prepare(work: Path, n_docs: int, seed: int = 0) -> dict[str, Any]:
 
 
 # -- workers (one per subprocess) ----------------------------------------------------------------------
+class StepClock:
+    """Timestamps at the end of every ``optimizer.step()``, through PyTorch's global optimizer hook.
+
+    The same hook times both systems, and it depends on neither's internals: the span between two
+    optimizer steps is one whole training step (data, forward, backward, clipping, update, bookkeeping).
+    """
+
+    def __init__(self) -> None:
+        import torch
+
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.threads: set[int] = set()
+        self.trainable = 0
+        self._seen: set[int] = set()
+        self._handle = torch.optim.optimizer.register_optimizer_step_post_hook(self._hook)
+
+    def _hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        import torch
+
+        # Wrappers (accelerate's AcceleratedOptimizer) may forward to an inner optimizer: count one per step.
+        if self._seen and id(optimizer) not in self._seen:
+            return
+        self._seen.add(id(optimizer))
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        self.threads.add(torch.get_num_threads())
+        if not self.trainable:
+            self.trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+
+    def result(self, steps: int, system: str) -> dict[str, Any]:
+        self._handle.remove()
+        if len(self.wall) != steps:
+            raise AssertionError(f"{system}: expected {steps} optimizer steps, timed {len(self.wall)}")
+        return {
+            "step_s": [b - a for a, b in zip(self.wall, self.wall[1:])],  # entry i is step i + 2 (1-based)
+            "cpu_s": [b - a for a, b in zip(self.cpu, self.cpu[1:])],  # CPU seconds of all threads, same spans
+            "threads": sorted(self.threads),
+            "trainable": self.trainable,
+        }
+
+
 def worker_tuneforge(work: Path, adapter: str, steps: int, threads: int) -> dict[str, Any]:
-    import torch
-
     import tuneforge
-    import tuneforge.training.loop as loop
 
-    starts: list[float] = []
-    cpu: list[float] = []
-    thread_counts: set[int] = set()
-    trainable: list[int] = []
-    inner = loop.forward_backward
-
-    def timed_forward_backward(model: Any, *args: Any, **kwargs: Any) -> Any:
-        starts.append(time.perf_counter())
-        cpu.append(time.process_time())
-        thread_counts.add(torch.get_num_threads())
-        if not trainable:
-            trainable.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
-        return inner(model, *args, **kwargs)
-
-    loop.forward_backward = timed_forward_backward  # train_loop looks it up in the module at call time
-    adapter_cfg = {"kind": adapter, **({k: v for k, v in LORA.items()} if adapter == "lora" else {})}
     recipe = {
         "name": f"bench-{adapter}",
         "method": "cpt",
         "model": {"path": str(work / "model")},
         "data": {"sources": [{"path": str(work / "docs.jsonl")}], "packing": True, "max_length": SEQ_LEN,
                  "val_fraction": 0},
-        "adapter": adapter_cfg,
+        "adapter": {"kind": adapter, **(LORA if adapter == "lora" else {})},
         "train": {"max_steps": steps, "global_batch_size": BATCH, "micro_batch_size": BATCH, "lr": LR,
                   "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0,
                   "precision": "fp32", "num_threads": threads, "eval_every": 10_000, "device": "cpu"},
         "tracking": {"enabled": False},
         "output": {"dir": str(work / f"run-tuneforge-{adapter}-{os.getpid()}")},
     }
+    clock = StepClock()
     result = tuneforge.train(recipe, progress=False)
+    out = clock.result(steps, "tuneforge")
     hist = result.history
-    if len(hist) != steps or len(starts) != steps:
-        raise AssertionError(f"expected {steps} steps, got {len(hist)} history rows and {len(starts)} step starts")
     bad = [h["tokens"] for h in hist if h["tokens"] != BATCH * SEQ_LEN]
-    if bad:
-        raise AssertionError(f"tuneforge fed {bad[0]} tokens in a step, expected {BATCH * SEQ_LEN}")
-    return {
-        "cycle_s": [b - a for a, b in zip(starts, starts[1:])],  # step k start → step k+1 start
-        "cpu_s": [b - a for a, b in zip(cpu, cpu[1:])],  # CPU seconds of all threads over the same span
-        "inner_s": [h["step_s"] for h in hist],
-        "threads": sorted(thread_counts),
-        "first_loss": hist[0]["loss"],
-        "mean_loss": statistics.fmean(h["loss"] for h in hist),
-        "trainable": trainable[0],
-    }
+    if len(hist) != steps or bad:
+        raise AssertionError(f"tuneforge: expected {steps} steps of {BATCH * SEQ_LEN} tokens, got {len(hist)} "
+                             f"steps{f' and a step of {bad[0]} tokens' if bad else ''}")
+    return {**out, "inner_s": [h["step_s"] for h in hist], "mean_loss": statistics.fmean(h["loss"] for h in hist)}
 
 
 def worker_trl(work: Path, adapter: str, steps: int, threads: int) -> dict[str, Any]:
@@ -201,36 +217,23 @@ def worker_trl(work: Path, adapter: str, steps: int, threads: int) -> dict[str, 
         disable_tqdm=True,
     )
 
-    starts: list[float] = []
-    cpu: list[float] = []
     inner: list[float] = []
-    thread_counts: set[int] = set()
 
-    class StepTimer(TrainerCallback):
+    class InStep(TrainerCallback):
+        """Time inside a step (on_step_begin → on_step_end), which leaves out TRL's data loading."""
+
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            starts.append(time.perf_counter())
-            cpu.append(time.process_time())
-            thread_counts.add(torch.get_num_threads())
+            self.t0 = time.perf_counter()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            inner.append(time.perf_counter() - starts[-1])
+            inner.append(time.perf_counter() - self.t0)
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": seqs}),
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[StepTimer()])
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[InStep()])
     _check_trl_rows(trainer.train_dataset, seqs)
-    out = trainer.train()
-    if len(starts) != steps:
-        raise AssertionError(f"expected {steps} TRL steps, timed {len(starts)}")
-    n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {
-        "cycle_s": [b - a for a, b in zip(starts, starts[1:])],
-        "cpu_s": [b - a for a, b in zip(cpu, cpu[1:])],
-        "inner_s": inner,
-        "threads": sorted(thread_counts),
-        "first_loss": None,
-        "mean_loss": float(out.training_loss),
-        "trainable": n_train,
-    }
+    clock = StepClock()
+    train_out = trainer.train()
+    return {**clock.result(steps, "trl"), "inner_s": inner, "mean_loss": float(train_out.training_loss)}
 
 
 def _check_trl_rows(dataset: Any, seqs: list[list[int]]) -> None:
@@ -291,8 +294,8 @@ def main(argv: list[str] | None = None) -> None:
         info = prepare(work, n_docs=a.steps * BATCH)
         print(f"model: {info['params'] / 1e6:.2f} M parameters, vocab {info['vocab']}; data: {info['docs']} "
               f"documents × {SEQ_LEN} tokens over {info['words']} one-token words", flush=True)
-        print(f"batch {BATCH} × {SEQ_LEN} tokens, {a.steps} steps, timing steps {a.warmup + 1}..{a.steps - 1} "
-              f"(start→next start), {a.threads} thread(s), {a.repeats} repeat(s), fp32, AdamW lr {LR}", flush=True)
+        print(f"batch {BATCH} × {SEQ_LEN} tokens, {a.steps} steps, timing steps {a.warmup + 1}..{a.steps} "
+              f"(optimizer step → next optimizer step), {a.threads} thread(s), {a.repeats} repeat(s), fp32, AdamW lr {LR}", flush=True)
 
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {(s, ad): [] for s in SYSTEMS for ad in adapters}
         k = 0
@@ -303,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
                 for system in order:
                     t0 = time.perf_counter()
                     r = run_worker(system, adapter, work, a.steps, a.threads)
-                    r["measured"] = r["cycle_s"][a.warmup:]  # cycle i is step i+1 → steps warmup+1..steps-1
+                    r["measured"] = r["step_s"][a.warmup - 1:]  # steps warmup+1 .. steps
                     runs[(system, adapter)].append(r)
                     print(f"  repeat {rep + 1} {adapter:4s} {system:9s}: {tokens_per_s(r['measured']):8.0f} tok/s "
                           f"(median step {statistics.median(r['measured']) * 1e3:6.1f} ms, "

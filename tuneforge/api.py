@@ -73,58 +73,28 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, *, resume: str | Path | 
 
 
 def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) -> TrainResult:
-    from tuneforge.data.pipeline import load_sources, tokenize_sources
-    from tuneforge.models.loading import check_model_path
+    from tuneforge.training.build import prepare
 
     wall0 = time.perf_counter()
-    loaded = load_sources(recipe)  # every record checked before anything heavy happens
-    check_model_path(recipe.model.path)
+    prepared = prepare(recipe)  # all data checked, tokenized and planned before the model loads
 
     import torch
 
-    from tuneforge.data.sampler import build_plan
-    from tuneforge.models.adapters import apply_adapter, check_qlora_supported, is_peft
-    from tuneforge.models.chat_templates import resolve_template
+    from tuneforge.models.adapters import is_peft
     from tuneforge.models.export import save_result
-    from tuneforge.models.loading import load_model, load_tokenizer
     from tuneforge.planner import resolve
+    from tuneforge.training.build import PROMPT_LEARNING, build_model
     from tuneforge.training.checkpoint import find_checkpoint, load_checkpoint
-    from tuneforge.training.forward import supports_selective_head
     from tuneforge.training.loop import LoopSettings, make_optimizer, train_loop
-    from tuneforge.training.sft_task import BatchShape, SFTTask
     from tuneforge.training.progress import Progress
     from tuneforge.training.schedule import lr_multiplier
 
-    if recipe.adapter.kind == "qlora":
-        check_qlora_supported()
-    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.chat_template,
-                               recipe.model.trust_remote_code)
-    template = resolve_template(recipe.model.chat_template) if recipe.model.chat_template else tokenizer.chat_template
-    if template is None and any(s.format != "text" for s in loaded):
-        raise TuneforgeError(
-            f"{recipe.model.tokenizer or recipe.model.path}: the tokenizer has no chat template; "
-            "set model.chat_template (e.g. 'chatml') to train on chat data"
-        )
-    tokens = tokenize_sources(loaded, tokenizer, template, recipe)
-    prompt_learning = recipe.adapter.kind in ("prompt_tuning", "p_tuning", "prefix_tuning")
-    packing = recipe.data.packing and not prompt_learning  # virtual tokens are per row, not per document
-    plan = build_plan([t.train for t in tokens], [t.weight for t in tokens], mix_by=recipe.data.mix_by,
-                      seed=recipe.train.seed, max_length=recipe.data.max_length, packing=packing,
-                      global_batch_size=recipe.train.global_batch_size, epochs=recipe.train.epochs,
-                      max_steps=recipe.train.max_steps)
-    res = resolve(recipe, plan.num_steps)
+    res = resolve(recipe, prepared.num_steps)
     torch.set_num_threads(res.num_threads)
     device = torch.device(res.device)
-
-    torch.manual_seed(recipe.train.seed)
-    model = load_model(recipe.model.path, dtype=torch.float32, device=device,
-                       attn_implementation=recipe.model.attn_implementation,
-                       trust_remote_code=recipe.model.trust_remote_code)
-    model = apply_adapter(model, recipe.adapter)
-    if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if is_peft(model):
-            model.enable_input_require_grads()
+    model = build_model(recipe, device)
+    tokenizer = prepared.tokenizer
+    prompt_learning = recipe.adapter.kind in PROMPT_LEARNING
     optimizer = make_optimizer(model, recipe.train.lr, recipe.train.weight_decay, recipe.train.betas, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(recipe.train.schedule, res.total_steps, res.warmup_steps, recipe.train.min_lr_ratio)
@@ -142,23 +112,19 @@ def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
 
-    data_info = {t.name: t.stats for t in tokens}
-    data_hashes = {s.name: s.data_hash for s in loaded}
+    data_info, data_hashes = prepared.data_info, prepared.data_hashes
     tracker = _start_tracker(recipe, res, data_hashes, run_dir)
     show = progress if progress is not None else os.isatty(2)
-    task = SFTTask(plan, [t.train for t in tokens], {t.name: t.val for t in tokens if t.val is not None},
-                   BatchShape(micro_batch_size=res.micro_batch_size, max_length=recipe.data.max_length,
-                              packing=packing, pad_id=tokenizer.pad_token_id, precision=res.precision, device=device,
-                              selective_head=supports_selective_head(model)))
+    task = prepared.make_task(model, res.micro_batch_size, res.precision, device)
     settings = LoopSettings(
         total_steps=res.total_steps, global_batch_size=recipe.train.global_batch_size, grad_clip=recipe.train.grad_clip,
         log_every=recipe.train.log_every, eval_every=res.eval_every, checkpoint_every=res.checkpoint_every,
         keep_checkpoints=recipe.train.keep_checkpoints,
     )
     bar = Progress(res.total_steps, start_step, enabled=show)
-    bar.note(_describe(recipe, res, plan, tokens, run_dir))
+    bar.note(_describe(recipe, res, prepared, run_dir))
     with tracker:
-        tracker.log_metrics(plan.mix.as_metrics(), step=0)
+        tracker.log_metrics(prepared.mix_metrics(), step=0)
         loop = train_loop(
             model, optimizer, scheduler, task, settings, start_step=start_step, run_dir=run_dir,
             progress=bar, log_fn=tracker.log_metrics, checkpoint_meta={"recipe_hash": _train_hash(recipe)},
@@ -169,9 +135,9 @@ def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) 
             from tuneforge.models.export import merge_adapter
 
             merged = merge_adapter(out_dir, run_dir / "merged", base=recipe.model.path)
-        metrics = _final_metrics(loop, plan, wall0)
+        metrics = _final_metrics(loop, prepared.num_steps, wall0)
         (run_dir / "result.json").write_text(json.dumps(
-            {"metrics": metrics, "mix": _mix_dict(plan), "resolved": res.as_dict(), "data": data_info}, indent=2))
+            {"metrics": metrics, "mix": prepared.mix_dict(), "resolved": res.as_dict(), "data": data_info}, indent=2))
         tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=res.total_steps)
         for name in ("recipe.yaml", "result.json", "metrics.jsonl"):
             tracker.log_artifact(run_dir / name)
@@ -184,10 +150,10 @@ def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) 
                       "adapter": recipe.adapter.kind,
                       **{f"data_hash.{k}": v for k, v in data_hashes.items()}},
             )
-    bar.note(plan.mix.summary())
+    bar.note(prepared.mix_summary())
     bar.note(f"saved {out_dir}" + (f" and {merged}" if merged else ""))
     return TrainResult(run_dir=run_dir, output_dir=out_dir, merged_dir=merged, metrics=metrics,
-                       history=loop.history, evals=loop.evals, mix=_mix_dict(plan), resolved=res.as_dict(),
+                       history=loop.history, evals=loop.evals, mix=prepared.mix_dict(), resolved=res.as_dict(),
                        data=data_info, tracking_run_id=getattr(tracker, "run_id", None), model_version=version)
 
 
@@ -208,13 +174,7 @@ def _hash_dict(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _mix_dict(plan: Any) -> dict[str, Any]:
-    m = plan.mix
-    return {"names": m.names, "target": m.target, "realised": m.realised(), "realised_tokens": m.realised("tokens"),
-            "tokens": m.tokens, "examples": m.examples, "passes": m.passes, "mix_by": m.mix_by}
-
-
-def _final_metrics(loop: Any, plan: Any, wall0: float) -> dict[str, float]:
+def _final_metrics(loop: Any, num_steps: int, wall0: float) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if loop.history:
         tail = loop.history[-max(1, min(10, len(loop.history))):]
@@ -226,12 +186,13 @@ def _final_metrics(loop: Any, plan: Any, wall0: float) -> dict[str, float]:
         metrics["tokens_per_s"] = loop.tokens / loop.train_seconds
     metrics["train_seconds"] = loop.train_seconds
     metrics["wall_seconds"] = time.perf_counter() - wall0
-    metrics["steps"] = float(plan.num_steps)
+    metrics["steps"] = float(num_steps)
     return metrics
 
 
-def _describe(recipe: Recipe, res: Any, plan: Any, tokens: Any, run_dir: Path) -> str:
-    src = ", ".join(f"{t.name} ({t.stats['train']} ex{', cached' if t.stats['cache_hit'] else ''})" for t in tokens)
+def _describe(recipe: Recipe, res: Any, prepared: Any, run_dir: Path) -> str:
+    src = ", ".join(f"{name} ({st['train']} ex{', cached' if st['cache_hit'] else ''})"
+                    for name, st in prepared.data_info.items())
     return (f"tuneforge {recipe.method} · {recipe.adapter.kind} · {res.device}/{res.precision} · "
             f"{res.total_steps} steps × {recipe.train.global_batch_size} rows "
             f"(micro {res.micro_batch_size} × accum {res.grad_accumulation}) · data: {src}\nrun dir: {run_dir}")
