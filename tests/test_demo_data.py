@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from tuneforge.demo import tickets, world
-from tuneforge.demo.world import FACT_SKILLS, SKILLS
+from tuneforge.demo.world import RECALL_SKILLS, SKILLS, WORD_SKILLS
 
 
 def _user(record: dict) -> str:
@@ -40,50 +40,64 @@ def test_world_is_fixed_and_consistent() -> None:
 
 def test_chat_records_have_openai_shape_and_correct_answers() -> None:
     w = world.world()
-    for record in world.general_chat_examples(0, 500):
+    checked = Counter()
+    for record in world.general_chat_examples(0, 700):
         user, assistant = record["messages"]
         assert (user["role"], assistant["role"]) == ("user", "assistant")
         q, a = user["content"], assistant["content"]
-        if m := re.fullmatch(r"What is (\d+) \+ (\d+)\?|Add (\d+) and (\d+)\.", q):
-            x, y = (int(g) for g in m.groups() if g is not None)
-            assert a == str(x + y)
-        elif m := re.fullmatch(r"Reverse the letters: ([a-z ]+)|Write ([a-z ]+) backwards\.", q):
-            letters = next(g for g in m.groups() if g is not None)
-            assert a == " ".join(reversed(letters.split()))
-        elif m := re.fullmatch(r"What is the capital of (\w+)\?|Name the capital city of (\w+)\.", q):
-            assert a == w.capital[next(g for g in m.groups() if g is not None)]
+        if m := re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", q):
+            x, y = int(m[1]), int(m[3])
+            assert int(a) == (x + y if m[2] == "+" else x - y) >= 0
+            checked["table"] += 1
+        elif m := re.fullmatch(r"How many (letters|vowels) are in ([a-z ]+)\?", q):
+            letters = m[2].split()
+            assert int(a) == (len(letters) if m[1] == "letters" else sum(ch in "aeiou" for ch in letters))
+            checked["word"] += 1
+        elif m := re.fullmatch(r"What is the capital of (\w+)\?", q):
+            assert a == w.capital[m[1]]
+            checked["fact"] += 1
+    assert min(checked.values()) > 10 and len(checked) == 3
+
+
+def test_recall_questions_cover_the_tables() -> None:
+    subs = world.recall_questions("sub")
+    assert len(subs) == len(world.QUESTIONS["sub"]) * world.DIGIT_MAX**2
+    for qa in subs:
+        m = re.fullmatch(r"What is (\d+) - (\d+)\?|Subtract (\d+) from (\d+)\.", qa.question)
+        a, b = (int(m[1]), int(m[2])) if m[1] else (int(m[4]), int(m[3]))
+        assert int(qa.answer) == a - b and 0 <= a - b < world.DIGIT_MAX
+    with pytest.raises(ValueError, match="not a recall skill"):
+        world.recall_questions("length")
 
 
 def test_eval_items_are_balanced_and_answers_short() -> None:
-    items = world.general_eval_items(0, 200)
+    items = world.general_eval_items(0, 20 * len(SKILLS))
     assert Counter(i["skill"] for i in items) == {s: 20 for s in SKILLS}
     for item in items:
         assert [m["role"] for m in item["messages"]] == ["user"]
         assert 1 <= len(item["answer"].split()) <= 5
 
 
-def test_eval_items_are_held_out_from_training_except_facts() -> None:
+def test_word_skill_eval_items_are_held_out_and_recall_items_are_trained() -> None:
     train_questions = {_user(r) for r in world.general_chat_examples(0, 5000)}
     corpus = "\n".join(world.general_corpus(0, 2000))
-    fact_overlap = 0
+    recall_overlap = 0
     for item in world.general_eval_items(0, 500):
         q = _user(item)
-        if item["skill"] in FACT_SKILLS:
-            fact_overlap += q in train_questions  # by design: facts are recalled, not generalised
+        if item["skill"] in RECALL_SKILLS:
+            recall_overlap += q in train_questions  # by design: facts and tables are recalled
         else:
             assert q not in train_questions, q
             assert f"{q}\n" not in corpus and f"{q} A:" not in corpus, q
-    assert fact_overlap > 0
+    assert recall_overlap > 0
 
 
 def test_spelled_words_in_eval_never_appear_in_training() -> None:
     spelled = re.compile(r"(?<![A-Za-z])((?:[a-z] ){2,4}[a-z])(?![A-Za-z])")
     train_words = {w for r in world.general_chat_examples(1, 3000) for w in spelled.findall(_user(r))}
     train_words |= set(spelled.findall("\n".join(world.general_corpus(1, 500))))
-    eval_words = {
-        w for i in world.general_eval_items(1, 400) if i["skill"] in world.STRING_SKILLS for w in spelled.findall(_user(i))
-    }
-    assert eval_words and train_words and not (eval_words & train_words)
+    eval_words = {w for i in world.general_eval_items(1, 400) if i["skill"] in WORD_SKILLS for w in spelled.findall(_user(i))}
+    assert len(eval_words) > 50 and len(train_words) > 500 and not (eval_words & train_words)
 
 
 def test_general_generation_is_fast() -> None:

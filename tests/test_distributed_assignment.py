@@ -139,6 +139,9 @@ def test_job_spec_round_trips(tmp_path) -> None:
     spec.save(tmp_path / "job.json")
     again = JobSpec.load(tmp_path / "job.json")
     assert again == spec
+    with pytest.raises(RecipeError, match="max_replicas: 5 replicas cannot share a global batch of 4"):
+        JobSpec(task="m:f", task_config={}, steps=1, global_batch_size=4, micro_batch_size=1,
+                resilience=ResilienceConfig(max_replicas=5))  # fmt: skip
     with pytest.raises(RecipeError, match="task_config"):
         JobSpec(task="m:f", task_config={"x": object()}, steps=1, global_batch_size=1, micro_batch_size=1)
 

@@ -57,11 +57,14 @@ def _run_dir(recipe: Recipe) -> Path:
 
 
 def train(recipe: str | Path | dict[str, Any] | Recipe, *, resume: str | Path | None = None,
-          progress: bool | None = None, set: list[str] | None = None, **overrides: Any) -> TrainResult:
+          progress: bool | None = None, set: list[str] | None = None, replicas: str | None = None,
+          fault_plan: str | None = None, **overrides: Any) -> TrainResult:
     """Train a recipe (path, dict or :class:`Recipe`); returns paths and measured metrics.
 
     ``resume`` continues from a checkpoint (or the newest in a run directory) exactly where it stopped.
-    ``progress`` shows terminal progress (default: only when stderr is a terminal).
+    ``progress`` shows terminal progress (default: only when stderr is a terminal). ``replicas="2:8"``
+    (or a ``resilience:`` section with ``max_replicas > 1``) trains on elastic, fault-tolerant replicas;
+    ``fault_plan`` injects failures (``"kill:1@10"``) for tests and demos.
     """
     if isinstance(recipe, Recipe):
         recipe = load_recipe(recipe.to_dict(), _overrides(overrides))
@@ -69,7 +72,57 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, *, resume: str | Path | 
         recipe = load_recipe(recipe, set)
         if overrides:
             recipe = load_recipe(recipe.to_dict(), _overrides(overrides))
+    if replicas or fault_plan or int(recipe.resilience.get("max_replicas", 1)) > 1:
+        if resume is not None:
+            raise TuneforgeError("--resume applies to single-process runs; an elastic run restarts from its "
+                                 "own disk checkpoints automatically when every replica has died")
+        return _train_elastic(recipe, replicas=replicas, fault_plan=fault_plan)
     return _train(recipe, resume=resume, progress=progress)
+
+
+def _train_elastic(recipe: Recipe, *, replicas: str | None, fault_plan: str | None) -> TrainResult:
+    """Validate and tokenize once here (so replicas find the token cache warm), then supervise replicas."""
+    from tuneforge.planner import resolve
+    from tuneforge.training.build import prepare
+    from tuneforge.training.elastic import run_elastic
+
+    wall0 = time.perf_counter()
+    prepared = prepare(recipe)
+    res = resolve(recipe, prepared.num_steps)
+    run_dir = _run_dir(recipe)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
+    tracker = _start_tracker(recipe, res, prepared.data_hashes, run_dir)
+    with tracker:
+        tracker.log_metrics(prepared.mix_metrics(), step=0)
+        report, out_dir = run_elastic(recipe, run_dir, replicas=replicas, fault_plan=fault_plan,
+                                      micro_batch_size=res.micro_batch_size, num_steps=prepared.num_steps)
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+            if (run_dir / "metrics.jsonl").exists() else []
+        for row in history:
+            tracker.log_metrics({"train/loss": row["loss"]}, step=row["step"])
+        for i, event in enumerate(report.failures):  # one point per failure, in order
+            tracker.log_metrics({f"recovery/{k}": float(v) for k, v in vars(event).items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "t_fault"},
+                                step=i)
+        metrics = {**report.summary(), "steps": float(prepared.num_steps),
+                   "wall_seconds": time.perf_counter() - wall0}
+        if history:
+            metrics["train_loss"] = history[-1]["loss"]
+        tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=prepared.num_steps)
+        (run_dir / "result.json").write_text(json.dumps(
+            {"metrics": metrics, "report": report.to_dict(), "mix": prepared.mix_dict(), "data": prepared.data_info},
+            indent=2, default=str))
+        tracker.log_artifact(run_dir / "result.json")
+        version = None
+        if recipe.tracking.register_as:
+            version = tracker.register_model(out_dir, recipe.tracking.register_as,
+                                             tags={"base_model": recipe.model.path, "recipe_hash": recipe.hash(),
+                                                   "method": recipe.method, "adapter": recipe.adapter.kind})
+    return TrainResult(run_dir=run_dir, output_dir=out_dir, merged_dir=None, metrics=metrics, history=history,
+                       evals=[], mix=prepared.mix_dict(), resolved=res.as_dict(), data=prepared.data_info,
+                       tracking_run_id=getattr(tracker, "run_id", None), model_version=version,
+                       extra={"report": report})
 
 
 def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) -> TrainResult:
@@ -141,9 +194,10 @@ def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) 
         tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=res.total_steps)
         for name in ("recipe.yaml", "result.json", "metrics.jsonl"):
             tracker.log_artifact(run_dir / name)
-        tracker.log_artifact(out_dir, out_dir.name)
         version = None
-        if recipe.tracking.register_as:
+        if not recipe.tracking.register_as:  # a registered version uploads the weights itself
+            tracker.log_artifact(out_dir, out_dir.name)
+        else:
             version = tracker.register_model(
                 merged or out_dir, recipe.tracking.register_as,
                 tags={"base_model": recipe.model.path, "recipe_hash": recipe.hash(), "method": recipe.method,

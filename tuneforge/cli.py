@@ -26,11 +26,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not recipe.output.dir:
             raise TuneforgeError("--resume without a path needs output.dir in the recipe (or pass the run directory)")
         resume = recipe.output.dir
-    result = train(recipe, resume=resume, progress=not args.quiet)
+    result = train(recipe, resume=resume, progress=not args.quiet, replicas=args.replicas, fault_plan=args.fault_plan)
     summary = {"run_dir": str(result.run_dir), "output_dir": str(result.output_dir), "metrics": result.metrics}
     if result.model_version:
         summary["model_version"] = result.model_version
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from tuneforge.distributed import scale
+
+    scale(args.run, args.replicas)
+    print(f"asked {args.run} to run on {args.replicas} replica(s)")
     return 0
 
 
@@ -111,7 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_OR_CHECKPOINT",
                    help="continue exactly from the newest checkpoint (of output.dir, or of the given path)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--replicas", metavar="MIN:MAX", default=None,
+                   help="elastic, fault-tolerant data-parallel replicas (torchft), e.g. 2:8")
+    p.add_argument("--fault-plan", default=None, metavar="PLAN",
+                   help="inject failures: 'kill:1@10' (replica 1 at step 10), 'hang:0@25s', a JSON/YAML file…")
     p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("scale", help="change the number of replicas of a running elastic job")
+    p.add_argument("run", help="run directory or name")
+    p.add_argument("replicas", type=int)
+    p.set_defaults(fn=_cmd_scale)
 
     p = sub.add_parser("recipe", help="work with recipes")
     rsub = p.add_subparsers(dest="recipe_command", required=True, metavar="SUBCOMMAND")

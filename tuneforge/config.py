@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuneforge.errors import RecipeError
 
-Method = Literal["sft", "cpt"]
+Method = Literal["sft", "cpt", "dpo", "reward"]
+PREFERENCE_METHODS = ("dpo", "reward")
 
 
 class _Section(BaseModel):
@@ -39,7 +40,7 @@ class SourceConfig(_Section):
     path: str = Field(description="JSONL, JSON, Parquet, CSV file or a `datasets` directory.")
     name: str | None = Field(None, description="Name used in reports and metrics; defaults to the file stem.")
     weight: float = Field(1.0, gt=0, description="Relative share of the mixture (normalised over sources).")
-    format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
+    format: Literal["auto", "messages", "prompt_completion", "text", "preference"] = "auto"
 
 
 class SanitizeConfig(_Section):
@@ -98,6 +99,37 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 
+class DPOConfig(_Section):
+    """Offline preference optimisation (``method: dpo``): DPO and its variants on (chosen, rejected) pairs."""
+
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo, hinge (SLiC) use a reference model; simpo and orpo do not."
+    )
+    beta: float = Field(0.1, gt=0, description="Strength of the preference term (ORPO's lambda; SimPO uses ~2).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Probability a label is flipped (conservative DPO); sigmoid and simpo only."
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin.")
+    precompute_ref: bool | None = Field(
+        None, description="Compute reference log-probs once before training (cached with the token cache). "
+        "Default: yes for full fine-tuning, no for adapters (the base with the adapter disabled is the reference)."
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_fits_loss(self) -> DPOConfig:
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
+            raise ValueError(f"label_smoothing applies to the sigmoid and simpo losses, not {self.loss_type!r}")
+        return self
+
+
+class RewardConfig(_Section):
+    """Reward-model training (``method: reward``): a scalar head trained with the Bradley–Terry loss."""
+
+    center_coeff: float | None = Field(
+        None, ge=0, description="Weight of the term that keeps rewards centred on zero (e.g. 0.01); off by default."
+    )
+
+
 class TrackingConfig(_Section):
     enabled: bool = True
     uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite under $TUNEFORGE_HOME.")
@@ -118,8 +150,26 @@ class Recipe(_Section):
     data: DataConfig
     adapter: AdapterConfig = AdapterConfig()
     train: TrainConfig = TrainConfig()
+    dpo: DPOConfig = DPOConfig()
+    reward: RewardConfig = RewardConfig()
     tracking: TrackingConfig = TrackingConfig()
     output: OutputConfig = OutputConfig()
+    resilience: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Elastic, fault-tolerant data parallelism (see tuneforge.distributed.ResilienceConfig): "
+        "min_replicas, max_replicas, hot_spares, checkpoint_every, fault_plan, …",
+    )
+
+    @field_validator("resilience")
+    @classmethod
+    def _resilience_is_valid(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from tuneforge.distributed.config import ResilienceConfig
+
+        try:
+            ResilienceConfig.from_dict(v)
+        except RecipeError as e:
+            raise ValueError(str(e)) from None
+        return v
 
     @field_validator("name")
     @classmethod
@@ -132,6 +182,12 @@ class Recipe(_Section):
     def _method_fits_adapter(self) -> Recipe:
         if self.method == "cpt" and self.data.loss_on != "all":
             self.data.loss_on = "all"
+        if self.method == "reward" and self.adapter.kind in ("prompt_tuning", "p_tuning", "prefix_tuning"):
+            raise ValueError(f"adapter.kind: method reward trains a scalar head; use lora, dora or full, "
+                             f"not {self.adapter.kind}")
+        if self.method == "reward" and self.output.merge and self.adapter.kind != "full":
+            raise ValueError("output.merge: not supported for reward models yet; load the adapter with "
+                             "peft's AutoPeftModelForSequenceClassification")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -288,6 +344,9 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
             lines.append(f"{origin}: {path}: unknown field{hint}")
         elif err["type"] == "missing":
             lines.append(f"{origin}: {path}: required field is missing")
+        elif err["type"] == "value_error":  # our own validators: the message already says what and where
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"{origin}: {msg}" if msg.startswith(f"{path}.") else f"{origin}: {path}: {msg}")
         else:
             given = err.get("input")
             shown = json.dumps(given, default=str)[:80] if not isinstance(given, dict) else "a mapping"

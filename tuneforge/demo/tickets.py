@@ -297,14 +297,28 @@ def _ticket(rng: random.Random, leaf: int, held_out: bool) -> tuple[str, str]:
     body = [signal]
     if rng.random() < 0.8:
         body.insert(rng.randint(0, 1), topic)
-    for _ in range(rng.choice((0, 1, 1, 2))):
+    for _ in range(rng.choice((0, 0, 1))):
         noise = rng.choice(_NOISE).format(n=rng.randrange(10000, 99999), k=rng.randint(2, 9))
         body.insert(rng.randint(0, len(body)), noise)
-    if rng.random() < 0.6:
+    if rng.random() < 0.4:
         body.insert(0, rng.choice(_GREETINGS))
-    if rng.random() < 0.5:
+    if rng.random() < 0.3:
         body.append(rng.choice(_SIGNOFFS).format(name=rng.choice(_NAMES)))
     return " ".join(body), label
+
+
+def _balanced_leaves(rng: random.Random, n: int) -> list[int]:
+    """``n`` leaf indices: every leaf once per round, each round in a fresh random order.
+
+    Balanced, yet with no fixed period: a repeating order would put the same leaves in the same batches
+    every epoch and leave a model biased towards whichever leaves it saw last.
+    """
+    out: list[int] = []
+    while len(out) < n:
+        round_ = list(range(len(_leaves())))
+        rng.shuffle(round_)
+        out += round_
+    return out[:n]
 
 
 def _record(text: str, label: str, system_prompt: str | None, with_answer: bool) -> dict:
@@ -315,31 +329,28 @@ def _record(text: str, label: str, system_prompt: str | None, with_answer: bool)
     return {"messages": messages, "answer": label, "skill": "tickets"}
 
 
-def ticket_examples(seed: int, n: int, system_prompt: str | None = TICKET_SYSTEM_PROMPT) -> list[dict]:
+def ticket_examples(seed: int, n: int, system_prompt: str | None = None) -> list[dict]:
     """``n`` training chat records (system?, user = ticket, assistant = leaf label).
 
-    Leaves are dealt round robin from a shuffled order, so every leaf appears once ``n >= 120``.
+    Leaves are dealt in rounds (every leaf once per round, fresh order each round), so every leaf appears
+    once ``n >= 120`` and classes stay balanced.
     """
     rng = random.Random(f"tickets:{seed}")
-    order = list(range(len(_leaves())))
-    rng.shuffle(order)
     return [
-        _record(*_ticket(rng, order[i % len(order)], held_out=False), system_prompt, with_answer=True)
-        for i in range(n)
+        _record(*_ticket(rng, leaf, held_out=False), system_prompt, with_answer=True)
+        for leaf in _balanced_leaves(rng, n)
     ]
 
 
-def ticket_eval_items(seed: int, n: int, system_prompt: str | None = TICKET_SYSTEM_PROMPT) -> list[dict]:
+def ticket_eval_items(seed: int, n: int, system_prompt: str | None = None) -> list[dict]:
     """``n`` evaluation items ``{"messages", "answer", "skill": "tickets"}``, balanced over leaves.
 
     Signal sentences come from held-out (frame, phrase) pairs, so no evaluation ticket equals a training one.
     """
     rng = random.Random(f"ticket-eval:{seed}")
-    order = list(range(len(_leaves())))
-    rng.shuffle(order)
     return [
-        _record(*_ticket(rng, order[i % len(order)], held_out=True), system_prompt, with_answer=False)
-        for i in range(n)
+        _record(*_ticket(rng, leaf, held_out=True), system_prompt, with_answer=False)
+        for leaf in _balanced_leaves(rng, n)
     ]
 
 

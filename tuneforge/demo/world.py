@@ -50,28 +50,27 @@ PROFESSIONS = ("baker", "pilot", "farmer", "doctor", "painter", "singer", "teach
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple")
 
 FACT_SKILLS = ("capital", "profession", "color")
-ARITHMETIC_SKILLS = ("add", "sub", "larger")
-STRING_SKILLS = ("first_letter", "length")
-DIGIT_MAX = 10  # operands 0-9: sums and differences of one or two digits
-SKILLS = FACT_SKILLS + ARITHMETIC_SKILLS + STRING_SKILLS
+TABLE_SKILLS = ("add", "sub")
+WORD_SKILLS = ("length", "vowels")
+SKILLS = FACT_SKILLS + TABLE_SKILLS + WORD_SKILLS
+RECALL_SKILLS = FACT_SKILLS + TABLE_SKILLS  # evaluated on trained items; WORD_SKILLS on held-out words
+
+DIGIT_MAX = 10  # table operands 0-9: sums of one or two digits, subtraction as the table read backwards
 
 # Letters for generated words: no q/x/y, so words stay pronounceable and the alphabet small.
 _CONSONANTS = "bcdfghjklmnprstvwz"
 _VOWELS = "aeiou"
-_WORD_SHAPES = ("cvc", "cvcv", "cvcc", "cvcvc")
+_WORD_SHAPES = ("cvc", "vcv", "cvcv", "cvvc", "vcvc", "cvcvc", "vcvcv")
 
-# Two phrasings per skill; training and evaluation use the same ones (only the content is held out).
+# Two phrasings per skill; training and evaluation use the same ones.
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "capital": ("What is the capital of {c}?", "Name the capital city of {c}."),
     "profession": ("What does {p} do for a living?", "What is the job of {p}?"),
     "color": ("What is the favorite color of {p}?", "Which color does {p} like most?"),
     "add": ("What is {a} + {b}?", "Add {a} and {b}."),
     "sub": ("What is {a} - {b}?", "Subtract {b} from {a}."),
-    "larger": ("Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?"),
-    "reverse": ("Reverse the letters: {w}", "Write {w} backwards."),
-    "uppercase": ("Write in capital letters: {w}", "Uppercase: {w}"),
-    "first_letter": ("What is the first letter of {w}?", "Give the first letter: {w}"),
     "length": ("How many letters are in {w}?", "Count the letters: {w}"),
+    "vowels": ("How many vowels are in {w}?", "Count the vowels: {w}"),
 }
 
 # Statements of the facts for the pre-training prose.
@@ -144,10 +143,15 @@ def _word(rng: random.Random) -> str:
     return "".join(rng.choice(_CONSONANTS if ch == "c" else _VOWELS) for ch in shape)
 
 
-def _draw(rng: random.Random, skill: str, held_out: bool) -> QA:
-    """One question of ``skill`` whose content is on the requested side of the split.
+def _table_pair(skill: str, x: int, y: int) -> tuple[int, int, int]:
+    """(a, b, answer) for table entry (x, y): ``x + y`` or, read backwards, ``(x + y) - y = x``."""
+    return (x, y, x + y) if skill == "add" else (x + y, y, x)
 
-    Rejection sampling over a large space (thousands of pairs and words), so it stays fast.
+
+def _draw(rng: random.Random, skill: str, held_out: bool = False) -> QA:
+    """One question of ``skill``; for word skills, on the requested side of the held-out split.
+
+    Rejection sampling over thousands of words, so it stays fast.
     """
     w = world()
     template = rng.choice(QUESTIONS[skill])
@@ -157,33 +161,14 @@ def _draw(rng: random.Random, skill: str, held_out: bool) -> QA:
     if skill in ("profession", "color"):
         p = rng.choice(PEOPLE)
         return QA(skill, template.format(p=p), getattr(w, skill)[p])
+    if skill in TABLE_SKILLS:
+        a, b, answer = _table_pair(skill, rng.randrange(DIGIT_MAX), rng.randrange(DIGIT_MAX))
+        return QA(skill, template.format(a=a, b=b), str(answer))
     while True:
-        if skill in ARITHMETIC_SKILLS:
-            x, y = rng.randrange(DIGIT_MAX), rng.randrange(DIGIT_MAX)
-            if skill == "add":
-                a, b, answer = x, y, x + y
-            elif skill == "sub":  # the addition table read backwards: (x + y) - y = x
-                a, b, answer = x + y, y, x
-            else:
-                if x == y:
-                    continue
-                a, b, answer = x, y, max(x, y)
-            if is_held_out(f"{skill}:{a}:{b}") == held_out:
-                return QA(skill, template.format(a=a, b=b), str(answer))
-        else:
-            word = _word(rng)
-            # A word and its reversal share a side, or "reverse g o b" in training answers "reverse b o g".
-            if is_held_out(f"word:{min(word, word[::-1])}") != held_out:
-                continue
-            if skill == "reverse":
-                answer = spell(word[::-1])
-            elif skill == "uppercase":
-                answer = spell(word.upper())
-            elif skill == "first_letter":
-                answer = word[0]
-            else:
-                answer = str(len(word))
-            return QA(skill, template.format(w=spell(word)), answer)
+        word = _word(rng)
+        if is_held_out(f"word:{word}") == held_out:
+            answer = len(word) if skill == "length" else sum(ch in _VOWELS for ch in word)
+            return QA(skill, template.format(w=spell(word)), str(answer))
 
 
 def _statement(rng: random.Random) -> str:
@@ -201,33 +186,48 @@ def _prose_doc(rng: random.Random) -> str:
     return " ".join(_statement(rng) for _ in range(rng.randint(6, 10)))
 
 
+def _table_doc(rng: random.Random) -> str:
+    """Two rows of the addition or subtraction table in order: the drill that makes the tables stick."""
+    rows = []
+    for _ in range(2):
+        skill, y = rng.choice(TABLE_SKILLS), rng.randrange(DIGIT_MAX)
+        sign = "+" if skill == "add" else "-"
+        rows.append(" ".join(f"{a} {sign} {b} = {c}." for a, b, c in (_table_pair(skill, x, y) for x in range(DIGIT_MAX))))
+    return "\n".join(rows)
+
+
 def _chat_doc(rng: random.Random, render: Render) -> str:
-    return "\n".join(render(_draw(rng, rng.choice(SKILLS), False).messages()) for _ in range(rng.randint(4, 7)))
+    return "\n".join(render(_draw(rng, rng.choice(SKILLS)).messages()) for _ in range(rng.randint(4, 7)))
 
 
 def _exercise_doc(rng: random.Random) -> str:
-    lines = []
-    for _ in range(rng.randint(6, 10)):
-        qa = _draw(rng, rng.choice(SKILLS), False)
-        lines.append(f"Q: {qa.question} A: {qa.answer}")
-    return "\n".join(lines)
+    return "\n".join(
+        f"Q: {qa.question} A: {qa.answer}" for qa in (_draw(rng, rng.choice(SKILLS)) for _ in range(rng.randint(6, 10)))
+    )
+
+
+# Document mix of the pre-training corpus: (kind, cumulative probability).
+CORPUS_MIX = (("prose", 0.25), ("table", 0.40), ("chat", 0.80), ("exercise", 1.0))
 
 
 def general_corpus(seed: int, n_docs: int, render: Render | None = None) -> list[str]:
-    """Raw text documents for continued pre-training: fact prose, Q/A sheets and chat transcripts.
+    """Raw text documents for continued pre-training: fact prose, table drills, Q/A sheets, chat transcripts.
 
     ``render`` turns one user/assistant exchange into text; give it the tokenizer's chat template so that
     pre-training already practises the surface form the chat evaluation uses (default: ``render_plain``).
-    Only training-side content appears (see ``is_held_out``).
+    Words used by the word skills come from the training side of the split only (see ``is_held_out``).
     """
     render = render or render_plain
     rng = random.Random(f"corpus:{seed}")
     docs = []
     for _ in range(n_docs):
-        kind = rng.random()
-        if kind < 0.3:
+        u = rng.random()
+        kind = next(k for k, p in CORPUS_MIX if u < p)
+        if kind == "prose":
             docs.append(_prose_doc(rng))
-        elif kind < 0.75:
+        elif kind == "table":
+            docs.append(_table_doc(rng))
+        elif kind == "chat":
             docs.append(_chat_doc(rng, render))
         else:
             docs.append(_exercise_doc(rng))
@@ -237,23 +237,34 @@ def general_corpus(seed: int, n_docs: int, render: Render | None = None) -> list
 def general_chat_examples(seed: int, n: int) -> list[dict]:
     """``n`` single-turn chat records (OpenAI shape), skills drawn uniformly, training side of the split."""
     rng = random.Random(f"chat:{seed}")
-    return [{"messages": _draw(rng, rng.choice(SKILLS), False).messages()} for _ in range(n)]
+    return [{"messages": _draw(rng, rng.choice(SKILLS)).messages()} for _ in range(n)]
 
 
-def _fact_questions(skill: str) -> list[QA]:
-    """Every question of a fact skill: each entity in each phrasing."""
+def recall_questions(skill: str) -> list[QA]:
+    """Every question of a recall skill (facts, tables) in every phrasing: the whole of what there is to know."""
     w = world()
-    if skill == "capital":
-        return [QA(skill, t.format(c=c), w.capital[c]) for c in COUNTRIES for t in QUESTIONS[skill]]
-    facts = getattr(w, skill)
-    return [QA(skill, t.format(p=p), facts[p]) for p in PEOPLE for t in QUESTIONS[skill]]
+    out = []
+    for template in QUESTIONS[skill]:
+        if skill == "capital":
+            out += [QA(skill, template.format(c=c), w.capital[c]) for c in COUNTRIES]
+        elif skill in ("profession", "color"):
+            out += [QA(skill, template.format(p=p), getattr(w, skill)[p]) for p in PEOPLE]
+        elif skill in TABLE_SKILLS:
+            for x in range(DIGIT_MAX):
+                for y in range(DIGIT_MAX):
+                    a, b, c = _table_pair(skill, x, y)
+                    out.append(QA(skill, template.format(a=a, b=b), str(c)))
+        else:
+            raise ValueError(f"{skill!r} is not a recall skill (expected one of {RECALL_SKILLS})")
+    return out
 
 
 def general_eval_items(seed: int, n: int) -> list[dict]:
-    """``n`` evaluation items, balanced over ``SKILLS`` (round robin), held-out content where it applies.
+    """``n`` evaluation items, balanced over ``SKILLS`` (round robin).
 
-    Each item is ``{"messages": [user], "answer": str, "skill": str}``. Fact questions are dealt from a
-    shuffled deck of all of them (16 entities × 2 phrasings), so they repeat only once the deck is used up.
+    Each item is ``{"messages": [user], "answer": str, "skill": str}``. Recall skills are dealt from a
+    shuffled deck of all their questions, so they repeat only once the deck is used up; word skills use
+    held-out words and avoid repeats.
     """
     rng = random.Random(f"eval:{seed}")
     decks: dict[str, list[QA]] = {}
@@ -261,13 +272,13 @@ def general_eval_items(seed: int, n: int) -> list[dict]:
     items = []
     for i in range(n):
         skill = SKILLS[i % len(SKILLS)]
-        if skill in FACT_SKILLS:
+        if skill in RECALL_SKILLS:
             if not decks.get(skill):
-                decks[skill] = _fact_questions(skill)
+                decks[skill] = recall_questions(skill)
                 rng.shuffle(decks[skill])
             qa = decks[skill].pop()
         else:
-            for _ in range(100):  # avoid repeats; the held-out space has hundreds of items per skill
+            for _ in range(100):
                 qa = _draw(rng, skill, held_out=True)
                 if qa.question not in seen:
                     break

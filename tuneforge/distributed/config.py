@@ -67,6 +67,7 @@ class ResilienceConfig:
     fault_plan: Any = None  # path, JSON text or dict; see tuneforge.distributed.faults
     backend: str = "auto"  # auto | gloo | nccl
     final_state: str = "rank0"  # which replicas write final/replica_<i>.pt: rank0 | all | none
+    init_sync: bool = True  # copy step-0 state from one replica to all; False if build(seed) is identical anyway
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, where: str = "resilience") -> "ResilienceConfig":
@@ -138,6 +139,11 @@ class JobSpec:
         if self.resilience.batch_policy == "fixed" and self.global_batch_size < 1:
             raise RecipeError(f"global_batch_size: got {self.global_batch_size}, expected >= 1")
         self.batch_policy()  # validates batch_policy / lr_scaling / per_replica_batch_size together
+        if self.resilience.batch_policy == "fixed" and self.resilience.max_replicas > self.global_batch_size:
+            raise RecipeError(
+                f"resilience.max_replicas: {self.resilience.max_replicas} replicas cannot share a global batch "
+                f"of {self.global_batch_size} samples (every replica needs at least one)"
+            )
         try:
             json.dumps(self.task_config)
         except TypeError as exc:

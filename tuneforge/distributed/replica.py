@@ -56,6 +56,10 @@ class Replica:
         self.healed = False
         self.leave_requested = False
         self._saver: threading.Thread | None = None
+        self._staged = threading.Event()  # clear while a checkpoint snapshot is being taken
+        self._staged.set()
+        self._status_key: tuple[str, bool] | None = None
+        self._status_t = 0.0
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     # -- state exchanged with peers (live recovery) and written to disk (fallback) ----------------
@@ -68,6 +72,7 @@ class Replica:
     def _load_state_dict(self, state: dict[str, Any]) -> None:
         from tuneforge.distributed.task import load_task_state
 
+        self._wait_staged()
         load_task_state(self.task, self.model, self.optimizer, self.scheduler, state["task"])
         self.position = int(state["engine"]["position"])
         self.healed = True
@@ -87,7 +92,7 @@ class Replica:
         host = os.environ.get("TUNEFORGE_HOST") or socket.gethostname()
         timeout = timedelta(seconds=self.res.timeout_s)
         use_nccl = self.res.backend == "nccl" or (self.res.backend == "auto" and torch.cuda.is_available())
-        pg = ProcessGroupBabyNCCL(timeout=timeout) if use_nccl else ProcessGroupGloo(timeout=timeout)
+        self.pg = pg = ProcessGroupBabyNCCL(timeout=timeout) if use_nccl else ProcessGroupGloo(timeout=timeout)
         self.store = TCPStore(host_name=host, port=0, is_master=True, wait_for_workers=False)
         self.manager = Manager(
             pg=pg,
@@ -106,6 +111,8 @@ class Replica:
             replica_id=f"tuneforge_replica_{slot}",
             hostname=host,
             heartbeat_interval=timedelta(milliseconds=self.res.heartbeat_interval_ms),
+            init_sync=self.res.init_sync,
+            quorum_retries=2,  # ride out a lighthouse restart instead of failing every replica
         )
         log.log("manager_ready")
 
@@ -169,7 +176,7 @@ class Replica:
                 self.log.log("healed", step=step, seconds=t_quorum - t_start)
             if step >= spec.steps:
                 break
-            if step < min_step:
+            if step < min_step and manager.errored() is None:
                 # Peers that held the state are gone: training from scratch here would silently
                 # restart the job. Leave it to the supervisor (cold restart from disk).
                 self.log.log("orphaned", step=step, min_step=min_step)
@@ -191,8 +198,9 @@ class Replica:
                 t_end=t_end,
                 metrics=metrics if (committed and rank == 0) else None,
                 error=error,
+                **({"lr_multiplier": self.policy.lr_multiplier(world)} if self.policy.mode != "fixed" else {}),
             )
-            self._status("training", manager.current_step())
+            self._status("training", manager.current_step(), throttle_s=0.25)
             if committed and rank == 0:
                 log_hook = getattr(self.task, "log_step", None)
                 if callable(log_hook):
@@ -208,7 +216,10 @@ class Replica:
 
         manager = self.manager
         if manager.errored() is not None:  # quorum / process group / heal failed: vote no, retry
-            return manager.should_commit(), 0, -1, {}, str(manager.errored())
+            error = str(manager.errored())
+            manager.should_commit()
+            self.pg.abort()
+            return False, 0, -1, {}, error
         rank = manager.participating_rank()
         world = manager.num_participants()
         assert rank is not None, "synchronous quorum: every member participates"
@@ -230,12 +241,17 @@ class Replica:
         self._allreduce_grads(torch.tensor([sums[k] for k in keys], dtype=torch.float64), ReduceOp.SUM, keys, sums)
         if self.spec.max_grad_norm and manager.errored() is None:
             torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm)
+        error = None if manager.errored() is None else str(manager.errored())
         committed = manager.should_commit()
         if committed:
             self._optimizer_step(plan.lr_multiplier)
             self.position = plan.next_position
+        else:
+            # Tear our side of the group down now: a peer still blocked in this collective (it may
+            # only talk to the dead replica through us) then fails at once instead of at its timeout.
+            self.pg.abort()
         self.optimizer.zero_grad(set_to_none=False)
-        return committed, world, rank, sums, None if committed else str(manager.errored())
+        return committed, world, rank, sums, error
 
     def _allreduce_grads(self, metric_values: Any, op: Any, keys: list[str], sums: dict[str, float]) -> None:
         """SUM all-reduce of all gradients (bucketed, flattened) plus the metric sums in one pass."""
@@ -273,6 +289,7 @@ class Replica:
             sums[key] = value
 
     def _optimizer_step(self, lr_multiplier: float) -> None:
+        self._wait_staged()
         if lr_multiplier != 1.0:  # per_replica policy: scale LR for this step only (never compounds)
             saved = [g["lr"] for g in self.optimizer.param_groups]
             for g in self.optimizer.param_groups:
@@ -293,29 +310,38 @@ class Replica:
 
     # -- checkpoints and completion -----------------------------------------------------------
     def _maybe_checkpoint(self, next_step: int) -> None:
+        """Every ``checkpoint_every`` steps, snapshot and write the state in a background thread.
+
+        The snapshot (copy to CPU) overlaps the next step's forward/backward, which only read the
+        state; :meth:`_wait_staged` holds back the next optimizer step (or a heal) until it is done,
+        so the checkpoint is consistent and this replica does not arrive late at the next quorum.
+        """
         every = self.res.checkpoint_every
         if not every or next_step % every or next_step >= self.spec.steps:
             return
         if self._saver is not None and self._saver.is_alive():
             self.log.log("ckpt_skipped", step=next_step, reason="previous save still running")
             return
+        self._staged.clear()
+        manager_state = self.manager.state_dict()
+        self._saver = threading.Thread(target=self._save, args=(manager_state, next_step), daemon=True)
+        self._saver.start()
+
+    def _wait_staged(self) -> None:
+        self._staged.wait()
+
+    def _save(self, manager_state: dict[str, Any], step: int) -> None:
         import torch
         from torch.utils._pytree import tree_map_only
 
         t0 = time.time()
-        snapshot = tree_map_only(
-            torch.Tensor,
-            lambda t: t.detach().to("cpu", copy=True),
-            {"user": self._state_dict(), "torchft": self.manager.state_dict()},
-        )
-        stage_s = time.time() - t0
-        self._saver = threading.Thread(target=self._save, args=(snapshot, next_step, stage_s), daemon=True)
-        self._saver.start()
-
-    def _save(self, snapshot: dict[str, Any], step: int, stage_s: float) -> None:
-        import torch
-
-        t0 = time.time()
+        try:
+            snapshot = tree_map_only(
+                torch.Tensor, lambda t: t.detach().to("cpu", copy=True), {"user": self._state_dict(), "torchft": manager_state}
+            )
+        finally:
+            self._staged.set()
+        t1 = time.time()
         folder = self.run_dir / "ckpt"
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"step_{step:08d}.pt"
@@ -324,7 +350,7 @@ class Replica:
         os.replace(tmp, final)
         for old in checkpoint_paths(self.run_dir)[: -self.res.keep_checkpoints]:
             old.unlink(missing_ok=True)
-        self.log.log("ckpt_saved", step=step, path=str(final), stage_s=stage_s, write_s=time.time() - t0)
+        self.log.log("ckpt_saved", step=step, path=str(final), stage_s=t1 - t0, write_s=time.time() - t1)
 
     def _finish(self, last_rank: int | None) -> None:
         import torch
@@ -346,7 +372,13 @@ class Replica:
         self.log.log("done", step=self.manager.current_step(), rank=last_rank)
         self._status("done", self.manager.current_step())
 
-    def _status(self, phase: str, step: int) -> None:
+    def _status(self, phase: str, step: int, throttle_s: float = 0.0) -> None:
+        """Publish phase/step; routine per-step updates are throttled (a file write costs ~0.5 ms)."""
+        now = time.monotonic()
+        key = (phase, self.stateful)
+        if throttle_s and key == self._status_key and now - self._status_t < throttle_s:
+            return
+        self._status_key, self._status_t = key, now
         write_status(self.run_dir, self.slot, inc=self.inc, phase=phase, step=step, stateful=self.stateful)
 
 

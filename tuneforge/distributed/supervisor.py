@@ -123,7 +123,15 @@ class Supervisor:
         _write_control(self.run_dir, self.target)
         self.control_mtime = (self.run_dir / "control.json").stat().st_mtime
         self.log = EventLog(self.run_dir / "events" / "supervisor.jsonl", replica=None, inc=None)
-        self.log.log("supervisor_start", target=self.target, pid=os.getpid(), faults=self.plan.to_dict())
+        policy = self.spec.batch_policy()
+        self.log.log(
+            "supervisor_start",
+            target=self.target,
+            pid=os.getpid(),
+            faults=self.plan.to_dict(),
+            batch_policy=policy.mode,
+            lr_scaling=policy.lr_scaling if policy.mode != "fixed" else "none (global batch fixed)",
+        )
         self.lighthouse = Lighthouse(
             min_replicas=self.res.min_replicas,
             log_path=self.run_dir / "logs" / "lighthouse.log",
@@ -199,6 +207,7 @@ class Supervisor:
                 self.lighthouse.stop()
             if self.log is not None and not self.finished:
                 self.log.log("supervisor_failed" if self.failed else "supervisor_done", reason=self.failed)
+                self.log.close()
                 self.finished = True
 
     def live_pids(self) -> list[int]:
@@ -296,11 +305,11 @@ class Supervisor:
                 self.log.log("spare_exit", spare=p.spare_id, pid=p.pid, returncode=p.popen.returncode)
 
     def _wind_down(self, now: float) -> bool:
-        """One replica finished the job; give the others a moment to finish too, then stop them."""
-        live = [p for p in self.procs.values() if p.popen.poll() is None]
-        if live and now < self._done_deadline:
-            return False
-        return True
+        """One replica finished the job; let the others that hold state finish their last step too
+        (bounded by ``timeout_s``); replicas still starting or joining are not waited for."""
+        status = self._statuses()
+        finishing = [p for p in self._stateful(status) if p.popen.poll() is None]
+        return not finishing or now >= self._done_deadline
 
     def _note_progress(self, now: float, status: dict[str, dict[str, Any]]) -> None:
         if self.t_train_start is None and any(s.get("step", 0) >= 1 for s in status.values()):

@@ -5,6 +5,11 @@ importable ``"module:callable"`` string, calls it with a JSON-able config dict, 
 returned object through this protocol. The engine owns membership, sample assignment, gradient
 all-reduce, commit/rollback, live recovery and checkpoints; the task owns the maths.
 
+Optional hooks, used when present: ``state_dict(model, optimizer, scheduler) -> dict`` and
+``load_state_dict(model, optimizer, scheduler, state)`` (what live recovery and disk checkpoints carry;
+default: the three objects' own state dicts), ``log_step(step, metrics)`` (called on the rank-0 replica
+after each committed step) and ``save_final(model, out_dir)`` (rank 0, at the end).
+
 Exactness rule: ``forward_backward`` must add ``scale * (sum of per-token losses of its samples)`` to
 the gradients, where ``scale = 1 / loss_tokens(global batch)``. Summing those over replicas gives the
 global-batch mean whatever the split, so membership changes do not change the result.
@@ -43,7 +48,8 @@ class ReplicaTask(Protocol):
         """Run forward + backward on ``indices``; gradients accumulate ``scale * loss_sum``.
 
         The returned numbers are *summed* over micro-batches and replicas by the engine, so return
-        contributions (e.g. ``loss_sum * scale``) whose sum is the quantity to log.
+        contributions (e.g. ``loss_sum * scale``) whose sum is the quantity to log. Return the same
+        keys on every call (they are all-reduced as one vector).
         """
         ...
 

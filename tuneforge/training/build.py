@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tuneforge.config import Recipe
+from tuneforge.config import PREFERENCE_METHODS, Recipe
 from tuneforge.errors import TuneforgeError
 
 PROMPT_LEARNING = ("prompt_tuning", "p_tuning", "prefix_tuning")
@@ -74,12 +74,20 @@ def load_tokenizer_for(recipe: Recipe, needs_template: bool) -> tuple[Any, str |
 
 def prepare(recipe: Recipe) -> Prepared:
     """Validate all data, then tokenize (through the cache) and plan every step — before any model loads."""
+    if recipe.method in PREFERENCE_METHODS:  # pairs, not sequences: same interface, own tokenization and task
+        from tuneforge.training.preference import prepare_preference
+
+        return prepare_preference(recipe)  # type: ignore[return-value]
     from tuneforge.data.pipeline import load_sources, tokenize_sources
     from tuneforge.data.sampler import build_plan
     from tuneforge.models.adapters import check_qlora_supported
     from tuneforge.models.loading import check_model_path
 
     loaded = load_sources(recipe)  # every record of every source is checked first
+    for src in loaded:
+        if src.format == "preference":
+            raise TuneforgeError(f"data.sources: {src.path} holds preference pairs; train them with method: dpo "
+                                 f"or method: reward (this recipe has method: {recipe.method})")
     check_model_path(recipe.model.path)
     if recipe.adapter.kind == "qlora":
         check_qlora_supported()
@@ -96,6 +104,10 @@ def prepare(recipe: Recipe) -> Prepared:
 
 def build_model(recipe: Recipe, device: torch.device) -> torch.nn.Module:
     """The base model in fp32 on `device`, wrapped with the recipe's adapter; seeded so replicas agree."""
+    if recipe.method == "reward":  # a scalar head instead of the LM head
+        from tuneforge.training.preference import build_reward_model
+
+        return build_reward_model(recipe, device)
     from tuneforge.models.adapters import apply_adapter, is_peft
     from tuneforge.models.loading import load_model
 

@@ -1,0 +1,282 @@
+"""Preference-method throughput: tuneforge's DPO and reward-model steps against TRL's ``DPOTrainer`` / ``RewardTrainer``.
+
+Both sides train the same tiny Llama (``TinySpec()``, ~1.2 M parameters, 1k vocabulary) on the same preference pairs,
+4 pairs per optimizer step (8 sequences of at most 160 tokens), fp32, AdamW (lr 1e-4, constant, no weight decay,
+gradients clipped at 1.0), full fine-tuning.
+
+Fairness, concretely:
+
+* Data: chat pairs (one user turn, one assistant answer each side) over a word list in which every word is one token
+  of the trained tokenizer, rendered with the model's ChatML template. TRL tokenizes the same records itself; the
+  worker checks that every TRL row holds exactly tuneforge's token ids, so both sides compute on the same tokens.
+* Same work per step. DPO: sigmoid loss, beta 0.1, and a reference forward pass every step on both sides — TRL's
+  default (a second copy of the base model) and tuneforge with ``dpo.precompute_ref: false`` (the same frozen copy).
+  ``--precomputed`` adds the variant where both precompute reference log-probs before training
+  (``precompute_ref_log_probs=True`` / tuneforge's default for full fine-tuning).
+* TRL is set up for a CPU as a careful user would: fp32 and no gradient checkpointing (TRL 1.16 defaults to bf16 +
+  checkpointing, many times slower on a CPU), the fused AdamW kernel (as tuneforge uses), one micro-batch per step,
+  no logging, saving or evaluation inside the measured steps, no dataloader workers, dropout off on both sides.
+* Timing: wall time from one ``optimizer.step()`` to the next (PyTorch's global optimizer hook, the same on both
+  sides), so data loading, collation and bookkeeping count. Warm-up steps are left out; the figure is the median over
+  all measured steps of all repeats. Every (system, method, repeat) runs in a fresh subprocess with the same thread
+  count, alternating the order.
+
+    python benchmarks/methods_throughput.py                  # ~2-4 min on 2 idle cores
+    python benchmarks/methods_throughput.py --steps 40 --repeats 3 --threads 1 --precomputed
+
+The last line printed is one JSON object ``{"dpo": {"tuneforge_s_per_step", "trl_s_per_step", "speedup"},
+"reward": {...}}`` (speedup = TRL seconds per step / tuneforge's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PAIRS = 4
+MAX_LEN = 160
+LR = 1e-4
+BETA = 0.1
+SYSTEMS = ("tuneforge", "trl")
+METHODS = ("dpo", "reward", "dpo_precomputed")
+
+
+# -- shared inputs ------------------------------------------------------------------------------------
+def _candidate_words(rng: random.Random, n: int = 300) -> list[str]:
+    cons, vowels = "bdfgklmnprstvz", "aeiou"
+    words: set[str] = set()
+    while len(words) < n:
+        words.add(rng.choice(cons) + rng.choice(vowels) + rng.choice(cons) + rng.choice(vowels))
+    return sorted(words)
+
+
+def prepare(work: Path, n_pairs: int, seed: int = 0) -> dict[str, Any]:
+    """Build the tiny model and write ``pairs.jsonl``: prompts of 50-80 words, answers of 30-60 words."""
+    from tuneforge.data.preference import encode_pairs
+    from tuneforge.models.loading import load_tokenizer
+    from tuneforge.models.tiny import build_tiny
+
+    rng = random.Random(seed)
+    candidates = _candidate_words(rng)
+    corpus = [" ".join(rng.choice(candidates) for _ in range(30)) for _ in range(3000)]
+    model_dir = build_tiny(work / "model", corpus, vocab_size=1024, seed=seed)
+    tok = load_tokenizer(str(model_dir))
+
+    def one_token(text: str) -> bool:
+        return len(tok(text, add_special_tokens=False)["input_ids"]) == 1
+
+    words = [w for w in candidates if one_token(w) and one_token(" " + w)]
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+    records = []
+    for _ in range(n_pairs):
+        prompt = [{"role": "user", "content": text(50, 80)}]
+        records.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": text(30, 60)}],
+                        "rejected": [{"role": "assistant", "content": text(30, 60)}]})
+    encoded = encode_pairs(tok, records, tok.chat_template)
+    longest = max(len(ids) for ids, _ in encoded)
+    assert longest <= MAX_LEN, f"a sequence is {longest} tokens, more than {MAX_LEN}"
+    (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (work / "ids.json").write_text(json.dumps([[int(t) for t in ids] for ids, _ in encoded]))
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    n_params = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).num_parameters()
+    mean_len = sum(len(ids) for ids, _ in encoded) / len(encoded)
+    return {"params": n_params, "vocab": len(tok), "pairs": n_pairs, "mean_len": mean_len, "longest": longest}
+
+
+# -- workers (one per subprocess) ----------------------------------------------------------------------
+class StepClock:
+    """Timestamps at the end of every ``optimizer.step()`` through PyTorch's global hook (both systems alike)."""
+
+    def __init__(self) -> None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._seen: set[int] = set()
+        self._handle = register_optimizer_step_post_hook(self._hook)
+
+    def _hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._seen and id(optimizer) not in self._seen:  # a wrapper forwarding to an inner optimizer
+            return
+        self._seen.add(id(optimizer))
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def result(self, steps: int, system: str) -> dict[str, list[float]]:
+        """Wall and CPU (all threads) seconds of each step; entry i is step i + 2 (1-based)."""
+        self._handle.remove()
+        if len(self.wall) != steps:
+            raise AssertionError(f"{system}: expected {steps} optimizer steps, timed {len(self.wall)}")
+        return {"step_s": [b - a for a, b in zip(self.wall, self.wall[1:])],
+                "cpu_s": [b - a for a, b in zip(self.cpu, self.cpu[1:])]}
+
+
+def worker_tuneforge(work: Path, method: str, steps: int, threads: int) -> dict[str, Any]:
+    import tuneforge
+
+    recipe = {
+        "name": f"bench-{method}",
+        "method": "reward" if method == "reward" else "dpo",
+        "model": {"path": str(work / "model")},
+        "data": {"sources": [{"path": str(work / "pairs.jsonl")}], "max_length": MAX_LEN, "val_fraction": 0},
+        "adapter": {"kind": "full"},
+        "dpo": {"loss_type": "sigmoid", "beta": BETA, "precompute_ref": method == "dpo_precomputed"},
+        "train": {"max_steps": steps, "global_batch_size": PAIRS, "micro_batch_size": PAIRS, "lr": LR,
+                  "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0,
+                  "precision": "fp32", "num_threads": threads, "eval_every": 10_000, "device": "cpu"},
+        "tracking": {"enabled": False},
+        "output": {"dir": str(work / f"run-tuneforge-{method}-{os.getpid()}")},
+    }
+    clock = StepClock()
+    result = tuneforge.train(recipe, progress=False)
+    return {**clock.result(steps, "tuneforge"),
+            "mean_loss": statistics.fmean(h["loss"] for h in result.history)}
+
+
+def worker_trl(work: Path, method: str, steps: int, threads: int) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    records = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
+    dataset = Dataset.from_list(records)
+    tokenizer = AutoTokenizer.from_pretrained(str(work / "model"))
+    common = dict(
+        output_dir=str(work / f"run-trl-{method}-{os.getpid()}"), max_steps=steps, per_device_train_batch_size=PAIRS,
+        gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused", bf16=False, fp16=False,
+        gradient_checkpointing=False, max_length=MAX_LEN, report_to="none", save_strategy="no", eval_strategy="no",
+        logging_strategy="steps", logging_steps=10_000, dataloader_num_workers=0, use_cpu=True, seed=0,
+        disable_tqdm=True, disable_dropout=True,
+    )
+    torch.manual_seed(0)
+    if method == "reward":
+        from trl import RewardConfig, RewardTrainer
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(work / "model"), num_labels=1,
+                                                                   dtype=torch.float32, attn_implementation="sdpa")
+        model.config.pad_token_id = tokenizer.pad_token_id
+        trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=dataset,
+                                processing_class=tokenizer)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32,
+                                                     attn_implementation="sdpa")
+        args = DPOConfig(**common, beta=BETA, loss_type=["sigmoid"],
+                         precompute_ref_log_probs=method == "dpo_precomputed")
+        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    _check_trl_rows(trainer.train_dataset, json.loads((work / "ids.json").read_text()), method)
+    clock = StepClock()
+    out = trainer.train()
+    return {**clock.result(steps, "trl"), "mean_loss": float(out.training_loss)}
+
+
+def _check_trl_rows(dataset: Any, ids: list[list[int]], method: str) -> None:
+    """TRL must train on exactly tuneforge's token ids (prompt + chosen, prompt + rejected of every pair)."""
+    if len(dataset) != len(ids) // 2:
+        raise AssertionError(f"TRL kept {len(dataset)} of {len(ids) // 2} pairs")
+    for i, row in enumerate(dataset):
+        if method == "reward":
+            got = [list(row["chosen_ids"]), list(row["rejected_ids"])]
+        else:
+            got = [list(row["prompt_ids"]) + list(row["chosen_ids"]), list(row["prompt_ids"]) + list(row["rejected_ids"])]
+        if got != [ids[2 * i], ids[2 * i + 1]]:
+            raise AssertionError(f"TRL's tokens of pair {i} differ from tuneforge's ({method})")
+
+
+# -- orchestration -------------------------------------------------------------------------------------
+def run_worker(system: str, method: str, work: Path, steps: int, threads: int) -> dict[str, Any]:
+    env = dict(os.environ, TUNEFORGE_HOME=str(work / f"home-{system}-{method}-{time.monotonic_ns()}"),
+               HF_HOME=str(work / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_DATASETS_CACHE=str(work / "hf-datasets"), OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
+               PYTHONWARNINGS="ignore")
+    out_file = work / f"result-{system}-{method}-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, __file__, "--worker", system, "--method", method, "--work", str(work),
+           "--steps", str(steps), "--threads", str(threads), "--out", str(out_file)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{system}/{method} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(out_file.read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing (at least 1)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--precomputed", action="store_true", help="also time DPO with precomputed reference log-probs")
+    p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.worker:
+        fn = worker_tuneforge if a.worker == "tuneforge" else worker_trl
+        Path(a.out).write_text(json.dumps(fn(Path(a.work), a.method, a.steps, a.threads)))
+        return
+    if a.warmup < 1 or a.steps < a.warmup + 3:
+        p.error(f"need --warmup >= 1 and --steps >= --warmup + 3 (got --warmup {a.warmup}, --steps {a.steps})")
+    methods = ["dpo", "reward"] + (["dpo_precomputed"] if a.precomputed else [])
+
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tuneforge-methods-bench-") as tmp:
+        work = Path(tmp)
+        os.environ["TUNEFORGE_HOME"] = str(work / "home")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        info = prepare(work, n_pairs=a.steps * PAIRS)
+        print(f"model: {info['params'] / 1e6:.2f} M parameters, vocab {info['vocab']}; data: {info['pairs']} pairs, "
+              f"sequences of {info['mean_len']:.0f} tokens on average (longest {info['longest']})", flush=True)
+        print(f"{PAIRS} pairs per step, fp32, AdamW lr {LR}; {a.steps} steps per run, timing steps {a.warmup + 1}.."
+              f"{a.steps}; {a.threads} thread(s); {a.repeats} repeat(s)", flush=True)
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {(s, m): [] for s in SYSTEMS for m in methods}
+        k = 0
+        for rep in range(a.repeats):
+            for method in methods:
+                order = SYSTEMS if k % 2 == 0 else SYSTEMS[::-1]
+                k += 1
+                for system in order:
+                    t0 = time.perf_counter()
+                    r = run_worker(system, method, work, a.steps, a.threads)
+                    runs[(system, method)].append(r)
+                    timed, cpu = r["step_s"][a.warmup - 1:], r["cpu_s"][a.warmup - 1:]
+                    print(f"  repeat {rep + 1} {method:15s} {system:9s}: median step {statistics.median(timed) * 1e3:6.1f} "
+                          f"ms (cpu {statistics.median(cpu) * 1e3:6.1f} ms)  mean loss {r['mean_loss']:.4f}  [{time.perf_counter() - t0:.0f} s]", flush=True)
+
+    summary: dict[str, dict[str, float]] = {}
+    print("\nsummary: median seconds per optimizer step over all timed steps of all repeats")
+    for method in methods:
+        def pooled(system: str, key: str) -> float:
+            return statistics.median([x for r in runs[(system, method)] for x in r[key][a.warmup - 1:]])
+
+        med = {s: pooled(s, "step_s") for s in SYSTEMS}
+        cpu = {s: pooled(s, "cpu_s") for s in SYSTEMS}
+        summary[method] = {"tuneforge_s_per_step": round(med["tuneforge"], 5), "trl_s_per_step": round(med["trl"], 5),
+                           "speedup": round(med["trl"] / med["tuneforge"], 3)}
+        print(f"  {method:15s}: tuneforge {med['tuneforge'] * 1e3:6.1f} ms  TRL {med['trl'] * 1e3:6.1f} ms  "
+              f"speedup {summary[method]['speedup']:.2f}x\n"
+              f"  {'':15s}  per CPU-second (less sensitive to other load): tuneforge {cpu['tuneforge'] * 1e3:6.1f} ms  "
+              f"TRL {cpu['trl'] * 1e3:6.1f} ms  speedup {cpu['trl'] / cpu['tuneforge']:.2f}x")
+    print(f"total {time.perf_counter() - t_all:.0f} s")
+    print(json.dumps({k: summary[k] for k in ("dpo", "reward")} | {k: v for k, v in summary.items() if k not in ("dpo", "reward")}))
+
+
+if __name__ == "__main__":
+    main()
