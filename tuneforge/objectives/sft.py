@@ -14,6 +14,4 @@ import torch.nn.functional as F
 def sft_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy summed over tokens; `logits` (N, V) only at supervised positions, `targets` (N,)."""
     loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-    with torch.no_grad():
-        correct = (logits.argmax(-1) == targets).sum()
-    return loss_sum, {"loss_sum": loss_sum.detach(), "correct": correct, "tokens": torch.tensor(targets.numel())}
+    return loss_sum, {"loss_sum": loss_sum.detach(), "tokens": torch.tensor(targets.numel())}
