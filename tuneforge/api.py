@@ -72,7 +72,7 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, *, resume: str | Path | 
         recipe = load_recipe(recipe, set)
         if overrides:
             recipe = load_recipe(recipe.to_dict(), _overrides(overrides))
-    if replicas or fault_plan or int(recipe.resilience.get("max_replicas", 1)) > 1:
+    if replicas or fault_plan or int(recipe.resilience.get("max_replicas", 1)) > 1 or recipe.resilience.get("lighthouse"):
         if resume is not None:
             raise TuneforgeError("--resume applies to single-process runs; an elastic run restarts from its "
                                  "own disk checkpoints automatically when every replica has died")

@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("replicas", type=int)
     p.set_defaults(fn=_cmd_scale)
 
+    p = sub.add_parser("lighthouse", help="run the torchft lighthouse for a job across several machines")
+    from tuneforge.distributed.lighthouse import add_serve_arguments, serve_from_args
+
+    add_serve_arguments(p)
+    p.set_defaults(fn=serve_from_args)
+
     p = sub.add_parser("recipe", help="work with recipes")
     rsub = p.add_subparsers(dest="recipe_command", required=True, metavar="SUBCOMMAND")
     q = rsub.add_parser("show", help="print the fully resolved recipe with every default filled in")

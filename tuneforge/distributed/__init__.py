@@ -9,6 +9,10 @@ Entry points: :func:`run` (blocking), :func:`start_background` + :meth:`Supervis
 :func:`scale` (from any process), :func:`analyze` (metrics of a run directory). What is trained is a
 :class:`ReplicaTask` named by a ``"module:factory"`` string in :class:`JobSpec`.
 
+Several machines run the same engine: one lighthouse (:func:`tuneforge.distributed.lighthouse.serve`,
+``python -m tuneforge.distributed lighthouse``) and one supervisor per machine with
+``resilience.lighthouse`` / ``node`` / ``bind_host`` set (docs/multi-node.md).
+
 Importing this package is cheap (no torch): replica processes start from here.
 """
 

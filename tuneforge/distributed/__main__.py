@@ -4,6 +4,7 @@
         --global-batch-size 32 --micro-batch-size 8 --replicas 2:4 [--fault-plan kill:1@50] [--name RUN]
     python -m tuneforge.distributed scale RUN 3
     python -m tuneforge.distributed report RUN
+    python -m tuneforge.distributed lighthouse --bind 0.0.0.0:29510 --min-replicas 2   # multi-node runs
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.distributed.config import JobSpec, ResilienceConfig, parse_replicas
+from tuneforge.distributed.lighthouse import add_serve_arguments, serve_from_args
 from tuneforge.errors import RecipeError, TuneforgeError
 
 
@@ -58,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("replicas", type=int)
     rp = sub.add_parser("report", help="recovery events and goodput of a run, as JSON")
     rp.add_argument("run")
+    lh = sub.add_parser("lighthouse", help="run a torchft lighthouse for a job that spans several machines")
+    add_serve_arguments(lh)
     return ap
 
 
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     from tuneforge.distributed.metrics import analyze
 
     try:
+        if args.cmd == "lighthouse":
+            return serve_from_args(args)
         if args.cmd == "scale":
             target = supervisor.scale(args.run, args.replicas)
             print(f"asked {args.run} to run {target} replica(s)")

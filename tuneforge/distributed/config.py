@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from tuneforge.distributed.network import host_problem, is_wildcard, lighthouse_url, node_problem
 from tuneforge.errors import RecipeError
 
 
@@ -68,11 +69,18 @@ class ResilienceConfig:
     backend: str = "auto"  # auto | gloo | nccl
     final_state: str = "rank0"  # which replicas write final/replica_<i>.pt: rank0 | all | none
     init_sync: bool = True  # copy step-0 state from one replica to all; False if build(seed) is identical anyway
+    # several machines (docs/multi-node.md); the defaults keep a run on this host only
+    lighthouse: str | None = None  # HOST:PORT of an external lighthouse; None = the supervisor starts its own
+    node: str | None = None  # this machine's name in replica ids; default with a lighthouse: the host name
+    bind_host: str = "127.0.0.1"  # address replica endpoints use and advertise; 0.0.0.0 = all interfaces
+    advertise_host: str | None = None  # name peers connect to; default bind_host (host name if 0.0.0.0)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, where: str = "resilience") -> "ResilienceConfig":
         data = dict(data or {})
         _check_keys(cls, data, where)
+        if type(data.get("node")) is int:  # `--set resilience.node=7` arrives as a YAML int
+            data["node"] = str(data["node"])
         cfg = cls(**data)
         cfg.validate(where)
         return cfg
@@ -108,6 +116,22 @@ class ResilienceConfig:
             raise bad("backend", "'auto', 'gloo' or 'nccl'")
         if self.final_state not in ("rank0", "all", "none"):
             raise bad("final_state", "'rank0', 'all' or 'none'")
+        if self.lighthouse is not None:
+            lighthouse_url(self.lighthouse, f"{where}.lighthouse")  # raises naming the field
+        if self.node is not None and (problem := node_problem(self.node)):
+            raise bad("node", problem)
+        if problem := host_problem(self.bind_host):
+            raise bad("bind_host", problem)
+        if self.advertise_host is not None:
+            if problem := host_problem(self.advertise_host):
+                raise bad("advertise_host", problem)
+            if is_wildcard(self.advertise_host):
+                raise bad("advertise_host", "a name or address peers can connect to, not a wildcard")
+
+    @property
+    def multi_node(self) -> bool:
+        """An external lighthouse: peers may live on other machines, beyond this supervisor's sight."""
+        return self.lighthouse is not None
 
     @property
     def initial_replicas(self) -> int:

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -32,6 +31,7 @@ from tuneforge.distributed import faults as fault_lib
 from tuneforge.distributed.assignment import plan_step, start_position
 from tuneforge.distributed.config import JobSpec
 from tuneforge.distributed.metrics import EventLog
+from tuneforge.distributed.network import advertised_host, replica_id
 from tuneforge.distributed.runfiles import (
     EXIT_DONE,
     EXIT_LEFT,
@@ -85,15 +85,21 @@ class Replica:
         import torch
         from torch.distributed import TCPStore
         from torchft import Manager
-        from torchft.process_group import ProcessGroupBabyNCCL, ProcessGroupGloo
+        from torchft.process_group import ProcessGroupBabyNCCL
+
+        from tuneforge.distributed.endpoints import AdvertisedHTTPTransport, BoundProcessGroupGloo
 
         self.slot, self.inc, self.log = slot, inc, log
         lighthouse = wait_for_lighthouse(self.run_dir)
-        host = os.environ.get("TUNEFORGE_HOST") or socket.gethostname()
+        # what peers (possibly on other machines) connect to: our store, manager server, checkpoint server
+        host = advertised_host(self.res.bind_host, self.res.advertise_host)
         timeout = timedelta(seconds=self.res.timeout_s)
         use_nccl = self.res.backend == "nccl" or (self.res.backend == "auto" and torch.cuda.is_available())
-        self.pg = pg = ProcessGroupBabyNCCL(timeout=timeout) if use_nccl else ProcessGroupGloo(timeout=timeout)
+        self.pg = pg = (
+            ProcessGroupBabyNCCL(timeout=timeout) if use_nccl else BoundProcessGroupGloo(self.res.bind_host, timeout)
+        )
         self.store = TCPStore(host_name=host, port=0, is_master=True, wait_for_workers=False)
+        self.transport = AdvertisedHTTPTransport(host, timeout)
         self.manager = Manager(
             pg=pg,
             load_state_dict=self._load_state_dict,
@@ -108,13 +114,14 @@ class Replica:
             store_addr=host,
             store_port=self.store.port,
             lighthouse_addr=lighthouse,
-            replica_id=f"tuneforge_replica_{slot}",
+            replica_id=replica_id(self.res.node, slot),
             hostname=host,
             heartbeat_interval=timedelta(milliseconds=self.res.heartbeat_interval_ms),
+            checkpoint_transport=self.transport,
             init_sync=self.res.init_sync,
             quorum_retries=2,  # ride out a lighthouse restart instead of failing every replica
         )
-        log.log("manager_ready")
+        log.log("manager_ready", lighthouse=lighthouse, host=host, node=self.res.node)
 
     def load_latest_checkpoint(self) -> int | None:
         """Cold restart: load the newest complete disk checkpoint, if any. Returns its step."""
@@ -173,7 +180,7 @@ class Replica:
             step = manager.current_step()
             if self.healed:
                 self.stateful = step > 0
-                self.log.log("healed", step=step, seconds=t_quorum - t_start)
+                self.log.log("healed", step=step, seconds=t_quorum - t_start, source=self.transport.last_source)
             if step >= spec.steps:
                 break
             if step < min_step and manager.errored() is None:
@@ -196,12 +203,12 @@ class Replica:
                 t_start=t_start,
                 t_quorum=t_quorum,
                 t_end=t_end,
-                metrics=metrics if (committed and rank == 0) else None,
+                metrics=metrics if (committed and self._writes(rank)) else None,
                 error=error,
                 **({"lr_multiplier": self.policy.lr_multiplier(world)} if self.policy.mode != "fixed" else {}),
             )
             self._status("training", manager.current_step(), throttle_s=0.25)
-            if committed and rank == 0:
+            if committed and self._writes(rank):
                 log_hook = getattr(self.task, "log_step", None)
                 if callable(log_hook):
                     log_hook(step, metrics)
@@ -309,6 +316,17 @@ class Replica:
         fault_lib.hang_forever()
 
     # -- checkpoints and completion -----------------------------------------------------------
+    def _writes(self, rank: int | None) -> bool:
+        """Whether this replica writes metrics, checkpoints and the result after a step it committed as ``rank``.
+
+        Rank 0 of the job does. With several machines, slot 0 of every node does too (its state is the
+        same all-reduced state), so each node's run directory is complete on its own: a node can restart
+        from its own checkpoints and every node's ``tuneforge train`` ends with the result.
+        """
+        if rank is None:
+            return False
+        return rank == 0 or (self.res.multi_node and self.slot == 0)
+
     def _maybe_checkpoint(self, next_step: int) -> None:
         """Every ``checkpoint_every`` steps, snapshot and write the state in a background thread.
 
@@ -358,14 +376,14 @@ class Replica:
         if self._saver is not None:
             self._saver.join()
         mode = self.res.final_state
-        if mode == "all" or (mode == "rank0" and last_rank == 0):
+        if mode == "all" or (mode == "rank0" and self._writes(last_rank)):
             folder = self.run_dir / "final"
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"replica_{self.slot}.pt"
             tmp = folder / f".replica_{self.slot}.tmp"
             torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, tmp)
             os.replace(tmp, path)
-        if last_rank == 0:
+        if self._writes(last_rank):
             hook = getattr(self.task, "save_final", None)
             if callable(hook):
                 hook(self.model, self.run_dir / "final")

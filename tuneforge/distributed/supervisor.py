@@ -11,6 +11,12 @@ replicas publish (``<run>/status/replica_<slot>.json``):
   between MIN and MAX: new slots join live, surplus ones get SIGTERM and leave after their step.
 * A replica that stops making progress while its peers do (a hang) is SIGKILLed by a watchdog.
 * Timed faults of the fault plan are delivered from here (SIGKILL, or SIGUSR1 = hang).
+
+Several machines (``resilience.lighthouse`` set): one supervisor per node, all pointed at one external
+lighthouse, each with its own run directory. The rules stay the same but "live state" may now be on
+another node, beyond this supervisor's sight, so a replacement always *joins* first (heals from
+whichever peer holds state) and only a replica that finds nobody with state anywhere (it exits as
+orphaned) is restarted in resume mode, from this node's own checkpoints.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, IO
 
@@ -31,6 +38,7 @@ from tuneforge.distributed import faults as fault_lib
 from tuneforge.distributed.config import JobSpec
 from tuneforge.distributed.lighthouse import Lighthouse
 from tuneforge.distributed.metrics import EventLog, RunReport, analyze
+from tuneforge.distributed.network import default_node_name, lighthouse_url, split_host_port, wait_for_port
 from tuneforge.distributed.runfiles import EXIT_DONE, EXIT_ORPHANED, checkpoint_paths
 from tuneforge.errors import TuneforgeError
 
@@ -88,6 +96,8 @@ class Supervisor:
     """Owns one elastic run: ``start()``, then ``run()`` (blocking) or ``tick()`` from your own loop."""
 
     def __init__(self, spec: JobSpec, run_dir: Path, python: str = sys.executable, env: dict[str, str] | None = None):
+        if spec.resilience.multi_node and spec.resilience.node is None:
+            spec = replace(spec, resilience=replace(spec.resilience, node=default_node_name()))
         self.spec = spec
         self.res = spec.resilience
         self.run_dir = Path(run_dir)
@@ -103,6 +113,7 @@ class Supervisor:
         self.restarts = 0
         self.startup_failures = 0
         self.job_progress = False
+        self.force_resume = False  # multi-node: a joiner found nobody with state anywhere
         self.t_train_start: float | None = None
         self.completed = False
         self.finished = False
@@ -119,6 +130,7 @@ class Supervisor:
     def start(self) -> None:
         for sub in ("events", "status", "logs"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        self._claim_run_dir()
         self.spec.save(self.run_dir / "job.json")
         _write_control(self.run_dir, self.target)
         self.control_mtime = (self.run_dir / "control.json").stat().st_mtime
@@ -131,7 +143,16 @@ class Supervisor:
             faults=self.plan.to_dict(),
             batch_policy=policy.mode,
             lr_scaling=policy.lr_scaling if policy.mode != "fixed" else "none (global batch fixed)",
+            node=self.res.node,
+            lighthouse=self.res.lighthouse,
         )
+        (self.run_dir / "lighthouse.addr").unlink(missing_ok=True)
+        self.job_progress = bool(checkpoint_paths(self.run_dir))
+        if self.res.multi_node:
+            addr = self._wait_external_lighthouse()
+            self._publish_lighthouse(addr)
+            self._reconcile(time.time())
+            return
         self.lighthouse = Lighthouse(
             min_replicas=self.res.min_replicas,
             log_path=self.run_dir / "logs" / "lighthouse.log",
@@ -139,34 +160,70 @@ class Supervisor:
             join_timeout_ms=self.res.join_timeout_ms,
             quorum_tick_ms=self.res.quorum_tick_ms,
         )
-        (self.run_dir / "lighthouse.addr").unlink(missing_ok=True)
         self.lighthouse.launch()
         # replicas import torch while the lighthouse starts; they wait for lighthouse.addr
-        self.job_progress = bool(checkpoint_paths(self.run_dir))
         self._reconcile(time.time())  # spawns the replicas, then the hot spares
         try:
             addr = self.lighthouse.wait_ready()
         except BaseException:
             self.shutdown()
             raise
+        self._publish_lighthouse(addr)
+
+    def _publish_lighthouse(self, addr: str) -> None:
         tmp = self.run_dir / ".lighthouse.addr.tmp"
         tmp.write_text(addr)
         tmp.replace(self.run_dir / "lighthouse.addr")
-        (self.run_dir / "supervisor.json").write_text(json.dumps({"pid": os.getpid(), "lighthouse": addr}))
+        info = {"pid": os.getpid(), "lighthouse": addr, "node": self.res.node, "host": socket.gethostname()}
+        (self.run_dir / "supervisor.json").write_text(json.dumps(info))
+
+    def _claim_run_dir(self) -> None:
+        """Refuse a run directory another node's supervisor uses (two nodes sharing one clobber each other)."""
+        try:
+            owner = json.loads((self.run_dir / "supervisor.json").read_text()).get("node")
+        except (OSError, ValueError, AttributeError):
+            pass
+        else:
+            if owner != self.res.node:
+                raise TuneforgeError(
+                    f"run directory {self.run_dir} belongs to node {owner!r}, not {self.res.node!r}: every node "
+                    "needs its own run directory (output.dir per node, or $TUNEFORGE_HOME on a per-node disk)"
+                )
+        info = {"pid": os.getpid(), "node": self.res.node, "host": socket.gethostname()}
+        (self.run_dir / "supervisor.json").write_text(json.dumps(info))
+
+    def _wait_external_lighthouse(self) -> str:
+        """The external lighthouse's URL, once it accepts connections (it may start after this node)."""
+        assert self.log is not None and self.res.lighthouse is not None
+        addr = lighthouse_url(self.res.lighthouse)
+        host, port = split_host_port(addr.removeprefix("http://"), "resilience.lighthouse")
+        limit = self.res.quorum_timeout_s
+        if not wait_for_port(host, port, limit):
+            self.log.log("supervisor_failed", reason=f"lighthouse {addr} unreachable")
+            self.log.close()
+            self.finished = True
+            raise TuneforgeError(
+                f"resilience.lighthouse: nothing answers at {addr} after {limit:.0f}s (quorum_timeout_s); start it "
+                "with `tuneforge lighthouse --bind 0.0.0.0:PORT --min-replicas N` and check the address and firewall"
+            )
+        self.log.log("lighthouse_external", address=addr)
+        return addr
 
     def run(self, timeout_s: float | None = None) -> RunReport:
         """Supervise until the job finishes (or fails / times out); always stops every child."""
         if self.log is None:
             self.start()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        try:
-            while not self.tick():
-                if deadline is not None and time.monotonic() > deadline:
-                    self.failed = f"timed out after {timeout_s:.0f}s"
-                    break
-                time.sleep(TICK_S)
-        finally:
-            self.shutdown()
+        with _SigtermExit() as sigterm:
+            try:
+                while not self.tick():
+                    if deadline is not None and time.monotonic() > deadline:
+                        self.failed = f"timed out after {timeout_s:.0f}s"
+                        break
+                    time.sleep(TICK_S)
+            finally:
+                sigterm.disarm()  # a SIGTERM now must not interrupt the cleanup
+                self.shutdown()
         if self.failed:
             raise TuneforgeError(f"elastic run {self.run_dir} failed: {self.failed}")
         return analyze(self.run_dir)
@@ -218,8 +275,8 @@ class Supervisor:
         """Check children, faults, control and watchdog once. Returns True when the run is over."""
         with self._lock:
             now = time.time()
-            assert self.lighthouse is not None and self.log is not None
-            if not self.lighthouse.alive() and not self.completed:
+            assert self.log is not None
+            if self.lighthouse is not None and not self.lighthouse.alive() and not self.completed:
                 self.log.log("lighthouse_restart")
                 self.lighthouse.restart()
             self._read_control()
@@ -283,7 +340,10 @@ class Supervisor:
                 self._done_deadline = now + self.res.timeout_s
                 continue
             if rc == EXIT_ORPHANED:
-                continue  # respawned by _reconcile, in resume mode if nobody holds state
+                # respawned by _reconcile, in resume mode if nobody holds state; with several nodes only
+                # the orphan itself can tell (it asked the whole quorum)
+                self.force_resume = self.force_resume or self.res.multi_node
+                continue
             ever_ran = (self.run_dir / "events" / f"replica_{slot}_{p.inc}.jsonl").exists()
             self.startup_failures = 0 if ever_ran else self.startup_failures + 1
             if self.startup_failures >= 3:
@@ -354,7 +414,7 @@ class Supervisor:
         assert self.log is not None
         status = self._statuses() if status is None else status
         stateful = self._stateful(status)
-        if self.job_progress and not stateful:
+        if self.job_progress and not stateful and not self.res.multi_node:
             # nobody holds live state: joiners can never heal; restart them from disk instead
             for slot, p in list(self.procs.items()):
                 if p.mode == "join":
@@ -373,7 +433,9 @@ class Supervisor:
             self.log.log("scale_down", replica=slot, inc=p.inc, pid=p.pid)
             os.kill(p.pid, signal.SIGTERM)
         busy = set(self.procs) | {p.slot for p in self.leaving}
-        mode = "join" if stateful else "resume"
+        # several nodes: once this node has seen the job train, peers elsewhere probably hold live state
+        remote_state = self.res.multi_node and self.t_train_start is not None and not self.force_resume
+        mode = "join" if stateful or remote_state else "resume"
         # a whole (re)start waits for its peers before step 1; a joiner never waits
         barrier = self.target if mode == "resume" and not self.procs else 0
         slot = 0
@@ -383,6 +445,8 @@ class Supervisor:
             self._spawn(slot, mode, barrier)
             busy.add(slot)
             active.append(slot)
+            if mode == "resume":
+                self.force_resume = False
         while len(self.spares) < self.res.hot_spares:
             self._spawn_spare()
 
@@ -437,6 +501,33 @@ class Supervisor:
         popen = self._popen(["--spare", sid], self.run_dir / "logs" / f"spare_{sid}.log", subprocess.PIPE)
         self.spares.append(_Proc(popen=popen, slot=None, inc=-1, mode="spare", started=time.time(), spare_id=sid, stdin=popen.stdin))
         self.log.log("spare_spawn", spare=sid, pid=popen.pid)
+
+
+class _SigtermExit:
+    """While supervising, turn SIGTERM into SystemExit so ``run``'s cleanup stops every child (a container's
+    PID 1 would otherwise ignore it and be SIGKILLed with its replicas). Main thread only; else a no-op."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.previous: Any = None
+
+    def __enter__(self) -> "_SigtermExit":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.armed = True
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.armed:
+            self.armed = False
+            raise SystemExit(128 + signum)
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def __exit__(self, *_exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def new_run_dir(name: str | None = None) -> Path:

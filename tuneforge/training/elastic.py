@@ -98,7 +98,7 @@ def run_elastic(recipe: Any, run_dir: Path, *, replicas: str | None, fault_plan:
         resilience["fault_plan"] = fault_plan
     res = ResilienceConfig.from_dict(resilience)
     cores = len(os.sched_getaffinity(0))
-    threads = recipe.train.num_threads or max(1, cores // max(1, res.initial_replicas()))
+    threads = recipe.train.num_threads or max(1, cores // max(1, res.initial_replicas))
     spec = JobSpec(
         task="tuneforge.training.elastic:make_task",
         task_config={"recipe": recipe.to_dict(), "micro_batch_size": micro_batch_size, "threads": threads,
