@@ -202,6 +202,49 @@ def test_micro_batches_and_prompt_sharing_do_not_change_gradients(tiny_model: Pa
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_completion_logps_match_plain_transformers(tiny_model: Path, tmp_path: Path) -> None:
+    """Only the answer turn is scored — earlier assistant turns of a multi-turn prompt are context, not preference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.config import load_recipe
+    from tuneforge.training.build import build_model, prepare
+    from tuneforge.training.preference import completion_logps, split_pairs
+
+    pairs = preference_pairs(4, seed=5)
+    records = [{"prompt": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "apple banana"},
+                           {"role": "user", "content": p["prompt"]}],
+                "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+    data = write_jsonl(tmp_path / "multi.jsonl", records)
+    recipe = dpo_recipe(tiny_model, data, tmp_path / "run")
+    recipe["data"].update(val_fraction=0, max_length=96)
+    prepared = prepare(load_recipe(recipe))
+    model = build_model(load_recipe(recipe), torch.device("cpu")).eval()
+    task = prepared.make_task(model, 4, "fp32", torch.device("cpu"))
+    refs = [(0, i) for i in range(4)]
+    with torch.no_grad():
+        ours = split_pairs(*completion_logps(model, task.spec.batch(refs, task.sources), True))
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+
+    def logp(prompt: list[dict], answer: list[dict]) -> float:
+        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
+        n_head = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+        ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            lp = plain(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        return float(lp[n_head - 1 :].sum())
+
+    texts = [tokenizer.decode(task.sources[0].seqs.example(2 * i)[0]) for i in range(4)]
+    by_text = {tokenizer.apply_chat_template(r["prompt"] + r["chosen"], tokenize=False): r for r in records}
+    expected_chosen = [logp(by_text[t]["prompt"], by_text[t]["chosen"]) for t in texts]
+    expected_rejected = [logp(by_text[t]["prompt"], by_text[t]["rejected"]) for t in texts]
+    assert ours.chosen.tolist() == pytest.approx(expected_chosen, abs=1e-4)
+    assert ours.rejected.tolist() == pytest.approx(expected_rejected, abs=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ data
 
 

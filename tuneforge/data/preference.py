@@ -8,7 +8,8 @@ prompt (multi-turn context) are rendered but masked, because a preference says n
 Both sequences of all pairs live in one :class:`~tuneforge.data.token_cache.TokenizedSource`, interleaved
 (example ``2i`` is pair ``i``'s chosen side, ``2i + 1`` its rejected side), so the token cache, the memory map and
 ``batching.collate`` work unchanged. :class:`PairSource` is the view the mixing plan sees: one sample per pair,
-each costing 1 (preference data is mixed by pairs, not tokens).
+each costing 1 (preference data is mixed by pairs, not tokens). :func:`collate_pairs` turns pairs into model
+inputs, by default with the prompt shared by both answers (computed once, not twice).
 """
 
 from __future__ import annotations
@@ -199,13 +200,10 @@ class PairBatch:
 
     def to(self, device: torch.device | str) -> PairBatch:
         nb = str(device) != "cpu"
-
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=nb)
-
-        return PairBatch(move(self.input_ids), move(self.position_ids), move(self.attention_mask),  # type: ignore[arg-type]
-                         move(self.positions), move(self.targets), move(self.seq), move(self.last),  # type: ignore[arg-type]
-                         self.pairs, self.num_tokens)
+        mask = None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=nb)
+        ids, pos, at, tgt, seq, last = (t.to(device, non_blocking=nb) for t in (
+            self.input_ids, self.position_ids, self.positions, self.targets, self.seq, self.last))
+        return PairBatch(ids, pos, mask, at, tgt, seq, last, self.pairs, self.num_tokens)
 
 
 def shared_prefix_length(chosen: tuple[np.ndarray, np.ndarray], rejected: tuple[np.ndarray, np.ndarray]) -> int:
@@ -238,7 +236,8 @@ def collate_pairs(refs: Sequence[tuple[int, int]], sources: Sequence[PairSource]
             (c_ids, c_mask), (r_ids, r_mask) = chosen, rejected
             shared = shared_prefix_length(chosen, rejected)
             lc, lr = len(c_ids), len(r_ids)
-            rows.append((np.concatenate([c_ids, r_ids[shared:]]), np.concatenate([np.arange(lc), np.arange(shared, lr)])))
+            positions_in_row = np.concatenate([np.arange(lc), np.arange(shared, lr)])
+            rows.append((np.concatenate([c_ids, r_ids[shared:]]), positions_in_row))
             spans.append((shared, lc, lc + lr - shared))
             placed.append((p, c_ids, c_mask, np.arange(lc)))
             placed.append((p, r_ids, r_mask, np.concatenate([np.arange(shared), lc + np.arange(lr - shared)])))

@@ -9,7 +9,12 @@ the pairs are split into micro-batches or replicas. The losses themselves are th
 
 The DPO reference model costs no second copy of the weights: with an adapter it is the base with the adapter
 switched off; with full fine-tuning its log-probs are computed once, before training, from a transiently loaded
-base, and cached next to the token cache (``dpo.precompute_ref``), so later runs and resumed runs reuse them.
+base, and cached next to the token cache (``dpo.precompute_ref``), so later runs and resumed runs reuse them
+(``precompute_ref: false`` keeps a frozen copy instead, as TRL does by default).
+
+Speed: both answers of a pair go through the model in one row with the prompt computed once (a block attention
+mask keeps each answer blind to the other; checked against two separate rows when the task is built), and only
+the scored positions are projected to the vocabulary. See ``benchmarks/methods_throughput.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from tuneforge.training.precision import autocast
 
 REFERENCE_FREE = ("simpo", "orpo")
 REF_CACHE_VERSION = 1
+MAX_EVAL_PAIRS = 512  # validation pairs scored per source (and given precomputed reference log-probs)
 
 
 # --------------------------------------------------------------------------------------------- set-up
@@ -119,6 +125,8 @@ def prepare_preference(recipe: Recipe) -> PreferencePrepared:
                       seed=recipe.train.seed, max_length=recipe.data.max_length, packing=False,
                       global_batch_size=recipe.train.global_batch_size, epochs=recipe.train.epochs,
                       max_steps=recipe.train.max_steps)
+    for s, p in enumerate(pairs):  # report response tokens, not the unit cost the plan mixed by
+        plan.mix.tokens[s] = int(p.train.completion_tokens[plan.refs[plan.refs[:, 0] == s, 1]].sum())
     return PreferencePrepared(recipe, tokenizer, template, pairs, plan,
                               data_hashes={s.name: s.data_hash for s in loaded},
                               data_info={p.name: p.stats for p in pairs})
@@ -263,7 +271,8 @@ class Reference:
         return rows[:, 0], rows[:, 1]
 
     @torch.no_grad()
-    def compute(self, policy_model: torch.nn.Module, batch: PairBatch, spec: PairSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute(self, policy_model: torch.nn.Module, batch: PairBatch,
+                spec: PairSpec) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model if self.model is not None else policy_model
         with _adapter_off(model) if self.disable_adapter else contextlib.nullcontext(), autocast(spec.precision,
                                                                                                   spec.device):
@@ -274,9 +283,21 @@ class Reference:
 
 @contextlib.contextmanager
 def _adapter_off(model: Any):
-    """The base model: adapter layers switched off in place (no copy of any weight)."""
-    with model.disable_adapter():
+    """The base model: adapter layers switched off in place (no copy of any weight).
+
+    For LoRA-style tuners the layers are toggled directly: ``PeftModel.disable_adapter`` first inspects the state
+    of every layer, which costs more than the reference forward of a small model.
+    """
+    tuner = getattr(model, "base_model", None)
+    if getattr(model.active_peft_config, "is_prompt_learning", False) or not hasattr(tuner, "disable_adapter_layers"):
+        with model.disable_adapter():
+            yield
+        return
+    tuner.disable_adapter_layers()
+    try:
         yield
+    finally:
+        tuner.enable_adapter_layers()
 
 
 def _pair_refs(plan: Plan, rows: Sequence[int]) -> list[tuple[int, int]]:
@@ -385,7 +406,7 @@ class DPOTask:
         return _accumulate(self, model, indices, scale, losses)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, max_examples: int = 512) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, max_examples: int = MAX_EVAL_PAIRS) -> dict[str, float]:
         """Held-out loss, pairwise accuracy of the implicit reward (chosen > rejected) and mean reward margin."""
         tables = self._tables("val")
 
@@ -400,7 +421,7 @@ class DPOTask:
 
 
 def make_reference(recipe: Recipe, model: torch.nn.Module, spec: PairSpec, plan: Plan, train: list[PairSource],
-                   val: dict[str, PairSource], max_val: int = 512) -> Reference | None:
+                   val: dict[str, PairSource], max_val: int = MAX_EVAL_PAIRS) -> Reference | None:
     """The reference for the recipe: none (SimPO/ORPO), precomputed tables, the adapter-free base, or a copy."""
     from tuneforge.models.adapters import is_peft
 
@@ -422,7 +443,8 @@ def make_reference(recipe: Recipe, model: torch.nn.Module, spec: PairSpec, plan:
     needed = [np.unique(plan.refs[plan.refs[:, 0] == s, 1]) for s in range(len(train))]
     use_cache = recipe.data.cache
     tables = {
-        "train": [reference_table(src, ids, base, ctx, spec, fingerprint, use_cache) for src, ids in zip(train, needed)],
+        "train": [reference_table(src, ids, base, ctx, spec, fingerprint, use_cache)
+                  for src, ids in zip(train, needed)],
         "val": {name: reference_table(src, np.arange(min(len(src), max_val)), base, ctx, spec, fingerprint, use_cache)
                 for name, src in val.items()},
     }
@@ -579,7 +601,7 @@ class RewardTask:
         return _accumulate(self, model, indices, scale, losses)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, max_examples: int = 512) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, max_examples: int = MAX_EVAL_PAIRS) -> dict[str, float]:
         """Held-out Bradley–Terry loss, pairwise accuracy (chosen scored strictly higher) and mean margin."""
 
         def losses(src: PairSource, name: str, refs: list[tuple[int, int]]) -> tuple[torch.Tensor, dict]:
