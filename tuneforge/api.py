@@ -144,6 +144,7 @@ def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) 
 
     res = resolve(recipe, prepared.num_steps)
     torch.set_num_threads(res.num_threads)
+    torch.set_flush_denormal(True)  # denormal gradients/optimizer states slow CPU kernels by 10× or more
     device = torch.device(res.device)
     model = build_model(recipe, device)
     tokenizer = prepared.tokenizer

@@ -38,6 +38,7 @@ class ElasticSFTTask:
         from tuneforge.training.schedule import lr_multiplier
 
         torch.set_num_threads(self.threads)
+        torch.set_flush_denormal(True)
         res = resolve(self.recipe, self.prepared.num_steps)
         device = torch.device(res.device)
         model = build_model(self.recipe, device)
