@@ -35,7 +35,8 @@ def test_world_is_fixed_and_consistent() -> None:
     # The facts taught in prose are the facts asked in evaluation.
     prose = " ".join(world.general_corpus(0, 400))
     for country, capital in w.capital.items():
-        assert f"The capital of {country} is {capital}." in prose or f"{capital} is the capital city of {country}." in prose
+        stated = (f"The capital of {country} is {capital}.", f"{capital} is the capital city of {country}.")
+        assert any(s in prose for s in stated)
 
 
 def test_chat_records_have_openai_shape_and_correct_answers() -> None:
@@ -96,7 +97,8 @@ def test_spelled_words_in_eval_never_appear_in_training() -> None:
     spelled = re.compile(r"(?<![A-Za-z])((?:[a-z] ){2,4}[a-z])(?![A-Za-z])")
     train_words = {w for r in world.general_chat_examples(1, 3000) for w in spelled.findall(_user(r))}
     train_words |= set(spelled.findall("\n".join(world.general_corpus(1, 500))))
-    eval_words = {w for i in world.general_eval_items(1, 400) if i["skill"] in WORD_SKILLS for w in spelled.findall(_user(i))}
+    eval_items = [i for i in world.general_eval_items(1, 400) if i["skill"] in WORD_SKILLS]
+    eval_words = {w for i in eval_items for w in spelled.findall(_user(i))}
     assert len(eval_words) > 50 and len(train_words) > 500 and not (eval_words & train_words)
 
 
@@ -122,9 +124,11 @@ def test_taxonomy_has_at_least_100_unique_three_level_leaves() -> None:
     assert len(labels) >= 100
     assert len(set(labels)) == len(labels)
     assert all(len(label.split("/")) == 3 and all(label.split("/")) for label in labels)
-    # Every leaf phrase points at exactly one leaf, or the labels would be ambiguous.
-    phrases = [p for area in tickets.TAXONOMY.values() for _, issues in area.values() for ps in issues.values() for p in ps]
-    assert len(phrases) == len(set(phrases))
+    # Every topic noun names exactly one topic, or the labels would be ambiguous.
+    nouns = [n for topics in tickets.TOPIC_NOUNS.values() for ns in topics.values() for n in ns]
+    assert len(nouns) == len(set(nouns))
+    frames = [f for fs in tickets.TYPE_FRAMES.values() for f in fs]
+    assert len(frames) == len(set(frames)) and all(f.count("{n}") == 1 for f in frames)
 
 
 def test_ticket_generators_are_deterministic_per_seed() -> None:
@@ -138,26 +142,47 @@ def test_every_leaf_appears_in_training_and_eval_data() -> None:
     labels = set(tickets.leaf_labels())
     train = tickets.ticket_examples(0, len(labels))
     assert {r["messages"][-1]["content"] for r in train} == labels
+    counts = Counter(r["messages"][-1]["content"] for r in tickets.ticket_examples(0, 10 * len(labels)))
+    assert set(counts.values()) == {10}  # balanced rounds
+    # ... but not periodic: a fixed order would put the same leaves in the same batches every round.
+    order = [r["messages"][-1]["content"] for r in tickets.ticket_examples(0, 2 * len(labels))]
+    assert order[: len(labels)] != order[len(labels) :]
     evals = tickets.ticket_eval_items(0, 2 * len(labels))
     assert Counter(i["answer"] for i in evals) == {label: 2 for label in labels}
 
 
 def test_ticket_records_have_expected_shape() -> None:
     record = tickets.ticket_examples(0, 1)[0]
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+    record = tickets.ticket_examples(0, 1, system_prompt=tickets.TICKET_SYSTEM_PROMPT)[0]
     assert [m["role"] for m in record["messages"]] == ["system", "user", "assistant"]
     assert record["messages"][0]["content"] == tickets.TICKET_SYSTEM_PROMPT
-    item = tickets.ticket_eval_items(0, 1, system_prompt=None)[0]
+    item = tickets.ticket_eval_items(0, 1)[0]
     assert [m["role"] for m in item["messages"]] == ["user"]
     assert item["skill"] == "tickets" and item["answer"] in tickets.leaf_labels()
 
 
-def test_each_ticket_carries_its_leaf_phrase() -> None:
-    phrases = {
-        f"{a}/{t}/{i}": ps for a, topics in tickets.TAXONOMY.items() for t, (_, issues) in topics.items() for i, ps in issues.items()
-    }
-    for record in tickets.ticket_examples(1, 500):
-        text, label = record["messages"][1]["content"].lower(), record["messages"][2]["content"]
-        assert any(p in text for p in phrases[label]), (text, label)
+def _signals(label: str) -> list[str]:
+    kind, area, topic = label.split("/")
+    return [f.format(n=n) for f in tickets.TYPE_FRAMES[kind] for n in tickets.TOPIC_NOUNS[area][topic]]
+
+
+def test_each_ticket_carries_its_signal_sentence() -> None:
+    for record in tickets.ticket_examples(1, 500) + tickets.ticket_eval_items(1, 200):
+        text = _user(record).lower()
+        label = record.get("answer") or record["messages"][-1]["content"]
+        assert any(signal in text for signal in _signals(label)), (text, label)
+
+
+def test_eval_signals_are_unseen_combinations_for_their_leaf() -> None:
+    """Evaluation pairs a leaf's frame and noun in a way training never does (compositional hold-out)."""
+    seen: dict[str, set[str]] = {}
+    for record in tickets.ticket_examples(0, 20_000):
+        text, label = _user(record).lower(), record["messages"][-1]["content"]
+        seen.setdefault(label, set()).update(sig for sig in _signals(label) if sig in text)
+    for item in tickets.ticket_eval_items(0, 600):
+        used = {sig for sig in _signals(item["answer"]) if sig in _user(item).lower()}
+        assert used and not (used & seen[item["answer"]]), (item, used & seen[item["answer"]])
 
 
 def test_ticket_eval_is_held_out_from_training() -> None:
@@ -180,3 +205,16 @@ def test_small_counts(n: int) -> None:
     assert len(tickets.ticket_examples(0, n)) == n
     assert len(world.general_eval_items(0, n)) == n
     assert len(world.general_corpus(0, n)) == n
+
+
+def test_base_corpus_knows_the_ticket_words_but_not_the_task() -> None:
+    """A pre-trained model knows everyday words; it must not have seen the classification task."""
+    corpus = "\n".join(world.general_corpus(0, 3000))
+    corpus_words = set(re.findall(r"[a-z]+", corpus.lower()))
+    ticket_words = set()
+    for record in tickets.ticket_examples(0, 3000):
+        text = " ".join(m["content"] for m in record["messages"] if m["role"] != "assistant")
+        ticket_words |= set(re.findall(r"[a-z]+", text.lower()))
+    assert len(ticket_words & corpus_words) / len(ticket_words) > 0.9
+    assert not any(label in corpus for label in tickets.leaf_labels())
+    assert "/" not in corpus  # no category paths at all

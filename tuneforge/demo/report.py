@@ -48,7 +48,10 @@ def _cell(value: object) -> str:
 
 def _grid(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def line(cells: list[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
@@ -96,7 +99,10 @@ def verdict(table: list[dict], margin: float = 0.02) -> str:
         if mix >= base - margin:
             head = "Mixing general data into fine-tuning preserved general skills"
         else:
-            head = "Mixing general data into fine-tuning preserved more general skill than domain-only fine-tuning, but not all of it"
+            head = (
+                "Mixing general data into fine-tuning preserved more general skill than domain-only fine-tuning, "
+                "but not all of it"
+            )
     elif dom - mix >= margin:
         head = "Mixing general data into fine-tuning did not preserve general skills: domain-only fine-tuning kept more"
     else:
@@ -156,7 +162,8 @@ def write_report(run_dir: Path, table: list[dict], loss_curves: dict[str, list[t
     plt.close(fig)
 
     cols = _columns(table)
-    parts = [f"# {title}", "", _markdown(["model", *cols], [[str(r["model"]), *(_cell(r.get(c)) for c in cols)] for r in table])]
+    rows = [[str(r["model"]), *(_cell(r.get(c)) for c in cols)] for r in table]
+    parts = [f"# {title}", "", _markdown(["model", *cols], rows)]
     parts += ["", verdict(table)]
     if skills:
         rows = [[s, *(_cell((r.get("skills") or {}).get(s)) for r in table)] for s in skills]

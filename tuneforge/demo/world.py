@@ -1,24 +1,31 @@
 """A small generated world and the "general skills" a tiny model can learn from it.
 
-The demo pre-trains a ~2-5 M parameter model from scratch in a few CPU minutes, so its general skills must
-be learnable from about a million tokens: a closed world of invented facts, small arithmetic and string
-operations, all asked in a handful of fixed phrasings with answers of a few tokens.
+The demo pre-trains a ~2 M parameter model from scratch in a few CPU minutes, so its general skills must be
+learnable from about a million tokens. Tried at that budget (2 M-parameter Llama, ~0.9 M tokens, ~440
+steps of 8 × 256 tokens): recall of invented facts and counting over spelled-out words are learned;
+skills that need copying from the prompt (first letter, reverse, uppercase, the larger of two numbers) and
+two-digit arithmetic stayed near zero, so they are not in the suite.
 
-Held-out design (what ``general_eval_items`` asks):
+What ``general_eval_items`` asks, and why:
 
-* Facts (``capital``, ``profession``, ``color``) are the *trained* facts in the *trained* phrasings.
-  The world is closed: nobody can know the capital of Arvonia without having read it, so the skill is
-  recall, and recall is exactly what catastrophic forgetting destroys. Paraphrase generalisation is not
-  something a model this small shows reliably after two minutes, so held-out phrasings would measure
-  that instead of retention.
-* Arithmetic (``add``, ``sub``, ``larger``) uses operand pairs that never occur in training data.
-* String operations (``reverse``, ``uppercase``, ``first_letter``, ``length``) use words that never occur in
-  training data. Words are written spelled out (``t a m``) because a BPE tokenizer merges letters into
-  opaque tokens; spelled out, each operation is a rule over letters that transfers to unseen words instead
-  of a per-word lookup.
+* Facts (``capital``, ``profession``, ``color``): the *trained* facts in the *trained* phrasings. The
+  world is closed — nobody can know the capital of Arvonia without having read it — so the skill is
+  recall, and recall is exactly what catastrophic forgetting destroys. Held-out phrasings would measure
+  paraphrase generalisation, which a model this small does not show after two minutes, not retention.
+* Tables (``add``, ``sub``): the whole of a small addition table (operands 0-5) and the same table read
+  backwards, drilled in table documents and recalled like a times table. Held-out operand pairs would
+  measure generalisation that this budget does not buy (it measured about 5 %).
+* Word skills (``length``, ``vowels``): words that never occur in training (``is_held_out``), written
+  spelled out (``t a m``) because a BPE tokenizer merges letters into opaque tokens; spelled out, counting
+  is a rule over letter tokens that transfers to unseen words.
 
-The split is a fixed hash of the content (``is_held_out``), independent of any seed, so no seed can leak an
-evaluation item into training.
+The split is a fixed hash of the content, independent of any seed, so no seed can leak an evaluation word
+into training.
+
+The corpus also holds "everyday" English that no skill asks about, written around the vocabulary of ordinary
+life (orders, refunds, passwords, apps). A real base model knows those words before it meets a support
+ticket; without them every ticket word was an embedding the tiny base had never trained, and fine-tuning
+spent its minute learning words instead of the task. The task itself (category paths) never appears.
 """
 
 from __future__ import annotations
@@ -35,17 +42,11 @@ Render = Callable[[list[dict]], str]
 WORLD_SEED = 20240611
 
 COUNTRIES = (
-    "Arvonia", "Belmora", "Calvaro", "Dravia", "Elunor", "Feyland", "Gorvia", "Halvir",
-    "Istrel", "Kelmar", "Lunaris", "Morvane", "Ostrel", "Pellia", "Quoran", "Sorvia",
+    "Arvonia", "Belmora", "Calvaro", "Dravia", "Elunor", "Feyland", "Gorvia", "Halvir", "Istrel", "Kelmar", "Lunaris",
+    "Morvane",
 )
-CAPITALS = (
-    "Abrak", "Bexil", "Corvo", "Dunmar", "Eskel", "Fario", "Grent", "Holm",
-    "Ivra", "Kesto", "Lodan", "Mirel", "Nesk", "Orlo", "Pavik", "Rusk",
-)
-PEOPLE = (
-    "Brin", "Cato", "Dena", "Elko", "Fira", "Gus", "Hale", "Ivo",
-    "Juno", "Kira", "Lark", "Milo", "Nell", "Otto", "Pim", "Rue",
-)
+CAPITALS = ("Abrak", "Bexil", "Corvo", "Dunmar", "Eskel", "Fario", "Grent", "Holm", "Ivra", "Kesto", "Lodan", "Mirel")
+PEOPLE = ("Brin", "Cato", "Dena", "Elko", "Fira", "Gus", "Hale", "Ivo", "Juno", "Kira", "Lark", "Milo")
 PROFESSIONS = ("baker", "pilot", "farmer", "doctor", "painter", "singer", "teacher", "sailor")
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple")
 
@@ -55,7 +56,7 @@ WORD_SKILLS = ("length", "vowels")
 SKILLS = FACT_SKILLS + TABLE_SKILLS + WORD_SKILLS
 RECALL_SKILLS = FACT_SKILLS + TABLE_SKILLS  # evaluated on trained items; WORD_SKILLS on held-out words
 
-DIGIT_MAX = 10  # table operands 0-9: sums of one or two digits, subtraction as the table read backwards
+DIGIT_MAX = 6  # table operands 0-5: sums of one or two digits, subtraction as the table read backwards
 
 # Letters for generated words: no q/x/y, so words stay pronounceable and the alphabet small.
 _CONSONANTS = "bcdfghjklmnprstvwz"
@@ -87,6 +88,57 @@ _STATEMENTS: dict[str, tuple[str, ...]] = {
         "{p} always wears {x}, the favorite color of {p}.",
     ),
 }
+
+
+# Everyday English for the "everyday" documents: no skill is asked about it, but a pre-trained model knows
+# the words of ordinary life (orders, refunds, passwords, apps…) before it meets any task that uses them.
+# Without it, every word of a support ticket would be an embedding the base never trained.
+_EVERYDAY_NOUNS = (
+    "refund", "invoice", "payment", "card", "bank transfer", "subscription", "plan", "membership", "login",
+    "password", "profile", "email address", "display name", "team", "admin role", "colleague", "account",
+    "data", "export", "parcel", "delivery", "courier", "return label", "exchange", "customs papers",
+    "import duties", "order", "pickup point", "parcel locker", "store", "mobile app", "app update",
+    "push notifications", "api key", "webhook", "slack channel", "csv file", "backup", "android phone",
+    "iphone", "desktop client", "dark mode", "search box", "report builder", "discount code", "student price",
+    "enterprise quote", "survey", "help docs", "new design", "preorder", "waitlist", "sold out item",
+    "phishing email", "fake seller", "cookie settings", "marketing emails", "soc report", "audit log",
+    "data residency", "suspicious login", "leaked password", "security vulnerability", "personal data",
+    "billing statement", "invoice pdf", "checkout", "premium plan", "monthly fee", "sign in page",
+    "password reset", "old account", "overseas order", "store collection", "data sync", "version", "feature",
+    "message", "ticket", "chat", "customer", "support team", "weather", "shift", "money", "number", "page",
+)
+_EVERYDAY_TOPICS = (
+    "billing", "account", "shipping", "technical", "product", "security", "refunds", "invoices", "payments",
+    "access", "closure", "returns", "international", "pickup", "integrations", "devices", "features",
+    "pricing", "feedback", "availability", "fraud", "privacy", "compliance", "incidents", "status", "error",
+    "change", "cancel", "question",
+)
+_EVERYDAY_SENTENCES = (
+    "{p} checked the {n} {t}.", "{p} changed the {n} {t}.", "{p} updated my {n}.", "{p} cancelled the {n}.",
+    "{p} wanted to stop the {n}.", "{p} removed the {n} {t}.", "{p} can explain the {n}.",
+    "{p} fixed the {n} {t}.", "Where did {p} find the {n}?", "{p} sent the {n} to {x}.",
+    "{p} read about the {n} and the {m}.", "{p} is still waiting for the {n}.", "The {n} does not work for {p}.",
+    "The {n} shows a strange message.", "The {n} is broken, so {p} tried again.", "How long will the {n} take?",
+    "I need to edit the {n}.", "I have a question about the {n}.", "I do not understand the {n}.",
+    "Please tell me the rules for the {n}.", "Nothing has happened with the {n} since last week.",
+    "Can you modify the {n}?", "My {n} needs a correction.", "{p} has the wrong details on the {n}.",
+    "{p} no longer wants the {m}, but likes the {n}.", "{p} wrote a note on {o}.", "{p} works on {o} and {o2}.",
+    "Good morning, {p}. Thank you for the {n}.", "Hello {p}, sorry for the wait.", "Hi there, this is urgent.",
+    "Dear {p}, any update on the {n}?", "Thanks, {p}. Cheers!", "Regards, {p}. Best wishes.",
+    "{p} said: please help me with the {n}.", "Hey team, {p} already tried restarting it.",
+    "{p} has been a customer for years.", "{p} uses the {n} every day.", "Please reply by email, {p}.",
+    "{p} got rid of the {n}.", "{p} called off the {n}.", "What is the status of the {n}?",
+    "When will the {n} be done?", "It is gone now.", "Stop it right away.", "Where can I read more?",
+    "I just want to understand.", "Can you make the edit soon?", "It needs to be changed.",
+    "Nothing I try helps.", "Something is wrong with the {n}.", "Your chat was closed, {p}.",
+    "I am writing about the {n} too.", "It concerns an old {n}.",
+    "Regarding the {n}: it fails, then it stopped working.",
+    "{p} will call back later.", "The charge on the card is correct.", "At nine o'clock {p} started the shift.",
+    "{p} asked for the deletion of the {n}.", "{p} speaks english.", "Please fix it, then get some rest.",
+    "Here is my id and the ref number.", "The integration is pending.", "{p} sent an invite to a colleague.",
+    "I do not recognise the {n}.", "{p} wants to remove the {n} from the same topic.", "{p} made a request.",
+    "That is where it stands.", "The weather is terrible.", "{p} likes to use the {n}.",
+)
 
 
 @dataclass(frozen=True)
@@ -186,13 +238,24 @@ def _prose_doc(rng: random.Random) -> str:
     return " ".join(_statement(rng) for _ in range(rng.randint(6, 10)))
 
 
+def _everyday_doc(rng: random.Random) -> str:
+    def sentence() -> str:
+        return rng.choice(_EVERYDAY_SENTENCES).format(
+            p=rng.choice(PEOPLE), x=rng.choice(CAPITALS), n=rng.choice(_EVERYDAY_NOUNS),
+            m=rng.choice(_EVERYDAY_NOUNS), o=rng.choice(_EVERYDAY_TOPICS), o2=rng.choice(_EVERYDAY_TOPICS),
+            t=rng.choice(("today", "yesterday", "last week", "this morning", "again", "on time", "for days")),
+        )
+
+    return " ".join(sentence() for _ in range(rng.randint(6, 10)))
+
+
 def _table_doc(rng: random.Random) -> str:
     """Two rows of the addition or subtraction table in order: the drill that makes the tables stick."""
     rows = []
-    for _ in range(2):
-        skill, y = rng.choice(TABLE_SKILLS), rng.randrange(DIGIT_MAX)
+    for skill, y in rng.sample([(s, y) for s in TABLE_SKILLS for y in range(DIGIT_MAX)], 2):
         sign = "+" if skill == "add" else "-"
-        rows.append(" ".join(f"{a} {sign} {b} = {c}." for a, b, c in (_table_pair(skill, x, y) for x in range(DIGIT_MAX))))
+        entries = (_table_pair(skill, x, y) for x in range(DIGIT_MAX))
+        rows.append(" ".join(f"{a} {sign} {b} = {c}." for a, b, c in entries))
     return "\n".join(rows)
 
 
@@ -207,11 +270,12 @@ def _exercise_doc(rng: random.Random) -> str:
 
 
 # Document mix of the pre-training corpus: (kind, cumulative probability).
-CORPUS_MIX = (("prose", 0.25), ("table", 0.40), ("chat", 0.80), ("exercise", 1.0))
+CORPUS_MIX = (("prose", 0.25), ("table", 0.45), ("everyday", 0.55), ("chat", 0.85), ("exercise", 1.0))
 
 
 def general_corpus(seed: int, n_docs: int, render: Render | None = None) -> list[str]:
-    """Raw text documents for continued pre-training: fact prose, table drills, Q/A sheets, chat transcripts.
+    """Raw text documents for continued pre-training: fact prose, table drills, everyday English, Q/A sheets
+    and chat transcripts.
 
     ``render`` turns one user/assistant exchange into text; give it the tokenizer's chat template so that
     pre-training already practises the surface form the chat evaluation uses (default: ``render_plain``).
@@ -227,6 +291,8 @@ def general_corpus(seed: int, n_docs: int, render: Render | None = None) -> list
             docs.append(_prose_doc(rng))
         elif kind == "table":
             docs.append(_table_doc(rng))
+        elif kind == "everyday":
+            docs.append(_everyday_doc(rng))
         elif kind == "chat":
             docs.append(_chat_doc(rng, render))
         else:
