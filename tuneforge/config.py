@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuneforge.errors import RecipeError
 
-Method = Literal["sft", "cpt", "dpo", "reward"]
+Method = Literal["sft", "cpt", "dpo", "reward", "grpo", "ppo", "distill"]
 PREFERENCE_METHODS = ("dpo", "reward")
+ONLINE_METHODS = ("grpo", "ppo")  # learn from the policy's own samples: prompt-only data, generation every step
 
 
 class _Section(BaseModel):
@@ -40,7 +41,7 @@ class SourceConfig(_Section):
     path: str = Field(description="JSONL, JSON, Parquet, CSV file or a `datasets` directory.")
     name: str | None = Field(None, description="Name used in reports and metrics; defaults to the file stem.")
     weight: float = Field(1.0, gt=0, description="Relative share of the mixture (normalised over sources).")
-    format: Literal["auto", "messages", "prompt_completion", "text", "preference"] = "auto"
+    format: Literal["auto", "messages", "prompt_completion", "text", "preference", "prompt"] = "auto"
 
 
 class SanitizeConfig(_Section):
@@ -130,6 +131,68 @@ class RewardConfig(_Section):
     )
 
 
+class GenerationConfig(_Section):
+    """Sampling for online methods (GRPO, PPO) and sequence-level distillation; held-out scoring is greedy."""
+
+    max_new_tokens: int = Field(64, gt=0, description="Completion budget per sample.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs are of the sampled policy).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, gt=0)
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings (besides the tokenizer's EOS).")
+
+
+class GRPOConfig(_Section):
+    """RL from verifiable rewards (``method: grpo``): groups of sampled completions scored by graders."""
+
+    graders: str | dict[str, Any] = Field(
+        description="Grader config in OpenAI's reinforcement fine-tuning shape: a .json/.yaml file or an inline "
+        "mapping (string_check, text_similarity, python, score_model, multi).")
+    group_size: int = Field(8, ge=2, description="Completions sampled per prompt (the group).")
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = Field(
+        "dapo", description="Token averaging: grpo (per sequence), dapo/bnpo (per token over the whole step), "
+        "dr_grpo (constant divisor, no length bias).")
+    scale_rewards: Literal["std", "none"] = Field(
+        "std", description="Divide advantages by the group's std (GRPO) or only centre them (Dr. GRPO).")
+    beta: float = Field(0.0, ge=0, description="KL penalty to the reference policy (k3 estimator); 0 = off.")
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    clip_eps_high: float | None = Field(None, gt=0, description="DAPO's clip-higher; default: clip_eps.")
+    judge_base_url: str | None = Field(None, description="Default OpenAI-compatible endpoint for score_model graders.")
+    judge_api_key_env: str | None = Field(None, description="Environment variable holding the judge's API key.")
+    eval_prompts: int = Field(64, gt=0, description="Held-out prompts scored (greedy) at each evaluation.")
+
+
+class PPOConfig(_Section):
+    """RLHF with PPO (``method: ppo``): a trained reward model, a value head, KL to the reference and GAE."""
+
+    reward_model: str = Field(description="Directory of a reward model trained with method: reward.")
+    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty to the reference policy in the reward.")
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    value_clip: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    ppo_epochs: int = Field(1, gt=0, description="Optimizer passes over each batch of rollouts.")
+    whiten_rewards: bool = Field(False, description="Normalise scores over the batch before GAE.")
+    missing_eos_penalty: float | None = Field(
+        None, description="Subtracted from the score of completions that hit the length budget without EOS.")
+    eval_prompts: int = Field(64, gt=0, description="Held-out prompts scored (greedy) at each evaluation.")
+
+
+class DistillConfig(_Section):
+    """Knowledge distillation (``method: distill``) from a teacher model into the student (``model``)."""
+
+    teacher: str = Field(description="Teacher model directory (or hub id when online).")
+    mode: Literal["auto", "logits", "sequence"] = Field(
+        "auto", description="logits: match the teacher's token distributions (needs the same tokenizer); "
+        "sequence: the teacher writes the answers and the student learns them with SFT. auto: logits when the "
+        "vocabularies agree.")
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, gt=0, lt=1, description="JSD interpolation (kind: jsd).")
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.0, ge=0, le=1, description="Weight of the plain cross-entropy on the data's own "
+                         "answers; (1 - alpha) goes to the distillation term.")
+
+
 class TrackingConfig(_Section):
     enabled: bool = True
     uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite under $TUNEFORGE_HOME.")
@@ -152,6 +215,10 @@ class Recipe(_Section):
     train: TrainConfig = TrainConfig()
     dpo: DPOConfig = DPOConfig()
     reward: RewardConfig = RewardConfig()
+    grpo: GRPOConfig | None = None
+    ppo: PPOConfig | None = None
+    distill: DistillConfig | None = None
+    generation: GenerationConfig = GenerationConfig()
     tracking: TrackingConfig = TrackingConfig()
     output: OutputConfig = OutputConfig()
     resilience: dict[str, Any] = Field(
@@ -177,6 +244,15 @@ class Recipe(_Section):
         if not v or any(c in v for c in "/\\\0") or v.startswith("."):
             raise ValueError("must be a non-empty name without slashes that does not start with '.'")
         return v
+
+    @model_validator(mode="after")
+    def _method_has_its_section(self) -> Recipe:
+        for method in ("grpo", "ppo", "distill"):
+            if self.method == method and getattr(self, method) is None:
+                example = {"grpo": "graders: grader.json", "ppo": "reward_model: runs/rm/model",
+                           "distill": "teacher: path/to/teacher"}[method]
+                raise ValueError(f"{method}: method {method} needs a '{method}:' section (e.g. {method}: {{{example}}})")
+        return self
 
     @model_validator(mode="after")
     def _method_fits_adapter(self) -> Recipe:
@@ -309,6 +385,12 @@ def _resolve_relative_paths(recipe: Recipe, base_dir: Path) -> None:
     for source in recipe.data.sources:
         source.path = fix(source.path) or source.path
     recipe.data.validation = fix(recipe.data.validation)
+    if recipe.grpo is not None and isinstance(recipe.grpo.graders, str):
+        recipe.grpo.graders = fix(recipe.grpo.graders) or recipe.grpo.graders
+    if recipe.ppo is not None:
+        recipe.ppo.reward_model = fix(recipe.ppo.reward_model) or recipe.ppo.reward_model
+    if recipe.distill is not None:
+        recipe.distill.teacher = fix(recipe.distill.teacher) or recipe.distill.teacher
     if recipe.output.dir is not None:
         recipe.output.dir = fix(recipe.output.dir) if not recipe.output.dir.startswith("/") else recipe.output.dir
 
@@ -346,7 +428,7 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
             lines.append(f"{origin}: {path}: required field is missing")
         elif err["type"] == "value_error":  # our own validators: the message already says what and where
             msg = str(err["msg"]).removeprefix("Value error, ")
-            lines.append(f"{origin}: {msg}" if msg.startswith(f"{path}.") else f"{origin}: {path}: {msg}")
+            lines.append(f"{origin}: {msg}" if not path or msg.startswith(f"{path}.") else f"{origin}: {path}: {msg}")
         else:
             given = err.get("input")
             shown = json.dumps(given, default=str)[:80] if not isinstance(given, dict) else "a mapping"

@@ -1,6 +1,6 @@
 """Record formats: what a valid record looks like, and its one canonical shape.
 
-Four formats, with OpenAI's fine-tuning rules where they exist:
+Five formats, with OpenAI's fine-tuning rules where they exist:
 
 - ``messages``: ``{"messages": [...], "tools"?: [...]}`` — a chat; assistant messages may carry
   ``weight`` 0/1 (0 = shown as context, not trained on).
@@ -8,6 +8,9 @@ Four formats, with OpenAI's fine-tuning rules where they exist:
 - ``text``: ``{"text": str}`` for continued pre-training.
 - ``preference``: OpenAI's DPO shape ``{"input": {"messages": [...]}, "preferred_output": [...],
   "non_preferred_output": [...]}`` or ``{"prompt", "chosen", "rejected"}`` (strings or message lists).
+- ``prompt``: ``{"messages": [... ending with a user message], ...}`` for online RL (GRPO, PPO), as in
+  OpenAI's reinforcement fine-tuning; any other keys are kept for the graders (``{{item.answer}}``).
+  Never auto-detected: the method asks for it.
 
 ``check_record`` returns every problem as ``(field, problem, expected)`` with a field path such as
 ``messages[2].role``; ``to_canonical`` turns a record that passed into the shape the rest of tuneforge
@@ -22,7 +25,7 @@ from typing import Any
 
 from tuneforge.errors import TuneforgeError
 
-FORMATS = ("messages", "prompt_completion", "text", "preference")
+FORMATS = ("messages", "prompt_completion", "text", "preference", "prompt")
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = ("role", "content", "weight", "name", "tool_calls", "tool_call_id")
 
@@ -33,6 +36,7 @@ _KEYS = {
     "text": ("text",),
     "pairs": ("prompt", "chosen", "rejected"),
     "openai_dpo": ("input", "preferred_output", "non_preferred_output"),
+    "prompt": ("messages", "tools"),
 }
 _REQUIRED = {
     "messages": ("messages",),
@@ -40,6 +44,7 @@ _REQUIRED = {
     "text": ("text",),
     "pairs": ("prompt", "chosen", "rejected"),
     "openai_dpo": ("input", "preferred_output", "non_preferred_output"),
+    "prompt": ("messages",),
 }
 _DPO_INPUT_KEYS = ("messages", "tools")
 _ALL_KEYS = tuple(dict.fromkeys(k for keys in _KEYS.values() for k in keys))
@@ -105,6 +110,11 @@ def check_record(value: Any, fmt: str, *, allow_extra: Collection[str] = ()) -> 
             _check_chat(value["messages"], "messages", issues)
         if "tools" in value:
             _check_tools(value["tools"], "tools", issues)
+    elif shape == "prompt":
+        if "messages" in value:
+            _check_prompt(value["messages"], "messages", issues)
+        if "tools" in value:
+            _check_tools(value["tools"], "tools", issues)
     elif shape == "prompt_completion":
         for key in ("prompt", "completion"):
             if key in value:
@@ -142,7 +152,7 @@ def to_canonical(value: dict, fmt: str) -> dict:
     shape = _shape(value, fmt)
     own = _KEYS[shape]
     extra = {k: v for k, v in value.items() if k not in own}
-    if shape == "messages":
+    if shape in ("messages", "prompt"):
         out: dict = {"messages": [_canonical_message(m) for m in value["messages"]]}
         if "tools" in value:
             out["tools"] = value["tools"]

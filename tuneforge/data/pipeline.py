@@ -8,6 +8,7 @@ the clean examples into memory-mapped token arrays through the cache.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,14 +51,20 @@ def _key(example: dict) -> str:
     return json.dumps(example, sort_keys=True, ensure_ascii=False)
 
 
-def load_sources(recipe: Recipe) -> list[SourceExamples]:
-    """Validate every source (all errors of all files at once), then sanitise and split each."""
+def load_sources(recipe: Recipe, *, default_format: str | None = None,
+                 allow_extra: Collection[str] = ()) -> list[SourceExamples]:
+    """Validate every source (all errors of all files at once), then sanitise and split each.
+
+    ``default_format`` replaces ``auto`` (online RL reads prompts, which look like chats); ``allow_extra``
+    names top-level keys records may carry beyond their format's (``"*"``: any — grader data).
+    """
     loaded: list[SourceExamples] = []
     issues: list[DataIssue] = []
     summaries = []
     names: set[str] = set()
     for cfg in recipe.data.sources:
-        report = validate_file(cfg.path, cfg.format)
+        fmt = default_format if cfg.format == "auto" and default_format else cfg.format
+        report = validate_file(cfg.path, fmt, allow_extra=allow_extra)
         issues.extend(report.issues)
         summaries.append(report.summary())
         if report.n_bad:
@@ -66,7 +73,7 @@ def load_sources(recipe: Recipe) -> list[SourceExamples]:
     if issues:
         raise DataError(issues, "training data has bad records — nothing was trained:\n" + "\n".join(summaries))
     if recipe.data.validation:
-        report = validate_file(recipe.data.validation, "auto")
+        report = validate_file(recipe.data.validation, default_format or "auto", allow_extra=allow_extra)
         if report.n_bad:
             raise DataError(report.issues, report.summary())
         for src in loaded:  # an explicit validation file replaces the split for the first source

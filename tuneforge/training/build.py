@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tuneforge.config import PREFERENCE_METHODS, Recipe
+from tuneforge.config import ONLINE_METHODS, PREFERENCE_METHODS, Recipe
 from tuneforge.errors import TuneforgeError
 
 PROMPT_LEARNING = ("prompt_tuning", "p_tuning", "prefix_tuning")
@@ -78,6 +78,14 @@ def prepare(recipe: Recipe) -> Prepared:
         from tuneforge.training.preference import prepare_preference
 
         return prepare_preference(recipe)  # type: ignore[return-value]
+    if recipe.method in ONLINE_METHODS:  # prompts in, the policy's own samples scored by graders / a reward model
+        from tuneforge.training.online import prepare_online
+
+        return prepare_online(recipe)  # type: ignore[return-value]
+    if recipe.method == "distill":  # SFT-shaped data, a teacher's distributions (or answers) as the target
+        from tuneforge.training.distill import prepare_distill
+
+        return prepare_distill(recipe)  # type: ignore[return-value]
     from tuneforge.data.pipeline import load_sources, tokenize_sources
     from tuneforge.data.sampler import build_plan
     from tuneforge.models.adapters import check_qlora_supported
