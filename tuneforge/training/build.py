@@ -86,12 +86,22 @@ def prepare(recipe: Recipe) -> Prepared:
         from tuneforge.training.distill import prepare_distill
 
         return prepare_distill(recipe)  # type: ignore[return-value]
+    return prepare_sft(recipe)
+
+
+def prepare_sft(recipe: Recipe, loaded: list[Any] | None = None) -> Prepared:
+    """SFT / CPT data: every record checked, tokenized through the cache and planned into packed rows.
+
+    ``loaded`` (from ``data.pipeline.load_sources``) skips reading the sources again — distillation passes
+    records its teacher wrote.
+    """
     from tuneforge.data.pipeline import load_sources, tokenize_sources
     from tuneforge.data.sampler import build_plan
     from tuneforge.models.adapters import check_qlora_supported
     from tuneforge.models.loading import check_model_path
 
-    loaded = load_sources(recipe)  # every record of every source is checked first
+    if loaded is None:
+        loaded = load_sources(recipe)  # every record of every source is checked first
     for src in loaded:
         if src.format == "preference":
             raise TuneforgeError(f"data.sources: {src.path} holds preference pairs; train them with method: dpo "
