@@ -33,7 +33,46 @@ def test_quick_demo_end_to_end_and_cached_second_run(_isolated_home: Path) -> No
     assert version.tags["method"] == "sft" and "recipe_hash" in version.tags
     assert any(k.startswith("data_hash.") for k in version.tags)
 
+    _check_kept_mixed_model(Path(first["mixed_dir"]), _isolated_home)
+    _check_preference_recipes_train_on_the_demo_data(_isolated_home)
+
     second = run_demo(quick=True)
     assert second["base_cached"]
     assert all(second["token_cache_hits"].values())
     assert int(second["mixed_version"]) == int(first["mixed_version"]) + 1
+    assert second["mixed_dir"] == first["mixed_dir"] and not (Path(second["mixed_dir"]).parent / "mixed.tmp").exists()
+
+
+def _check_kept_mixed_model(mixed: Path, home: Path) -> None:
+    """The mixed model is kept, whole, at a fixed path that recipes (the distillation teacher) can name."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert mixed == home / "demo" / "quick" / "mixed"
+    run_output = sorted(home.glob("runs/demo-*/mixed/model"))[-1]
+    kept, trained = load_file(str(mixed / "model.safetensors")), load_file(str(run_output / "model.safetensors"))
+    assert kept.keys() == trained.keys() and all(torch.equal(kept[k], trained[k]) for k in kept)
+    model = AutoModelForCausalLM.from_pretrained(mixed)
+    tokenizer = AutoTokenizer.from_pretrained(mixed)
+    ids = tokenizer("Hello, my parcel does not work.", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == model.config.vocab_size
+
+
+def _check_preference_recipes_train_on_the_demo_data(home: Path) -> None:
+    """The shipped DPO and reward recipes run on the files the demo wrote (their quick versions, two steps)."""
+    import tuneforge
+    from tuneforge.data.validate import validate_file
+
+    data = home / "demo" / "quick" / "data"
+    assert validate_file(data / "tickets_preferences.jsonl", "preference").ok
+    assert validate_file(data / "tickets_prompts.jsonl", "prompt", allow_extra="*").ok
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    for name in ("dpo", "reward"):
+        result = tuneforge.train(recipes / f"{name}.yaml", progress=False, set=[
+            "model.path=$TUNEFORGE_HOME/demo/quick/base",
+            "data.sources.0.path=$TUNEFORGE_HOME/demo/quick/data/tickets_preferences.jsonl",
+            "train.max_steps=2", "train.eval_every=2", "tracking.enabled=false", "data.max_length=128",
+            f"output.dir={home / 'runs' / name}"])
+        assert len(result.history) == 2 and all(h["loss"] > 0 for h in result.history)
+        assert result.evals and 0.0 <= result.evals[-1]["val/accuracy"] <= 1.0  # held-out pairs were scored

@@ -218,3 +218,79 @@ def test_base_corpus_knows_the_ticket_words_but_not_the_task() -> None:
     assert len(ticket_words & corpus_words) / len(ticket_words) > 0.9
     assert not any(label in corpus for label in tickets.leaf_labels())
     assert "/" not in corpus  # no category paths at all
+
+
+# --- preference pairs and RL prompts --------------------------------------------------------------------
+
+
+def _named_topics(text: str) -> set[str]:
+    """``area/topic`` of every topic noun a ticket's text names."""
+    text = text.lower()
+    return {f"{area}/{topic}" for area, topics in tickets.TOPIC_NOUNS.items()
+            for topic, nouns in topics.items() if any(n in text for n in nouns)}
+
+
+def test_preference_pairs_are_deterministic_hard_negatives() -> None:
+    assert tickets.ticket_preferences(5, 300) == tickets.ticket_preferences(5, 300)
+    assert tickets.ticket_preferences(5, 300) != tickets.ticket_preferences(6, 300)
+    labels = set(tickets.leaf_labels())
+    pairs = tickets.ticket_preferences(0, 2 * len(labels))
+    assert Counter(p["chosen"] for p in pairs) == {label: 2 for label in labels}
+    kinds: Counter = Counter()
+    for p in pairs:
+        assert [m["role"] for m in p["prompt"]] == ["user"]
+        chosen, rejected = p["chosen"].split("/"), p["rejected"].split("/")
+        assert p["rejected"] in labels and p["rejected"] != p["chosen"]
+        if chosen[1:] == rejected[1:]:
+            kinds["wrong type"] += 1
+        elif chosen[:2] == rejected[:2]:
+            kinds["sibling topic"] += 1
+        else:  # another area: only when the text itself names that topic (a misfiled ticket)
+            assert chosen[0] == rejected[0] and "/".join(rejected[1:]) in _named_topics(p["prompt"][0]["content"])
+            kinds["named topic"] += 1
+    assert kinds["wrong type"] > 60 and kinds["sibling topic"] > 60 and kinds["named topic"] > 0, kinds
+
+
+def test_preference_prompts_are_training_tickets_with_their_labels() -> None:
+    for p in tickets.ticket_preferences(1, 300):
+        text = p["prompt"][0]["content"].lower()
+        assert any(signal in text for signal in _signals(p["chosen"])), p
+    eval_texts = {_user(i) for i in tickets.ticket_eval_items(5, 1200)}
+    assert not eval_texts & {p["prompt"][-1]["content"] for p in tickets.ticket_preferences(6, 3000)}
+
+
+def test_rl_prompts_are_sft_tickets_without_the_answer() -> None:
+    prompts = tickets.ticket_prompts(4, 200, system_prompt=tickets.TICKET_SYSTEM_PROMPT)
+    examples = tickets.ticket_examples(4, 200, system_prompt=tickets.TICKET_SYSTEM_PROMPT)
+    for prompt, example in zip(prompts, examples, strict=True):
+        assert prompt["messages"] == example["messages"][:-1]
+        assert [m["role"] for m in prompt["messages"]] == ["system", "user"]
+        assert prompt["label"] == example["messages"][-1]["content"] and prompt["label"] in tickets.leaf_labels()
+    eval_texts = {_user(i) for i in tickets.ticket_eval_items(5, 1200)}
+    assert not eval_texts & {_user(p) for p in tickets.ticket_prompts(7, 3000)}
+
+
+def test_demo_writes_preference_and_prompt_files_that_validate(tmp_path) -> None:
+    from tuneforge.data.validate import validate_file
+    from tuneforge.demo.run import FULL, QUICK, write_data
+
+    read = lambda p: [json.loads(line) for line in p.read_text().splitlines()]  # noqa: E731
+    for size in (QUICK, FULL):
+        files = write_data(tmp_path / str(size.ticket_pairs), size)
+        assert files["tickets_preferences"].name == "tickets_preferences.jsonl"
+        report = validate_file(files["tickets_preferences"], "preference")
+        assert report.ok and len(report.examples) == size.ticket_pairs
+        report = validate_file(files["tickets_prompts"], "prompt", allow_extra="*")
+        assert report.ok and len(report.examples) == size.ticket_prompts
+
+        sft = {_user(r): r["messages"][-1]["content"] for r in read(files["tickets"])}
+        prompts, pairs = read(files["tickets_prompts"]), read(files["tickets_preferences"])
+        # the grader's label is the SFT answer: the leaf of the ticket's signal sentence, in the same text form
+        assert {p["label"] for p in prompts} <= set(sft.values())
+        assert all(any(sig in _user(p).lower() for sig in _signals(p["label"])) for p in prompts)
+        assert all(sft[_user(p)] == p["label"] for p in prompts if _user(p) in sft)
+        assert all(p["chosen"] != p["rejected"] for p in pairs)
+        evals = {_user(i) for i in read(files["tickets_eval"])}
+        assert not evals & {_user(p) for p in prompts}
+        assert not evals & {p["prompt"][-1]["content"] for p in pairs}
+    assert (FULL.ticket_pairs, FULL.ticket_prompts) == (1200, 1200)

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tuneforge.config import Recipe, load_recipe, recipe_yaml
+from tuneforge.config import ONLINE_METHODS, Recipe, load_recipe, recipe_yaml
 from tuneforge.errors import TuneforgeError
 from tuneforge.paths import runs_dir
 
@@ -73,6 +73,9 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, *, resume: str | Path | 
         if overrides:
             recipe = load_recipe(recipe.to_dict(), _overrides(overrides))
     if replicas or fault_plan or int(recipe.resilience.get("max_replicas", 1)) > 1 or recipe.resilience.get("lighthouse"):
+        if recipe.method in ONLINE_METHODS:
+            raise TuneforgeError(f"method {recipe.method}: elastic replicas (--replicas, resilience) run sft, cpt, dpo, "
+                                 "reward and distill; online RL samples its completions in one process for now")
         if resume is not None:
             raise TuneforgeError("--resume applies to single-process runs; an elastic run restarts from its "
                                  "own disk checkpoints automatically when every replica has died")
@@ -183,6 +186,15 @@ def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) 
             model, optimizer, scheduler, task, settings, start_step=start_step, run_dir=run_dir,
             progress=bar, log_fn=tracker.log_metrics, checkpoint_meta={"recipe_hash": _train_hash(recipe)},
         )
+        value_head = None
+        if recipe.method == "ppo":  # the result is a plain policy; the value head is kept next to it
+            from safetensors.torch import save_file
+
+            from tuneforge.training.online import detach_value_head
+
+            value_head = detach_value_head(model)
+            save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+                      str(run_dir / "value_head.safetensors"))
         out_dir = save_result(model, tokenizer, run_dir / ("adapter" if is_peft(model) else "model"))
         merged = None
         if recipe.output.merge and is_peft(model) and not prompt_learning:

@@ -107,6 +107,37 @@ def _cmd_grader_run(args: argparse.Namespace) -> int:
     return grader_cli(args.grader, args.item, args.sample)
 
 
+def _cmd_constitutional(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tuneforge.rewards.constitutional import (
+        Settings, build_model_client, load_principles, read_prompts, run_constitutional,
+    )
+
+    # Cheap checks first (constitution, flags, every prompt record), so a typo costs no model load.
+    principles = load_principles(args.principles)
+    settings = Settings(revisions=args.revisions, seed=args.seed, temperature=args.temperature,
+                        max_tokens=args.max_tokens, concurrency=args.concurrency)
+    settings.check(len(principles))
+    prompts = read_prompts(args.prompts)
+    client = build_model_client(args.model, base_url=args.base_url, api_key_env=args.api_key_env)
+    source = Path(args.prompts)
+    out = args.out or str(source.with_name(f"{source.stem}.pairs.jsonl"))
+    summary = run_constitutional(prompts, out, client, principles, settings, critiques=args.critiques,
+                                 overwrite=args.overwrite, source=args.prompts)
+    print(summary.render())
+    return 0 if summary.written + summary.resumed or not summary.prompts else 1
+
+
+def _revisions(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of principles or 'all', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Customise open LLMs on your own hardware.")
     parser.add_argument("--version", action="version", version=_version())
@@ -178,6 +209,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--item", required=True, help="item JSON, or @file")
     q.add_argument("--sample", required=True, help="sample JSON (or plain output text), or @file")
     q.set_defaults(fn=_cmd_grader_run)
+
+    p = sub.add_parser("constitutional",
+                       help="Constitutional AI: the model answers, critiques and revises; write (revised, original) DPO pairs")
+    p.add_argument("prompts", metavar="PROMPTS", help="prompt records (messages ending with a user turn, a chat "
+                   "whose last answer is dropped, or {prompt, completion})")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory, or a model name at the endpoint")
+    p.add_argument("--base-url", default=None, help="any OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key-env", default=None, metavar="VAR",
+                   help="environment variable holding the API key (default: $OPENAI_API_KEY; none for a local endpoint)")
+    p.add_argument("--principles", default=None, metavar="FILE",
+                   help="constitution YAML/JSON (default: the shipped recipes/constitution.yaml)")
+    p.add_argument("--out", default=None, help="output JSONL of DPO pairs (default: PROMPTS' name + .pairs.jsonl)")
+    p.add_argument("--revisions", type=_revisions, default=1, metavar="K",
+                   help="principles per prompt, drawn with --seed; 'all' for every principle in order (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=512, help="per model reply")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--concurrency", type=int, default=8, help="endpoint requests in flight (a local model uses 1)")
+    p.add_argument("--critiques", default=None, metavar="FILE",
+                   help="also write every exchange (critiques, revisions, skip reasons) as JSONL for inspection")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh instead of skipping prompts whose pair is already in --out")
+    p.set_defaults(fn=_cmd_constitutional)
     return parser
 
 

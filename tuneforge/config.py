@@ -139,6 +139,7 @@ class GenerationConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, gt=0)
     stop: list[str] = Field(default_factory=list, description="Extra stop strings (besides the tokenizer's EOS).")
+    batch_size: int = Field(64, gt=0, description="Sequences decoded together (bounds the KV-cache memory).")
 
 
 class GRPOConfig(_Section):
@@ -171,7 +172,6 @@ class PPOConfig(_Section):
     clip_eps: float = Field(0.2, gt=0, lt=1)
     value_clip: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
-    ppo_epochs: int = Field(1, gt=0, description="Optimizer passes over each batch of rollouts.")
     whiten_rewards: bool = Field(False, description="Normalise scores over the batch before GAE.")
     missing_eos_penalty: float | None = Field(
         None, description="Subtracted from the score of completions that hit the length budget without EOS.")
@@ -258,12 +258,12 @@ class Recipe(_Section):
     def _method_fits_adapter(self) -> Recipe:
         if self.method == "cpt" and self.data.loss_on != "all":
             self.data.loss_on = "all"
+        if self.method == "ppo" and self.adapter.kind in ("prompt_tuning", "p_tuning", "prefix_tuning"):
+            raise ValueError(f"adapter.kind: method ppo trains a value head on the policy's hidden states; use lora, "
+                             f"dora or full, not {self.adapter.kind}")
         if self.method == "reward" and self.adapter.kind in ("prompt_tuning", "p_tuning", "prefix_tuning"):
             raise ValueError(f"adapter.kind: method reward trains a scalar head; use lora, dora or full, "
                              f"not {self.adapter.kind}")
-        if self.method == "reward" and self.output.merge and self.adapter.kind != "full":
-            raise ValueError("output.merge: not supported for reward models yet; load the adapter with "
-                             "peft's AutoPeftModelForSequenceClassification")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tuneforge.config import Recipe
+from tuneforge.config import PREFERENCE_METHODS, Recipe
 from tuneforge.errors import RecipeError
 from tuneforge.training.precision import pick_device, pick_precision
 from tuneforge.training.schedule import warmup_steps_for
@@ -34,7 +34,23 @@ class Resolved:
         return asdict(self)
 
 
+def sequences_per_sample(method: str) -> int:
+    """How many sequences of up to ``data.max_length`` tokens one sample puts through the model.
+
+    A preference pair (``dpo``, ``reward``) is a chosen and a rejected answer to one prompt: two sequences, or
+    one row of up to twice the length when the prompt is shared. Either way a micro-batch of ``m`` pairs holds
+    about as many tokens as ``2 m`` SFT examples, so the per-micro-batch token budget buys half as many samples.
+    """
+    return 2 if method in PREFERENCE_METHODS else 1
+
+
 def resolve_micro_batch(recipe: Recipe, device: torch.device, data_parallel: int = 1) -> int:
+    """Samples per forward pass: the recipe's number, or for ``auto`` the most that fit the device's token budget.
+
+    ``auto`` divides ``MICRO_TOKENS`` by the tokens one sample can take (``max_length`` times the sequences per
+    sample, see :func:`sequences_per_sample`) and then steps down until it divides the per-replica batch, so
+    every step accumulates whole micro-batches.
+    """
     g = recipe.train.global_batch_size
     if g % data_parallel:
         raise RecipeError(f"train.global_batch_size={g} must be divisible by the {data_parallel} data-parallel replicas")
@@ -42,7 +58,8 @@ def resolve_micro_batch(recipe: Recipe, device: torch.device, data_parallel: int
     m = recipe.train.micro_batch_size
     if m == "auto":
         budget = MICRO_TOKENS.get(device.type, 8192)
-        m = max(1, min(per_replica, budget // recipe.data.max_length))
+        sample_tokens = recipe.data.max_length * sequences_per_sample(recipe.method)
+        m = max(1, min(per_replica, budget // sample_tokens))
         while per_replica % m:
             m -= 1
     elif per_replica % m:

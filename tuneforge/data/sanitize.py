@@ -143,7 +143,10 @@ def _is_empty(example: dict) -> bool:
     if "text" in example:
         return not str(example["text"]).strip()
     if "messages" in example:
-        trained = [m for m in example["messages"] if m.get("role") == "assistant" and m.get("weight", 1) != 0]
+        msgs = example["messages"]
+        if msgs and msgs[-1].get("role") in ("user", "tool"):  # a prompt for online RL: the prompt must say something
+            return not any(_message_has_output(m) for m in msgs)
+        trained = [m for m in msgs if m.get("role") == "assistant" and m.get("weight", 1) != 0]
         return not any(_message_has_output(m) for m in trained)
     if "chosen" in example:
         return not any(map(_message_has_output, example["chosen"])) or not any(

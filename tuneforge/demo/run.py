@@ -3,7 +3,8 @@
 1. Build a base model once (cached): a BPE tokenizer trained here and a small Llama pre-trained with
    tuneforge's own ``cpt`` method on a generated general-skills corpus.
 2. Fine-tune it on a generated support-ticket task (120 leaf categories) twice: domain data alone, and
-   domain data mixed 75/25 with general data.
+   domain data mixed 75/25 with general data. The mixed model is also kept at ``demo/<size>/mixed``, a fixed
+   path recipes can name (the distillation example's teacher).
 3. Evaluate base and both results (domain macro-F1, general-skill accuracy), print the table, write a
    report with plots, log everything to MLflow and register the mixed model.
 
@@ -36,6 +37,8 @@ class DemoSize:
     ticket_train: int = 3000
     general_eval: int = 300
     ticket_eval: int = 600
+    ticket_pairs: int = 1200  # preference pairs for the DPO and reward-model recipes
+    ticket_prompts: int = 1200  # prompt-only records for the GRPO and PPO recipes
     vocab_size: int = 1024
     hidden_size: int = 192
     num_layers: int = 4
@@ -47,9 +50,11 @@ class DemoSize:
 
 FULL = DemoSize()
 QUICK = DemoSize(corpus_docs=300, general_chat=300, ticket_train=300, general_eval=40, ticket_eval=60,
-                 vocab_size=512, hidden_size=64, num_layers=2, pretrain_steps=20, finetune_steps=10, batch=8)
+                 ticket_pairs=240, ticket_prompts=120, vocab_size=512, hidden_size=64, num_layers=2, pretrain_steps=20, finetune_steps=10, batch=8)
 
 MIXED_MODEL_NAME = "tuneforge-demo-tickets"
+# Sizes of data files the base model never sees: left out of its cache key, so adding one rebuilds nothing.
+_NOT_IN_BASE_KEY = ("ticket_pairs", "ticket_prompts")
 
 
 def _write_jsonl(records: list[dict], path: Path) -> Path:
@@ -70,11 +75,26 @@ def write_data(root: Path, size: DemoSize) -> dict[str, Path]:
         "tickets": _write_jsonl(tickets.ticket_examples(3, size.ticket_train), data / "tickets.jsonl"),
         "general_eval": _write_jsonl(world.general_eval_items(4, size.general_eval), data / "general_eval.jsonl"),
         "tickets_eval": _write_jsonl(tickets.ticket_eval_items(5, size.ticket_eval), data / "tickets_eval.jsonl"),
+        "tickets_preferences": _write_jsonl(tickets.ticket_preferences(6, size.ticket_pairs),
+                                            data / "tickets_preferences.jsonl"),
+        "tickets_prompts": _write_jsonl(tickets.ticket_prompts(7, size.ticket_prompts), data / "tickets_prompts.jsonl"),
     }
 
 
 def _base_key(size: DemoSize) -> str:
-    return hashlib.sha256(json.dumps({"v": DEMO_VERSION, **asdict(size)}, sort_keys=True).encode()).hexdigest()[:12]
+    fields = {k: v for k, v in asdict(size).items() if k not in _NOT_IN_BASE_KEY}
+    return hashlib.sha256(json.dumps({"v": DEMO_VERSION, **fields}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def keep_mixed(model_dir: Path, root: Path) -> Path:
+    """Copy the mixed fine-tuned model to ``root/mixed``, replacing the previous run's, and return that path."""
+    target = root / "mixed"
+    staging = root / "mixed.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(model_dir, staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
 
 
 def _recipe(name: str, base: Path, sources: list[dict], out: Path, size: DemoSize, *, method: str, steps: int,
@@ -175,6 +195,8 @@ def run_demo(quick: bool = False, rebuild: bool = False) -> dict[str, Any]:
             progress=None,
         )
 
+    mixed_dir = keep_mixed(Path(runs["mixed"].output_dir), root)
+
     say("evaluating base, domain-only and mixed models")
     read = lambda p: [json.loads(line) for line in Path(p).read_text().splitlines()]  # noqa: E731
     general, domain = read(files["general_eval"]), read(files["tickets_eval"])
@@ -195,7 +217,8 @@ def run_demo(quick: bool = False, rebuild: bool = False) -> dict[str, Any]:
     say(f"report: {paths['report']}  ({time.perf_counter() - t0:.0f} s)")
     return {"table": table, "report": paths["report"], "run_dir": run_dir, "base_cached": pretrain is None,
             "token_cache_hits": {k: all(d["cache_hit"] for d in r.data.values()) for k, r in runs.items()},
-            "mixed_version": runs["mixed"].model_version, "mix": runs["mixed"].mix,
+            "mixed_version": runs["mixed"].model_version, "mix": runs["mixed"].mix, "mixed_dir": mixed_dir,
+            "data": files,
             "seconds": time.perf_counter() - t0}
 
 

@@ -29,6 +29,7 @@ import random
 import zlib
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 TICKET_SYSTEM_PROMPT = "Classify the support ticket. Answer with its category."
 
@@ -171,21 +172,34 @@ def _capitalise(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def _ticket(rng: random.Random, leaf: int, held_out: bool) -> tuple[str, str]:
-    """One ticket text and its label."""
+class Ticket(NamedTuple):
+    """A generated ticket: its text, its label, and the leaf of a wrong topic the text names (if it names one)."""
+
+    text: str
+    label: str
+    misnamed: str | None
+
+
+def _ticket(rng: random.Random, leaf: int, held_out: bool) -> Ticket:
+    """One ticket; the random draws are fixed, so a seed always gives the same ticket."""
     leaves = _leaves()
     label, kind, nouns = leaves[leaf]
     train_pairs, held_pairs = _signal_pairs()
     frame, noun = rng.choice(held_pairs[label] if held_out else train_pairs[label])
     signal = _capitalise(rng.choice(_SIGNAL_PREFIXES) + TYPE_FRAMES[kind][frame].format(n=nouns[noun])) + "."
 
+    named = leaf
     if rng.random() < MISFILED_TOPIC_RATE:  # the customer names the wrong topic; the signal decides
-        nouns = leaves[rng.randrange(len(leaves))][2]
+        named = rng.randrange(len(leaves))
+        nouns = leaves[named][2]
     topic = rng.choice(_TOPIC_FRAMES).format(t=rng.choice(nouns))
 
+    misnamed = None
     body = [signal]
     if rng.random() < 0.8:
         body.insert(rng.randint(0, 1), topic)
+        if nouns != leaves[leaf][2]:  # same type as the ticket, the topic it wrongly names
+            misnamed = "/".join([kind, *leaves[named][0].split("/")[1:]])
     if rng.random() < 0.7:
         body.append(rng.choice(TYPE_ASKS[kind]))
     for _ in range(rng.choice((0, 0, 1))):
@@ -195,7 +209,7 @@ def _ticket(rng: random.Random, leaf: int, held_out: bool) -> tuple[str, str]:
         body.insert(0, rng.choice(_GREETINGS))
     if rng.random() < 0.3:
         body.append(rng.choice(_SIGNOFFS).format(name=rng.choice(_NAMES)))
-    return " ".join(body), label
+    return Ticket(" ".join(body), label, misnamed)
 
 
 def _balanced_leaves(rng: random.Random, n: int) -> list[int]:
@@ -228,7 +242,7 @@ def ticket_examples(seed: int, n: int, system_prompt: str | None = None) -> list
     """
     rng = random.Random(f"tickets:{seed}")
     return [
-        _record(*_ticket(rng, leaf, held_out=False), system_prompt, with_answer=True)
+        _record(*_ticket(rng, leaf, held_out=False)[:2], system_prompt, with_answer=True)
         for leaf in _balanced_leaves(rng, n)
     ]
 
@@ -240,9 +254,53 @@ def ticket_eval_items(seed: int, n: int, system_prompt: str | None = None) -> li
     """
     rng = random.Random(f"ticket-eval:{seed}")
     return [
-        _record(*_ticket(rng, leaf, held_out=True), system_prompt, with_answer=False)
+        _record(*_ticket(rng, leaf, held_out=True)[:2], system_prompt, with_answer=False)
         for leaf in _balanced_leaves(rng, n)
     ]
+
+
+def ticket_prompts(seed: int, n: int, system_prompt: str | None = None) -> list[dict]:
+    """``n`` prompt-only records for online RL (GRPO, PPO): ``{"messages": [system?, user], "label"}``.
+
+    They are the training tickets of ``ticket_examples(seed, n)`` with the assistant turn moved to ``label``, so a
+    grader comparing a sampled answer with ``label`` rewards exactly what supervised fine-tuning teaches. Training
+    signal combinations only: none of them is an evaluation ticket.
+    """
+    return [{"messages": r["messages"][:-1], "label": r["messages"][-1]["content"]}
+            for r in ticket_examples(seed, n, system_prompt)]
+
+
+def hard_negative(rng: random.Random, ticket: Ticket) -> str:
+    """A wrong label a half-trained classifier would plausibly give ``ticket``.
+
+    The topic the text wrongly names when it names one; otherwise, evenly, the right area and topic with a wrong
+    type (how the ticket is phrased is the hard part to learn) or a sibling leaf (same type and area, another
+    topic). One wrong part next to right ones teaches a preference model what decides the label; a random label
+    would be told apart by anything.
+    """
+    if ticket.misnamed is not None:
+        return ticket.misnamed
+    kind, area, topic = ticket.label.split("/")
+    if rng.random() < 0.5:
+        kind = rng.choice([k for k in TAXONOMY if k != kind])
+    else:
+        topic = rng.choice([t for t in TAXONOMY[kind][area] if t != topic])
+    return f"{kind}/{area}/{topic}"
+
+
+def ticket_preferences(seed: int, n: int, system_prompt: str | None = None) -> list[dict]:
+    """``n`` preference pairs ``{"prompt": [system?, user], "chosen": label, "rejected": hard negative}``.
+
+    Training tickets balanced over leaves, as :func:`ticket_examples` makes them; both answers are in the SFT
+    answer format (a bare leaf label), so DPO and reward models compare labels, not formats.
+    """
+    rng = random.Random(f"ticket-pairs:{seed}")
+    pairs = []
+    for leaf in _balanced_leaves(rng, n):
+        ticket = _ticket(rng, leaf, held_out=False)
+        prompt = _record(ticket.text, ticket.label, system_prompt, with_answer=False)["messages"]
+        pairs.append({"prompt": prompt, "chosen": ticket.label, "rejected": hard_negative(rng, ticket)})
+    return pairs
 
 
 def write_jsonl(records: list[dict], path: Path) -> Path:

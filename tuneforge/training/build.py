@@ -134,6 +134,10 @@ def build_model(recipe: Recipe, device: torch.device) -> torch.nn.Module:
                        attn_implementation=recipe.model.attn_implementation,
                        trust_remote_code=recipe.model.trust_remote_code)
     model = apply_adapter(model, recipe.adapter)
+    if recipe.method == "ppo":  # the value head shares the policy's trunk and trains with it
+        from tuneforge.training.online import attach_value_head
+
+        attach_value_head(model)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if is_peft(model):

@@ -2,7 +2,9 @@
 
 Per optimizer step it asks the task (e.g. :class:`~tuneforge.training.sft_task.SFTTask`) for the weight of
 the step's samples and to accumulate gradients of ``loss_sum / weight`` over them (exact under any split
-into micro-batches or replicas), then clips, steps and schedules. Metrics stay on the device as tensors and are synchronised once per ``log_every`` steps, so the
+into micro-batches or replicas), then clips, steps and schedules. Online methods (GRPO, PPO) also get a
+``begin_step`` call first, where they sample and score the step's completions; a task may return extra
+per-step ``metrics`` (rewards, KL, lengths) that are logged with the loss. Metrics stay on the device as tensors and are synchronised once per ``log_every`` steps, so the
 host never waits on the accelerator inside the hot path.
 """
 
@@ -63,7 +65,8 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     result = LoopResult()
     params = [p for p in model.parameters() if p.requires_grad]
     metrics_file = (run_dir / "metrics.jsonl").open("a")
-    pending: list[tuple[int, torch.Tensor, torch.Tensor, float, int, float]] = []
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, float, int, float, dict[str, Any]]] = []
+    begin_step = getattr(task, "begin_step", None)
     window_t0, window_tokens = time.perf_counter(), 0
     step_time = 0.0
     model.train()
@@ -71,9 +74,12 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
         for step in range(start_step, s.total_steps):
             t0 = time.perf_counter()
             rows = range(step * s.global_batch_size, (step + 1) * s.global_batch_size)
+            if begin_step is not None:  # online methods sample and score their completions first
+                begin_step(model, step, rows)
             n_tok = max(task.loss_tokens(rows), 1)
             out = task.forward_backward(model, rows, 1.0 / n_tok)
             loss_acc, fed = out["loss_sum"], int(out["tokens_fed"])
+            extra = out.get("metrics", {})
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip or math.inf)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
@@ -82,22 +88,22 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
             step_time += time.perf_counter() - t0
             window_tokens += fed
             result.tokens += fed
-            pending.append((step + 1, loss_acc / n_tok, grad_norm, lr, fed, time.perf_counter() - t0))
+            pending.append((step + 1, loss_acc / n_tok, grad_norm, lr, fed, time.perf_counter() - t0, extra))
 
             done = step + 1
             last = done == s.total_steps
             if done % s.log_every == 0 or last:
                 elapsed = time.perf_counter() - window_t0
                 tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
-                for k, loss, gn, lr_k, fed_k, dt in pending:
+                for k, loss, gn, lr_k, fed_k, dt, extra_k in pending:
                     row = {"step": k, "loss": float(loss), "grad_norm": float(gn), "lr": lr_k, "tokens": fed_k,
-                           "step_s": dt}
+                           "step_s": dt, **{name: float(v) for name, v in extra_k.items()}}
                     result.history.append(row)
                     metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 latest = dict(result.history[-1], tokens_per_s=tok_s)
                 log_fn({"train/loss": latest["loss"], "train/grad_norm": latest["grad_norm"], "train/lr": latest["lr"],
-                        "train/tokens_per_s": tok_s}, done)
+                        "train/tokens_per_s": tok_s, **{f"train/{k}": latest[k] for k in pending[-1][6]}}, done)
                 progress.update(done, latest)
                 pending.clear()
                 window_t0, window_tokens = time.perf_counter(), 0

@@ -1,0 +1,292 @@
+"""Online RL (GRPO with graders, RLAIF with a judge endpoint, PPO with a reward model) on tiny models.
+
+The policy starts from a tiny Llama fine-tuned for a few seconds on the reverse-three-words task, so it answers
+with words from its vocabulary. The verifiable task: the answer must mention the prompt record's ``keyword``
+(a ``string_check`` grader over ``{{item.keyword}}``). Outcomes are measured independently of the task's own
+evaluation: greedy answers from plain ``transformers`` generation, scored by the same grader / reward model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import WORDS, base_recipe, reverse_task, write_jsonl
+
+import tuneforge
+from tuneforge.errors import DataError, RecipeError, TuneforgeError
+
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the handler's string annotations here
+
+KEYWORD_GRADER = {"type": "string_check", "name": "mentions", "input": "{{sample.output_text}}",
+                  "reference": "{{item.keyword}}", "operation": "like"}
+
+
+def prompt_records(n: int, seed: int) -> list[dict]:
+    return [{"messages": r["messages"][:1], "keyword": "apple", "answer": r["messages"][1]["content"]}
+            for r in reverse_task(n, seed)]
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model after a short SFT on the reverse task (a policy that answers with words)."""
+    root = tmp_path_factory.mktemp("policy")
+    data = write_jsonl(root / "sft.jsonl", reverse_task(200, seed=1))
+    result = tuneforge.train(base_recipe(tiny_model, data, root / "run", max_steps=60, lr=3e-3), progress=False)
+    return result.output_dir
+
+
+def online_recipe(model: Path, data: Path, out: Path, method: str = "grpo", **section: object) -> dict:
+    rec = base_recipe(model, data, out, max_steps=24, lr=2e-3, global_batch_size=8, eval_every=100)
+    rec["method"] = method
+    rec["data"]["val_fraction"] = 0.1
+    rec["generation"] = {"max_new_tokens": 12}
+    if method == "grpo":
+        rec["grpo"] = {"graders": KEYWORD_GRADER, "group_size": 8, "eval_prompts": 32, **section}
+    else:
+        rec["ppo"] = dict(section)
+    return rec
+
+
+def greedy_answers(model_dir: Path, records: list[dict]) -> list[str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.eval.generate import generate_answers
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return generate_answers(model, tokenizer, [r["messages"] for r in records], max_new_tokens=12)
+
+
+def mean_grade(grader_config: dict, answers: list[str], records: list[dict]) -> float:
+    from tuneforge.rewards.graders import load_grader
+
+    return sum(load_grader(grader_config).grade_batch(answers, records)) / len(records)
+
+
+# ------------------------------------------------------------------------------------------------- GRPO
+
+
+def test_grpo_raises_held_out_grader_reward(policy: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(200, seed=7))
+    held_out = prompt_records(48, seed=99)
+    before = mean_grade(KEYWORD_GRADER, greedy_answers(policy, held_out), held_out)
+    result = tuneforge.train(online_recipe(policy, data, tmp_path / "run"), progress=False)
+    after = mean_grade(KEYWORD_GRADER, greedy_answers(result.output_dir, held_out), held_out)
+    assert before < 0.5 and after >= before + 0.4, (before, after)
+    sampled = [h["reward"] for h in result.history]
+    assert sum(sampled[-4:]) / 4 > sum(sampled[:4]) / 4 + 0.3
+    for key in ("reward_std", "completion_length", "frac_groups_no_signal", "grader_errors"):
+        assert key in result.history[-1]
+    assert result.evals and "val/reward" in result.evals[-1]
+
+
+def _one_step_grads(prepared, model, micro: int, rows: range) -> dict[str, torch.Tensor]:
+    task = prepared.make_task(model, micro, "fp32", torch.device("cpu"))
+    task.begin_step(model, 0, rows)
+    model.zero_grad(set_to_none=True)
+    weight = task.loss_tokens(rows)
+    first = list(rows)[: len(rows) // 2]  # two calls, as two replicas (or accumulation rounds) would make
+    task.forward_backward(model, first, 1.0 / weight)
+    task.forward_backward(model, list(rows)[len(first):], 1.0 / weight)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_grpo_gradient_does_not_depend_on_the_split(policy: Path, tmp_path: Path, loss_type: str) -> None:
+    from tuneforge.config import load_recipe
+    from tuneforge.training.build import build_model, prepare
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(40, seed=3))
+    recipe = load_recipe(online_recipe(policy, data, tmp_path / "run", loss_type=loss_type, beta=0.05))
+    prepared = prepare(recipe)
+    model = build_model(recipe, torch.device("cpu"))
+    rows = range(0, 4)
+    whole = _one_step_grads(prepared, model, 64, rows)
+    split = _one_step_grads(prepared, model, 3, rows)
+    assert whole and whole.keys() == split.keys()
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-7)
+
+
+def test_grpo_resume_samples_and_trains_exactly_like_the_uninterrupted_run(policy: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(60, seed=5))
+    straight = tuneforge.train(online_recipe(policy, data, tmp_path / "a"), train__max_steps=4, progress=False)
+    cut = online_recipe(policy, data, tmp_path / "b")
+    cut["train"].update(max_steps=4, checkpoint_every=2)
+    from tuneforge.training.checkpoint import list_checkpoints
+
+    first = tuneforge.train(cut, progress=False)
+    resumed = tuneforge.train(cut, resume=list_checkpoints(first.run_dir / "checkpoints")[0], progress=False)
+    assert [h["reward"] for h in resumed.history] == [h["reward"] for h in straight.history[2:]]
+    assert [round(h["loss"], 6) for h in resumed.history] == [round(h["loss"], 6) for h in straight.history[2:]]
+
+
+def test_a_crashing_grader_scores_zero_and_the_run_goes_on(policy: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(40, seed=11))
+    grader = {"type": "python", "name": "fragile",
+              "source": "def grade(sample, item):\n    if 'apple' in sample['output_text']:\n        raise ValueError('no')\n"
+                        "    return 0.5 if len(sample['output_text']) > 3 else 0.0\n"}
+    rec = online_recipe(policy, data, tmp_path / "run", graders=grader, group_size=4)
+    rec["train"]["max_steps"] = 3
+    result = tuneforge.train(rec, progress=False)
+    assert len(result.history) == 3
+    assert all(0.0 <= h["reward"] <= 0.5 for h in result.history)
+
+
+# ------------------------------------------------------------------------------------------------- RLAIF
+
+
+class KeywordJudge:
+    """An OpenAI-compatible judge (real uvicorn + FastAPI) that scores 1 when the answer mentions 'apple'."""
+
+    def __init__(self) -> None:
+        self.answers: list[str] = []
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> dict:
+            body = await request.json()
+            answer = body["messages"][-1]["content"].split("Answer:", 1)[1].strip()
+            self.answers.append(answer)
+            score = 1 if "apple" in answer else 0
+            return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": f"Score: {score}"}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> KeywordJudge:
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                return self
+            threading.Event().wait(0.01)
+        raise RuntimeError("judge server did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def test_rlaif_grpo_with_a_judge_behind_an_openai_compatible_endpoint(policy: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(80, seed=13))
+    judge = {"type": "score_model", "name": "judge", "model": "keyword-judge", "range": [0, 1],
+             "input": [{"role": "user", "content": "Question: {{item.messages}}\nAnswer: {{sample.output_text}}"}],
+             "sampling_params": {"temperature": 0}, "max_concurrency": 4}
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    with KeywordJudge() as server:
+        rec = online_recipe(policy, data, tmp_path / "run", graders=judge, judge_base_url=server.url,
+                            judge_api_key_env="JUDGE_KEY", group_size=4)
+        rec["train"]["max_steps"] = 4
+        result = tuneforge.train(rec, progress=False)
+    assert len(server.answers) >= 4 * 8 * 4  # every sampled completion went to the judge
+    rewards = [h["reward"] for h in result.history]
+    assert all(h["grader_errors"] == 0 for h in result.history)
+    expected = [sum("apple" in a for a in server.answers[i * 32:(i + 1) * 32]) / 32 for i in range(4)]
+    assert rewards == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------------------------- PPO
+
+
+def keyword_pairs(n: int, seed: int) -> list[dict]:
+    """Preference pairs: an answer mentioning 'apple' beats one that does not."""
+    rng = random.Random(seed)
+    others = [w for w in WORDS if w != "apple"]
+    out = []
+    for r in reverse_task(n, seed):
+        words = rng.sample(others, 3)
+        chosen = words[:]
+        chosen[rng.randrange(3)] = "apple"
+        out.append({"prompt": r["messages"][:1], "chosen": " ".join(chosen), "rejected": " ".join(words)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("rm")
+    data = write_jsonl(root / "pairs.jsonl", keyword_pairs(300, seed=2))
+    rec = base_recipe(tiny_model, data, root / "run", max_steps=40, lr=3e-3, global_batch_size=16)
+    rec["method"] = "reward"
+    return tuneforge.train(rec, progress=False).output_dir
+
+
+def test_ppo_raises_reward_model_score_with_bounded_kl(policy: Path, reward_model: Path, tmp_path: Path) -> None:
+    from tuneforge.training.preference import load_reward_model, score_conversations
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(200, seed=17))
+    held_out = prompt_records(48, seed=98)
+    rm, rm_tokenizer = load_reward_model(reward_model)
+
+    def score(model_dir: Path) -> float:
+        answers = greedy_answers(model_dir, held_out)
+        convs = [[*r["messages"], {"role": "assistant", "content": a}] for r, a in zip(held_out, answers)]
+        return float(score_conversations(rm, rm_tokenizer, convs).mean())
+
+    before = score(policy)
+    rec = online_recipe(policy, data, tmp_path / "run", method="ppo", reward_model=str(reward_model), kl_coef=0.05)
+    rec["train"].update(max_steps=30, lr=3e-3, global_batch_size=32)
+    result = tuneforge.train(rec, progress=False)
+    after = score(result.output_dir)
+    assert after > before + 1.0, (before, after)
+    kls = [h["kl"] for h in result.history]
+    assert 0.1 < max(kls) < 3.0, kls  # nats per token: the policy moved, but the penalty kept it near the reference
+    assert (result.run_dir / "value_head.safetensors").exists()
+    assert result.history[-1]["score"] > result.history[0]["score"]
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def test_online_methods_want_prompts_not_answers(policy: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "chat.jsonl", reverse_task(20))
+    with pytest.raises(DataError) as e:
+        tuneforge.train(online_recipe(policy, data, tmp_path / "run"), progress=False)
+    assert "chat.jsonl:1: messages[1].role" in str(e.value) and "ending with a user" in str(e.value)
+
+
+def test_prompts_that_leave_no_room_to_answer_are_named(policy: Path, tmp_path: Path) -> None:
+    records = prompt_records(20, seed=1)
+    records[4]["messages"][0]["content"] = "reverse: " + " ".join(WORDS * 3)
+    data = write_jsonl(tmp_path / "prompts.jsonl", records)
+    rec = online_recipe(policy, data, tmp_path / "run")
+    rec["data"]["max_length"] = 40
+    with pytest.raises(DataError) as e:
+        tuneforge.train(rec, progress=False)
+    assert "prompts.jsonl:5: messages: prompt is" in str(e.value) and "at most 28 tokens" in str(e.value)
+    rec["data"]["on_overlong"] = "drop"
+    rec["train"]["max_steps"] = 1
+    result = tuneforge.train(rec, progress=False)
+    assert result.data["prompts"]["dropped_overlong"] == 1
+
+
+def test_recipe_errors_for_online_methods(policy: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(20, seed=1))
+    rec = online_recipe(policy, data, tmp_path / "run")
+    del rec["grpo"]
+    with pytest.raises(RecipeError, match="method grpo needs a 'grpo:' section"):
+        tuneforge.train(rec, progress=False)
+    rec = online_recipe(policy, data, tmp_path / "run", graders={**KEYWORD_GRADER, "operation": "contains"})
+    with pytest.raises(RecipeError, match="grpo.graders: operation"):
+        tuneforge.train(rec, progress=False)
+    rec = online_recipe(policy, data, tmp_path / "run", method="ppo", reward_model=str(tmp_path / "nope"))
+    with pytest.raises(RecipeError, match="ppo.reward_model: .*nope is not a directory"):
+        tuneforge.train(rec, progress=False)
+    with pytest.raises(TuneforgeError, match="elastic replicas"):
+        tuneforge.train(online_recipe(policy, data, tmp_path / "run"), replicas="1:2", progress=False)
+    json.dumps(rec)  # recipes stay plain data
