@@ -1,4 +1,4 @@
-"""Preference-method throughput: tuneforge's DPO and reward-model steps against TRL's DPOTrainer / RewardTrainer.
+"""Method throughput: tuneforge's DPO, reward-model and GRPO steps against TRL's DPOTrainer / RewardTrainer / GRPOTrainer.
 
 Both sides train the same tiny Llama (``TinySpec()``, ~1.2 M parameters, 1k vocabulary) on the same preference pairs,
 4 pairs per optimizer step (8 sequences of at most 160 tokens), fp32, AdamW (lr 1e-4, constant, no weight decay,
@@ -20,6 +20,13 @@ Fairness, concretely:
   sides), so data loading, collation and bookkeeping count. Warm-up steps are left out; a run's figure is the median
   of its measured steps, and each side's result is its best repeat (a shared machine's load only ever slows a run
   down). Every (system, method, repeat) runs in a fresh subprocess with the same thread count, alternating the order.
+* GRPO: one prompt of 50-80 words per step, a group of 8 completions of up to 32 new tokens sampled at temperature 1
+  (the untrained model almost never emits EOS, so both sides decode ~32 tokens per completion — the mean completion
+  length is printed for each side), a keyword reward that costs nothing on either side (a ``string_check`` grader /
+  the equivalent Python reward function), beta 0 (no reference model, TRL's default), one optimizer step per
+  generation (``steps_per_generation=1``, ``num_iterations=1``), the token-level ``dapo`` loss on both sides. TRL
+  generates with ``model.generate`` (KV cache); tuneforge prefills the prompt once for its whole group and decodes
+  with its own KV-cached sampler, then projects only completion positions to the vocabulary.
 * What differs is how the step is computed: tuneforge feeds each pair as one row with the prompt computed once and
   projects only answer positions to the vocabulary; TRL feeds prompt + chosen and prompt + rejected as two rows and
   computes log-probs and logging statistics (entropy, mean logits, top-1 accuracy) at every position.
@@ -28,7 +35,7 @@ Fairness, concretely:
     python benchmarks/methods_throughput.py --steps 40 --repeats 3 --threads 1 --precomputed
 
 The last line printed is one JSON object ``{"dpo": {"tuneforge_s_per_step", "trl_s_per_step", "speedup"},
-"reward": {...}}`` (speedup = TRL seconds per step / tuneforge's).
+"grpo": {...}, "reward": {...}}`` (speedup = TRL seconds per step / tuneforge's).
 """
 
 from __future__ import annotations
@@ -50,7 +57,10 @@ MAX_LEN = 160
 LR = 1e-4
 BETA = 0.1
 SYSTEMS = ("tuneforge", "trl")
-METHODS = ("dpo", "reward", "dpo_precomputed")
+METHODS = ("dpo", "grpo", "reward", "dpo_precomputed")
+GROUP = 8
+NEW_TOKENS = 32
+KEYWORD = "apple"
 
 
 # -- shared inputs ------------------------------------------------------------------------------------
@@ -91,6 +101,8 @@ def prepare(work: Path, n_pairs: int, seed: int = 0) -> dict[str, Any]:
     longest = max(len(ids) for ids, _ in encoded)
     assert longest <= MAX_LEN, f"a sequence is {longest} tokens, more than {MAX_LEN}"
     (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    prompts = [{"messages": r["prompt"], "keyword": KEYWORD} for r in records]
+    (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
     (work / "ids.json").write_text(json.dumps([[int(t) for t in ids] for ids, _ in encoded]))
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -130,6 +142,9 @@ class StepClock:
 def worker_tuneforge(work: Path, method: str, steps: int, threads: int) -> dict[str, Any]:
     import tuneforge
 
+    if method == "grpo":
+        return worker_tuneforge_grpo(work, steps, threads)
+
     recipe = {
         "name": f"bench-{method}",
         "method": "reward" if method == "reward" else "dpo",
@@ -149,7 +164,72 @@ def worker_tuneforge(work: Path, method: str, steps: int, threads: int) -> dict[
             "mean_loss": statistics.fmean(h["loss"] for h in result.history)}
 
 
+def worker_tuneforge_grpo(work: Path, steps: int, threads: int) -> dict[str, Any]:
+    import tuneforge
+
+    grader = {"type": "string_check", "name": "keyword", "input": "{{sample.output_text}}",
+              "reference": "{{item.keyword}}", "operation": "like"}
+    recipe = {
+        "name": "bench-grpo",
+        "method": "grpo",
+        "model": {"path": str(work / "model")},
+        "data": {"sources": [{"path": str(work / "prompts.jsonl")}], "max_length": MAX_LEN + NEW_TOKENS,
+                 "val_fraction": 0},
+        "adapter": {"kind": "full"},
+        "grpo": {"graders": grader, "group_size": GROUP, "loss_type": "dapo", "beta": 0.0},
+        "generation": {"max_new_tokens": NEW_TOKENS, "temperature": 1.0},
+        "train": {"max_steps": steps, "global_batch_size": 1, "micro_batch_size": 1, "lr": LR,
+                  "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0,
+                  "precision": "fp32", "num_threads": threads, "eval_every": 10_000, "device": "cpu",
+                  "log_every": 1},
+        "tracking": {"enabled": False},
+        "output": {"dir": str(work / f"run-tuneforge-grpo-{os.getpid()}")},
+    }
+    clock = StepClock()
+    result = tuneforge.train(recipe, progress=False)
+    return {**clock.result(steps, "tuneforge"), "mean_loss": statistics.fmean(h["loss"] for h in result.history),
+            "completion_length": statistics.fmean(h["completion_length"] for h in result.history)}
+
+
+def worker_trl_grpo(work: Path, steps: int, threads: int) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(threads)
+    records = [json.loads(line) for line in (work / "prompts.jsonl").read_text().splitlines()]
+    dataset = Dataset.from_list([{"prompt": r["messages"], "keyword": r["keyword"]} for r in records])
+    tokenizer = AutoTokenizer.from_pretrained(str(work / "model"))
+    lengths: list[float] = []
+
+    def keyword_reward(completions: list, keyword: list, completion_ids: list, **_: Any) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        lengths.append(statistics.fmean(len(ids) for ids in completion_ids))
+        return [float(k in t) for t, k in zip(texts, keyword)]
+
+    args = GRPOConfig(
+        output_dir=str(work / f"run-trl-grpo-{os.getpid()}"), max_steps=steps, per_device_train_batch_size=GROUP,
+        num_generations=GROUP, steps_per_generation=1, num_iterations=1, gradient_accumulation_steps=1,
+        max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, beta=0.0, loss_type="dapo",
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch_fused", bf16=False, fp16=False, gradient_checkpointing=False, report_to="none",
+        save_strategy="no", eval_strategy="no", logging_strategy="steps", logging_steps=10_000,
+        dataloader_num_workers=0, use_cpu=True, seed=0, disable_tqdm=True, disable_dropout=True, shuffle_dataset=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32, attn_implementation="sdpa")
+    trainer = GRPOTrainer(model=model, reward_funcs=keyword_reward, args=args, train_dataset=dataset,
+                          processing_class=tokenizer)
+    clock = StepClock()
+    out = trainer.train()
+    return {**clock.result(steps, "trl"), "mean_loss": float(out.training_loss),
+            "completion_length": statistics.fmean(lengths) if lengths else 0.0}
+
+
 def worker_trl(work: Path, method: str, steps: int, threads: int) -> dict[str, Any]:
+    if method == "grpo":
+        return worker_trl_grpo(work, steps, threads)
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -238,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.warmup < 1 or a.steps < a.warmup + 3:
         p.error(f"need --warmup >= 1 and --steps >= --warmup + 3 (got --warmup {a.warmup}, --steps {a.steps})")
-    methods = ["dpo", "reward"] + (["dpo_precomputed"] if a.precomputed else [])
+    methods = ["dpo", "grpo", "reward"] + (["dpo_precomputed"] if a.precomputed else [])
 
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tuneforge-methods-bench-") as tmp:
@@ -263,7 +343,9 @@ def main(argv: list[str] | None = None) -> None:
                     timed, cpu = r["step_s"][a.warmup - 1:], r["cpu_s"][a.warmup - 1:]
                     print(f"  repeat {rep + 1} {method:15s} {system:9s}: median step "
                           f"{statistics.median(timed) * 1e3:6.1f} ms (cpu {statistics.median(cpu) * 1e3:6.1f} ms)  "
-                          f"mean loss {r['mean_loss']:.4f}  [{time.perf_counter() - t0:.0f} s]", flush=True)
+                          f"mean loss {r['mean_loss']:.4f}"
+                          + (f"  completion {r['completion_length']:.1f} tokens" if "completion_length" in r else "")
+                          + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
 
     summary: dict[str, dict[str, float]] = {}
     print("\nsummary: seconds per optimizer step, median over the timed steps of the best repeat")
@@ -282,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{cpu['tuneforge'] * 1e3:6.1f} ms  TRL {cpu['trl'] * 1e3:6.1f} ms  "
               f"speedup {cpu['trl'] / cpu['tuneforge']:.2f}x")
     print(f"total {time.perf_counter() - t_all:.0f} s")
-    print(json.dumps(summary))  # "dpo", "reward" (and "dpo_precomputed" with --precomputed)
+    print(json.dumps(summary))  # "dpo", "grpo", "reward" (and "dpo_precomputed" with --precomputed)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end_and_cached_second_run(_isolated_home: Path) -> None:
+def test_quick_demo_end_to_end_and_cached_second_run(_isolated_home: Path, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     from tuneforge.demo.run import MIXED_MODEL_NAME, run_demo
@@ -34,7 +34,7 @@ def test_quick_demo_end_to_end_and_cached_second_run(_isolated_home: Path) -> No
     assert any(k.startswith("data_hash.") for k in version.tags)
 
     _check_kept_mixed_model(Path(first["mixed_dir"]), _isolated_home)
-    _check_preference_recipes_train_on_the_demo_data(_isolated_home)
+    _check_every_shipped_recipe_runs_on_the_demo(_isolated_home, tmp_path)
 
     second = run_demo(quick=True)
     assert second["base_cached"]
@@ -59,20 +59,29 @@ def _check_kept_mixed_model(mixed: Path, home: Path) -> None:
     assert model(ids).logits.shape[-1] == model.config.vocab_size
 
 
-def _check_preference_recipes_train_on_the_demo_data(home: Path) -> None:
-    """The shipped DPO and reward recipes run on the files the demo wrote (their quick versions, two steps)."""
+def _check_every_shipped_recipe_runs_on_the_demo(home: Path, tmp: Path) -> None:
+    """Every recipe in recipes/ runs two steps on what the demo built (its quick size), in dependency order."""
+    import math
+
     import tuneforge
     from tuneforge.data.validate import validate_file
 
     data = home / "demo" / "quick" / "data"
     assert validate_file(data / "tickets_preferences.jsonl", "preference").ok
     assert validate_file(data / "tickets_prompts.jsonl", "prompt", allow_extra="*").ok
-    recipes = Path(__file__).resolve().parents[1] / "recipes"
-    for name in ("dpo", "reward"):
-        result = tuneforge.train(recipes / f"{name}.yaml", progress=False, set=[
-            "model.path=$TUNEFORGE_HOME/demo/quick/base",
-            "data.sources.0.path=$TUNEFORGE_HOME/demo/quick/data/tickets_preferences.jsonl",
-            "train.max_steps=2", "train.eval_every=2", "tracking.enabled=false", "data.max_length=128",
-            f"output.dir={home / 'runs' / name}"])
-        assert len(result.history) == 2 and all(h["loss"] > 0 for h in result.history)
-        assert result.evals and 0.0 <= result.evals[-1]["val/accuracy"] <= 1.0  # held-out pairs were scored
+    shipped = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    order = {"reward": 0, "ppo": 1}  # ppo reads the reward model that recipes/reward.yaml writes
+    shipped.sort(key=lambda p: order.get(p.stem, -1))
+    assert {p.stem for p in shipped} >= {"sft-lora", "sft-full", "cpt", "dpo", "reward", "grpo", "ppo", "distill"}
+    for path in shipped:
+        quick = tmp / path.name  # the same recipe, pointed at the quick demo
+        quick.write_text(path.read_text().replace("demo/full/", "demo/quick/"))
+        sets = ["train.max_steps=2", "train.eval_every=2", "train.global_batch_size=4", "tracking.enabled=false",
+                "data.max_length=128", "train.checkpoint_every=null"]
+        if path.stem != "reward":
+            sets.append(f"output.dir={home / 'runs' / path.stem}")
+        result = tuneforge.train(quick, progress=False, set=sets)
+        assert len(result.history) == 2 and all(math.isfinite(h["loss"]) for h in result.history), path.name
+        assert result.evals, path.name
+        if path.stem in ("dpo", "reward"):
+            assert 0.0 <= result.evals[-1]["val/accuracy"] <= 1.0  # held-out pairs were scored

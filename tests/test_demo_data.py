@@ -293,4 +293,4 @@ def test_demo_writes_preference_and_prompt_files_that_validate(tmp_path) -> None
         evals = {_user(i) for i in read(files["tickets_eval"])}
         assert not evals & {_user(p) for p in prompts}
         assert not evals & {p["prompt"][-1]["content"] for p in pairs}
-    assert (FULL.ticket_pairs, FULL.ticket_prompts) == (1200, 1200)
+    assert (FULL.ticket_pairs, FULL.ticket_prompts) == (2000, 1200)

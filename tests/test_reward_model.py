@@ -147,7 +147,3 @@ def test_reward_recipe_errors(tiny_model: Path, pairs_file: Path, tmp_path: Path
     recipe["adapter"] = {"kind": "prompt_tuning"}
     with pytest.raises(RecipeError, match="adapter.kind: method reward trains a scalar head"):
         load_recipe(recipe)
-    recipe["adapter"] = {"kind": "lora"}
-    recipe["output"]["merge"] = True
-    with pytest.raises(RecipeError, match="output.merge: not supported for reward models"):
-        load_recipe(recipe)

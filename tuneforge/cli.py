@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", default=None, metavar="VAR",
                    help="environment variable holding the API key (default: $OPENAI_API_KEY; none for a local endpoint)")
     p.add_argument("--principles", default=None, metavar="FILE",
-                   help="constitution YAML/JSON (default: the shipped recipes/constitution.yaml)")
+                   help="constitution YAML/JSON (default: the shipped tuneforge/rewards/constitution.yaml)")
     p.add_argument("--out", default=None, help="output JSONL of DPO pairs (default: PROMPTS' name + .pairs.jsonl)")
     p.add_argument("--revisions", type=_revisions, default=1, metavar="K",
                    help="principles per prompt, drawn with --seed; 'all' for every principle in order (default 1)")

@@ -37,7 +37,7 @@ class DemoSize:
     ticket_train: int = 3000
     general_eval: int = 300
     ticket_eval: int = 600
-    ticket_pairs: int = 1200  # preference pairs for the DPO and reward-model recipes
+    ticket_pairs: int = 2000  # preference pairs for the DPO and reward-model recipes
     ticket_prompts: int = 1200  # prompt-only records for the GRPO and PPO recipes
     vocab_size: int = 1024
     hidden_size: int = 192
@@ -50,7 +50,8 @@ class DemoSize:
 
 FULL = DemoSize()
 QUICK = DemoSize(corpus_docs=300, general_chat=300, ticket_train=300, general_eval=40, ticket_eval=60,
-                 ticket_pairs=240, ticket_prompts=120, vocab_size=512, hidden_size=64, num_layers=2, pretrain_steps=20, finetune_steps=10, batch=8)
+                 ticket_pairs=240, ticket_prompts=120, vocab_size=512, hidden_size=64, num_layers=2,
+                 pretrain_steps=20, finetune_steps=10, batch=8)
 
 MIXED_MODEL_NAME = "tuneforge-demo-tickets"
 # Sizes of data files the base model never sees: left out of its cache key, so adding one rebuilds nothing.

@@ -20,6 +20,10 @@ the rest is noise shared by every class (greetings, order numbers, small talk, s
 Held-out design: a fixed hash of (leaf, frame, noun) sends each signal combination to training or
 evaluation, so evaluation tickets pair known frames and nouns in ways never trained for that leaf: the
 model must have learned type and topic, not memorised sentences. Every leaf has pairs on both sides.
+
+The same tickets feed the other methods: preference pairs whose rejected answer is a near miss (wrong type, a
+sibling topic, or the topic a misfiled ticket wrongly names) for DPO and reward models, and prompt-only records
+with the SFT answer as ``label`` for online RL. Both draw training-side signal pairs only.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from tuneforge.rewards.judge import Judge, LocalJudge, OpenAIJudge
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PRINCIPLES = Path(__file__).resolve().parents[2] / "recipes" / "constitution.yaml"
+DEFAULT_PRINCIPLES = Path(__file__).resolve().parent / "constitution.yaml"  # shipped with the package
 PRINCIPLE_KEYS = ("name", "critique_request", "revision_request")
 # A dead endpoint or a wrong model name fails every call; stop after this many failures with no success.
 ABORT_AFTER_FAILURES = 8
@@ -65,10 +65,10 @@ class Principle:
 
 
 def load_principles(path: str | Path | None = None) -> list[Principle]:
-    """Principles from a YAML or JSON file (default: the shipped ``recipes/constitution.yaml``)."""
+    """Principles from a YAML or JSON file (default: the shipped ``tuneforge/rewards/constitution.yaml``)."""
     p = Path(path).expanduser() if path is not None else DEFAULT_PRINCIPLES
     if not p.is_file():
-        hint = "" if path is not None else " (the default ships in the source tree's recipes/; pass --principles FILE)"
+        hint = "" if path is not None else " (the default ships as tuneforge/rewards/constitution.yaml; pass --principles FILE)"
         raise RecipeError(f"principles file not found: {p}{hint}")
     text = p.read_text(encoding="utf-8")
     try:

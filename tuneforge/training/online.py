@@ -105,8 +105,9 @@ class OnlinePrepared:
         from tuneforge.training.forward import supports_selective_head
 
         r = self.recipe
+        group = r.grpo.group_size if r.method == "grpo" else 1
         spec = RolloutSpec(
-            micro_batch_size=micro_batch_size, precision=precision, device=device,
+            micro_batch_size=micro_batch_size * group, precision=precision, device=device,
             selective=supports_selective_head(model), pad_id=self.tokenizer.pad_token_id,
             eos_ids=eos_token_ids(self.tokenizer), seed=r.train.seed, generation_batch=r.generation.batch_size,
             sampling=Sampling(max_new_tokens=r.generation.max_new_tokens, temperature=r.generation.temperature,
@@ -240,7 +241,7 @@ def _as_tokenized(prompts: PromptSet) -> TokenizedSource:
 
 @dataclass
 class RolloutSpec:
-    micro_batch_size: int  # sequences per forward pass when training
+    micro_batch_size: int  # sequences per forward pass when training (the recipe's micro-batch counts prompts)
     precision: str
     device: torch.device
     selective: bool

@@ -84,10 +84,11 @@ def sample_completions(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
 
     ids, attn = left_pad(prompts, pad_id)
     ids, attn = ids.to(device), attn.to(device)
+    padded = len({len(p) for p in prompts}) > 1  # without padding the plain causal mask is right: skip building one
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=attn if padded else None, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1]
     cache = out.past_key_values
     if group_size > 1:  # the prompt's keys and values, computed once, serve the whole group
@@ -107,9 +108,10 @@ def sample_completions(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
         done = done | torch.isin(token, eos)
         if t + 1 == sampling.max_new_tokens or bool(done.all()):
             break
-        attn = torch.cat([attn, ones], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True)
+        if padded:
+            attn = torch.cat([attn, ones], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attn if padded else None, position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1]
         cache = out.past_key_values
         next_pos = next_pos + 1
