@@ -12,10 +12,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import base_recipe, write_jsonl
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the string annotations here
 from fastapi.responses import JSONResponse
 
-from conftest import base_recipe, write_jsonl
 from tuneforge.cli import main
 from tuneforge.data.validate import validate_file
 from tuneforge.errors import DataError, RecipeError, TuneforgeError

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import base_recipe, reverse_task, write_jsonl
 
 import tuneforge
-from conftest import base_recipe, reverse_task, write_jsonl
 from tuneforge.config import load_recipe
 from tuneforge.errors import ModelError, RecipeError
 from tuneforge.models.tiny import TinySpec

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import WORDS, base_recipe, reverse_task, write_jsonl
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the handler's string annotations here
 
 import tuneforge
 from tuneforge.errors import DataError, RecipeError, TuneforgeError
-
-from fastapi import FastAPI, Request  # module level: FastAPI resolves the handler's string annotations here
 
 KEYWORD_GRADER = {"type": "string_check", "name": "mentions", "input": "{{sample.output_text}}",
                   "reference": "{{item.keyword}}", "operation": "like"}

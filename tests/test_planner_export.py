@@ -34,7 +34,8 @@ def test_auto_micro_batch_counts_a_pair_as_two_sequences(tmp_path: Path) -> None
     assert _recipe(tmp_path, "dpo", 256, 64) == budget // 512 == 16
     assert _recipe(tmp_path, "reward", 256, 64) == 16
     assert sequences_per_sample("dpo") == sequences_per_sample("reward") == 2
-    assert sequences_per_sample("sft") == sequences_per_sample("cpt") == 1
+    assert sequences_per_sample("sft") == sequences_per_sample("cpt") == sequences_per_sample("ppo") == 1
+    assert sequences_per_sample("grpo", group_size=8) == 8
 
 
 @pytest.mark.parametrize(("method", "max_length", "global_batch", "replicas", "expected"), [

@@ -186,15 +186,15 @@ def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) 
             model, optimizer, scheduler, task, settings, start_step=start_step, run_dir=run_dir,
             progress=bar, log_fn=tracker.log_metrics, checkpoint_meta={"recipe_hash": _train_hash(recipe)},
         )
-        value_head = None
         if recipe.method == "ppo":  # the result is a plain policy; the value head is kept next to it
             from safetensors.torch import save_file
 
             from tuneforge.training.online import detach_value_head
 
             value_head = detach_value_head(model)
-            save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
-                      str(run_dir / "value_head.safetensors"))
+            if value_head is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+                          str(run_dir / "value_head.safetensors"))
         out_dir = save_result(model, tokenizer, run_dir / ("adapter" if is_peft(model) else "model"))
         merged = None
         if recipe.output.merge and is_peft(model) and not prompt_learning:

@@ -172,7 +172,8 @@ class PPOConfig(_Section):
     clip_eps: float = Field(0.2, gt=0, lt=1)
     value_clip: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
-    whiten_rewards: bool = Field(False, description="Normalise scores over the batch before GAE.")
+    whiten_rewards: bool = Field(False, description="Scale the per-token rewards to unit variance over the step "
+                                 "before GAE.")
     missing_eos_penalty: float | None = Field(
         None, description="Subtracted from the score of completions that hit the length budget without EOS.")
     eval_prompts: int = Field(64, gt=0, description="Held-out prompts scored (greedy) at each evaluation.")

@@ -47,7 +47,8 @@ class SourceTokens:
     stats: dict[str, Any]
 
 
-def _key(example: dict) -> str:
+def record_key(example: dict) -> str:
+    """A record's identity (canonical JSON): finds the line a record came from for later error messages."""
     return json.dumps(example, sort_keys=True, ensure_ascii=False)
 
 
@@ -91,7 +92,7 @@ def _clean_and_split(cfg: SourceConfig, report: Any, recipe: Recipe, names: set[
     names.add(name)
     lines: dict[str, int] = {}
     for line, ex in report.examples:
-        lines.setdefault(_key(ex), line)
+        lines.setdefault(record_key(ex), line)
     s = recipe.data.sanitize
     examples, stats = sanitize([ex for _, ex in report.examples], dedup=s.dedup, drop_empty=s.drop_empty,
                                max_chars=s.max_chars)
@@ -146,7 +147,7 @@ def _tokenize_split(name: str, examples: list[dict], src: SourceExamples, tokeni
     encoded, too_long = _encode(examples, src.format, tokenizer, template, recipe)
     if too_long and recipe.data.on_overlong == "error":
         issues = [
-            DataIssue(src.path, src.lines.get(_key(examples[i]), 0), "messages",
+            DataIssue(src.path, src.lines.get(record_key(examples[i]), 0), "messages",
                       f"too long after tokenization: {n} tokens",
                       f"at most data.max_length={recipe.data.max_length}, or set data.on_overlong: truncate|drop")
             for i, n in too_long

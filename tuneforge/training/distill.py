@@ -364,7 +364,7 @@ def _answer(teacher: _LazyTeacher, teacher_tok: Any, examples: list[dict], gen: 
 
 def teacher_source(recipe: Recipe, src: SourceExamples, teacher: _LazyTeacher, teacher_tok: Any) -> SourceExamples:
     """`src` with the teacher's answers, read from the cache or generated and written there (chat JSONL)."""
-    from tuneforge.data.pipeline import _key as record_key  # the key load_sources uses to name records' lines
+    from tuneforge.data.pipeline import record_key
     from tuneforge.data.sanitize import content_hash
     from tuneforge.paths import cache_dir
 

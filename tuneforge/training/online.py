@@ -39,7 +39,7 @@ from tuneforge.config import Recipe
 from tuneforge.data.sampler import Plan
 from tuneforge.data.token_cache import TokenizedSource
 from tuneforge.errors import DataError, DataIssue, RecipeError
-from tuneforge.objectives.grpo import grpo_loss, group_advantages
+from tuneforge.objectives.grpo import group_advantages, grpo_loss
 from tuneforge.objectives.logprobs import masked_mean, token_logprobs
 from tuneforge.objectives.ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, ppo_value_loss
 from tuneforge.training.precision import autocast
@@ -205,7 +205,7 @@ def load_online_grader(recipe: Recipe) -> Any:
 
 def _encode_prompts(src: Any, records: list[dict], tokenizer: Any, template: str | None, budget: int,
                     on_overlong: str, issues: list[DataIssue]) -> tuple[PromptSet, int]:
-    from tuneforge.data.pipeline import _key
+    from tuneforge.data.pipeline import record_key
     from tuneforge.data.templates import render_chat
 
     kept: list[dict] = []
@@ -216,7 +216,7 @@ def _encode_prompts(src: Any, records: list[dict], tokenizer: Any, template: str
     for rec, tokens in zip(records, encoded):
         if len(tokens) > budget:
             if on_overlong == "error":
-                issues.append(DataIssue(src.path, src.lines.get(_key(rec), 0), "messages",
+                issues.append(DataIssue(src.path, src.lines.get(record_key(rec), 0), "messages",
                                         f"prompt is {len(tokens)} tokens", f"at most {budget} tokens"))
                 continue
             if on_overlong == "drop":
