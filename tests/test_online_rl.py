@@ -126,6 +126,23 @@ def test_grpo_resume_samples_and_trains_exactly_like_the_uninterrupted_run(polic
     assert [round(h["loss"], 6) for h in resumed.history] == [round(h["loss"], 6) for h in straight.history[2:]]
 
 
+def test_grpo_reuses_each_batch_for_num_iterations_steps_with_the_clipped_ratio(policy: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(60, seed=21))
+    rec = online_recipe(policy, data, tmp_path / "run", num_iterations=3)
+    rec["train"]["max_steps"] = 6
+    result = tuneforge.train(rec, progress=False)
+    history = result.history
+    assert len(history) == 6
+    # one batch of completions per 3 steps: same rewards within a batch, a fresh batch after
+    assert history[0]["reward"] == history[1]["reward"] == history[2]["reward"]
+    assert history[3]["reward"] == history[4]["reward"] == history[5]["reward"]
+    assert history[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # on-policy on the step that sampled
+    assert history[1]["ratio_mean"] != pytest.approx(1.0, abs=1e-6)  # the policy moved: importance ratio
+    rec["train"]["checkpoint_every"] = 4
+    with pytest.raises(RecipeError, match="checkpoint_every: 4 must be a multiple of grpo.num_iterations=3"):
+        tuneforge.train(rec, progress=False)
+
+
 def test_a_crashing_grader_scores_zero_and_the_run_goes_on(policy: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(40, seed=11))
     grader = {"type": "python", "name": "fragile",
@@ -238,8 +255,9 @@ def test_ppo_raises_reward_model_score_with_bounded_kl(policy: Path, reward_mode
         return float(score_conversations(rm, rm_tokenizer, convs).mean())
 
     before = score(policy)
-    rec = online_recipe(policy, data, tmp_path / "run", method="ppo", reward_model=str(reward_model), kl_coef=0.05)
-    rec["train"].update(max_steps=30, lr=3e-3, global_batch_size=32)
+    rec = online_recipe(policy, data, tmp_path / "run", method="ppo", reward_model=str(reward_model), kl_coef=0.05,
+                        epochs=2)
+    rec["train"].update(max_steps=40, lr=3e-3, global_batch_size=32)
     result = tuneforge.train(rec, progress=False)
     after = score(result.output_dir)
     assert after > before + 1.0, (before, after)
@@ -247,6 +265,7 @@ def test_ppo_raises_reward_model_score_with_bounded_kl(policy: Path, reward_mode
     assert 0.1 < max(kls) < 3.0, kls  # nats per token: the policy moved, but the penalty kept it near the reference
     assert (result.run_dir / "value_head.safetensors").exists()
     assert result.history[-1]["score"] > result.history[0]["score"]
+    assert result.history[0]["policy_clipfrac"] == 0.0 and any(h["policy_clipfrac"] > 0 for h in result.history)
 
 
 # ------------------------------------------------------------------------------------------------- errors

@@ -157,6 +157,8 @@ class GRPOConfig(_Section):
     beta: float = Field(0.0, ge=0, description="KL penalty to the reference policy (k3 estimator); 0 = off.")
     clip_eps: float = Field(0.2, gt=0, lt=1)
     clip_eps_high: float | None = Field(None, gt=0, description="DAPO's clip-higher; default: clip_eps.")
+    num_iterations: int = Field(1, gt=0, description="Optimizer steps on each batch of completions (> 1: the clipped "
+                                "ratio to the sampling policy bounds each update).")
     judge_base_url: str | None = Field(None, description="Default OpenAI-compatible endpoint for score_model graders.")
     judge_api_key_env: str | None = Field(None, description="Environment variable holding the judge's API key.")
     eval_prompts: int = Field(64, gt=0, description="Held-out prompts scored (greedy) at each evaluation.")
@@ -172,6 +174,8 @@ class PPOConfig(_Section):
     clip_eps: float = Field(0.2, gt=0, lt=1)
     value_clip: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    epochs: int = Field(1, gt=0, description="Optimizer steps on each batch of rollouts (PPO epochs; the clipped "
+                        "ratio to the rollout policy bounds each update).")
     whiten_rewards: bool = Field(False, description="Scale the per-token rewards to unit variance over the step "
                                  "before GAE.")
     missing_eos_penalty: float | None = Field(

@@ -67,13 +67,15 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     metrics_file = (run_dir / "metrics.jsonl").open("a")
     pending: list[tuple[int, torch.Tensor, torch.Tensor, float, int, float, dict[str, Any]]] = []
     begin_step = getattr(task, "begin_step", None)
+    rows_for = getattr(task, "rows_for_step", None)  # online methods may take several steps on one batch
     window_t0, window_tokens = time.perf_counter(), 0
     step_time = 0.0
     model.train()
     with progress:
         for step in range(start_step, s.total_steps):
             t0 = time.perf_counter()
-            rows = range(step * s.global_batch_size, (step + 1) * s.global_batch_size)
+            rows = rows_for(step) if rows_for is not None else range(step * s.global_batch_size,
+                                                                     (step + 1) * s.global_batch_size)
             if begin_step is not None:  # online methods sample and score their completions first
                 begin_step(model, step, rows)
             n_tok = max(task.loss_tokens(rows), 1)

@@ -20,8 +20,9 @@ The reference policy costs no second copy of the weights with an adapter (the ba
 off); with full fine-tuning a frozen copy of the base is loaded when a KL term needs it. Sampling uses a generator
 seeded by (seed, step), so resuming from a checkpoint samples exactly what the uninterrupted run sampled.
 
-One optimizer step per batch of rollouts (on-policy, as TRL's GRPO default ``num_iterations=1``): the importance
-ratio is 1 at the step, and the clipping terms matter once rollouts are reused (not implemented yet).
+Each batch of rollouts serves ``grpo.num_iterations`` / ``ppo.epochs`` optimizer steps (default 1: on-policy, as
+TRL's GRPO default). From the second step on a batch the policy has moved away from the one that sampled it: the
+sampler's log-probs are kept, and the clipped importance ratio bounds each update.
 """
 
 from __future__ import annotations
@@ -86,8 +87,15 @@ class OnlinePrepared:
     data_info: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def updates_per_batch(self) -> int:
+        """Optimizer steps taken on each batch of rollouts (GRPO ``num_iterations``, PPO ``epochs``)."""
+        r = self.recipe
+        return r.grpo.num_iterations if r.method == "grpo" else r.ppo.epochs
+
+    @property
     def num_steps(self) -> int:
-        return self.plan.num_steps
+        steps = self.plan.num_steps * self.updates_per_batch
+        return min(steps, self.recipe.train.max_steps) if self.recipe.train.max_steps else steps
 
     def mix_dict(self) -> dict[str, Any]:
         m = self.plan.mix
@@ -113,6 +121,7 @@ class OnlinePrepared:
             sampling=Sampling(max_new_tokens=r.generation.max_new_tokens, temperature=r.generation.temperature,
                               top_p=r.generation.top_p, top_k=r.generation.top_k),
             stop=list(r.generation.stop))
+        spec.updates_per_batch = self.updates_per_batch
         train = [s.train for s in self.sources]
         val = {s.name: s.val for s in self.sources if s.val is not None and len(s.val)}
         if r.method == "grpo":
@@ -180,10 +189,17 @@ def prepare_online(recipe: Recipe) -> OnlinePrepared:
     if issues:
         raise DataError(issues, f"prompts longer than data.max_length - generation.max_new_tokens = {budget} tokens "
                         "(set data.on_overlong: truncate or drop, or raise data.max_length)")
+    reuse = recipe.grpo.num_iterations if recipe.method == "grpo" else recipe.ppo.epochs
+    every = recipe.train.checkpoint_every
+    if reuse > 1 and every and every % reuse:
+        key = "grpo.num_iterations" if recipe.method == "grpo" else "ppo.epochs"
+        raise RecipeError(f"train.checkpoint_every: {every} must be a multiple of {key}={reuse}, so that a resumed "
+                          "run starts on a fresh batch of rollouts")
+    max_batches = -(-recipe.train.max_steps // reuse) if recipe.train.max_steps else None  # steps count updates
     plan = build_plan([_as_tokenized(s.train) for s in sources], [s.weight for s in sources], mix_by="examples",
                       seed=recipe.train.seed, max_length=recipe.data.max_length, packing=False,
                       global_batch_size=recipe.train.global_batch_size, epochs=recipe.train.epochs,
-                      max_steps=recipe.train.max_steps)
+                      max_steps=max_batches)
     return OnlinePrepared(recipe, tokenizer, template, sources, plan,
                           data_hashes={s.name: s.data_hash for s in loaded}, grader=grader,
                           data_info={s.name: s.stats for s in sources})
@@ -251,6 +267,7 @@ class RolloutSpec:
     generation_batch: int  # sequences decoded together
     sampling: Sampling
     stop: list[str]
+    updates_per_batch: int = 1
 
 
 @dataclass
@@ -349,6 +366,23 @@ def reference_for(recipe: Recipe, model: torch.nn.Module, device: torch.device, 
 # --------------------------------------------------------------------------------------------- tasks
 
 
+class TokenWeighted:
+    """Token-weighted means of per-micro-batch statistics (clip fractions, KL, ratios) over a step's share."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weight = 0.0
+
+    def add(self, metrics: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
+        w = float(tokens)
+        self.weight += w
+        for k, v in metrics.items():
+            self.sums[k.replace("/", "_")] = self.sums.get(k.replace("/", "_"), 0.0) + float(v) * w
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.weight for k, v in self.sums.items()} if self.weight else {}
+
+
 @dataclass
 class StepRollout:
     """Everything one step needs, computed once for all its prompts before any gradient."""
@@ -383,9 +417,21 @@ class OnlineTask:
     def num_samples(self) -> int:
         return self.plan.num_steps * self.plan.global_batch_size
 
+    def rows_for_step(self, step: int) -> range:
+        """The prompts of optimizer step ``step``: each batch of rollouts serves ``updates_per_batch`` steps."""
+        g = self.plan.global_batch_size
+        batch = step // self.spec.updates_per_batch
+        return range(batch * g, (batch + 1) * g)
+
     def begin_step(self, model: torch.nn.Module, step: int, rows: range) -> None:
-        """Sample and score completions for every prompt of the step (called by the loop before anything else)."""
-        self.rollout = self.make_rollout(model, step, rows)
+        """Sample and score completions for the step's prompts, unless this batch was already sampled.
+
+        Called by the loop before anything else. The sampler is seeded by the batch's index, and a resumed run
+        always starts on a fresh batch (``checkpoint_every`` is a multiple of ``updates_per_batch``), so it
+        samples exactly what the uninterrupted run sampled.
+        """
+        if self.rollout is None or self.rollout.rows != (rows.start, rows.stop):
+            self.rollout = self.make_rollout(model, step // self.spec.updates_per_batch, rows)
 
     def _refs(self, rows: Sequence[int]) -> list[tuple[int, int]]:
         p = self.plan
@@ -507,10 +553,15 @@ class GRPOTask(OnlineTask):
                       "completion_length": float(lengths.mean()),
                       "completions_finished": float(comp.finished.float().mean()), "grader_errors": float(errors)}
         self.rollout = ro
+        every = range(len(ro.prompt_ids))
         if self.reference is not None:
             ro.ref_logps = torch.zeros(comp.tokens.shape, device=self.spec.device)
-            for idx, batch, res in self.forward_rows(model, range(len(ro.prompt_ids)), reference=True):
+            for idx, batch, res in self.forward_rows(model, every, reference=True):
                 ro.ref_logps[idx, : batch.width] = res
+        if self.spec.updates_per_batch > 1:  # later updates on this batch are off-policy: keep the sampler's log-probs
+            ro.old_logps = torch.zeros(comp.tokens.shape, device=self.spec.device)
+            for idx, batch, (res, _) in self.forward_rows(model, every):
+                ro.old_logps[idx, : batch.width] = res
         return ro
 
     def loss_tokens(self, indices: Sequence[int]) -> int:
@@ -530,7 +581,7 @@ class GRPOTask(OnlineTask):
         seqs = self._sequences(indices)
         loss_acc = torch.zeros((), device=s.device)
         fed = 0
-        kl_sum = torch.zeros((), device=s.device)
+        stats = TokenWeighted()
         for i in range(0, len(seqs), s.micro_batch_size):
             idx = seqs[i : i + s.micro_batch_size]
             batch = sequence_batch([ro.prompt_ids[j] for j in idx], ro.completions.tokens[idx],
@@ -539,22 +590,19 @@ class GRPOTask(OnlineTask):
             with autocast(s.precision, s.device):
                 logps, _ = sequence_forward(model, batch, selective=s.selective, temperature=s.sampling.temperature)
             ref = self._trim(ro.ref_logps, idx, batch) if ro.ref_logps is not None else None
+            old = self._trim(ro.old_logps, idx, batch) if ro.old_logps is not None else None
             common = dict(clip_eps_low=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, beta=cfg.beta)
             if cfg.loss_type == "grpo":  # Σ over sequences of each sequence's token mean
-                loss, metrics = grpo_loss(logps, None, ref, ro.advantages[idx], mask, loss_type="grpo", **common)
+                loss, metrics = grpo_loss(logps, old, ref, ro.advantages[idx], mask, loss_type="grpo", **common)
                 loss_sum = loss * len(idx)
             else:  # Σ over tokens; the divisor is the step's (loss_tokens)
-                loss_sum, metrics = grpo_loss(logps, None, ref, ro.advantages[idx], mask, loss_type="dapo",
+                loss_sum, metrics = grpo_loss(logps, old, ref, ro.advantages[idx], mask, loss_type="dapo",
                                               num_items_in_batch=1, **common)
             (loss_sum * scale).backward()
             loss_acc += loss_sum.detach()
-            if "kl" in metrics:
-                kl_sum += metrics["kl"] * mask.sum()
+            stats.add(metrics, mask.sum())
             fed += int(batch.input_ids.numel())
-        out: dict[str, Any] = {"loss_sum": loss_acc, "tokens_fed": torch.tensor(fed), "metrics": dict(ro.metrics)}
-        if ro.ref_logps is not None:
-            out["metrics"]["kl"] = float(kl_sum) / max(int(ro.completions.mask[seqs].sum()), 1)
-        return out
+        return {"loss_sum": loss_acc, "tokens_fed": torch.tensor(fed), "metrics": {**ro.metrics, **stats.means()}}
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
@@ -637,6 +685,7 @@ class PPOTask(OnlineTask):
         seqs = self._sequences(indices)
         loss_acc = torch.zeros((), device=s.device)
         fed = 0
+        stats = TokenWeighted()
         for i in range(0, len(seqs), s.micro_batch_size):
             idx = seqs[i : i + s.micro_batch_size]
             batch = sequence_batch([ro.prompt_ids[j] for j in idx], ro.completions.tokens[idx],
@@ -646,15 +695,16 @@ class PPOTask(OnlineTask):
                 logps, values = sequence_forward(model, batch, selective=s.selective,
                                                  temperature=s.sampling.temperature, value_head=model.value_head)
             assert values is not None
-            pg, _ = ppo_policy_loss(logps, self._trim(ro.old_logps, idx, batch), self._trim(ro.advantages, idx, batch),
-                                    mask, cfg.clip_eps)
-            vf, _ = ppo_value_loss(values, self._trim(ro.old_values, idx, batch), self._trim(ro.returns, idx, batch),
-                                   mask, cfg.value_clip)
+            pg, pg_stats = ppo_policy_loss(logps, self._trim(ro.old_logps, idx, batch),
+                                           self._trim(ro.advantages, idx, batch), mask, cfg.clip_eps)
+            vf, vf_stats = ppo_value_loss(values, self._trim(ro.old_values, idx, batch),
+                                          self._trim(ro.returns, idx, batch), mask, cfg.value_clip)
             loss_sum = (pg + cfg.vf_coef * vf) * mask.sum()  # token means → token sums; the step divides
             (loss_sum * scale).backward()
             loss_acc += loss_sum.detach()
+            stats.add({**pg_stats, **vf_stats, "value_loss": vf.detach()}, mask.sum())
             fed += int(batch.input_ids.numel())
-        return {"loss_sum": loss_acc, "tokens_fed": torch.tensor(fed), "metrics": dict(ro.metrics)}
+        return {"loss_sum": loss_acc, "tokens_fed": torch.tensor(fed), "metrics": {**ro.metrics, **stats.means()}}
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
