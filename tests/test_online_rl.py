@@ -82,7 +82,8 @@ def test_grpo_raises_held_out_grader_reward(policy: Path, tmp_path: Path) -> Non
     assert sum(sampled[-4:]) / 4 > sum(sampled[:4]) / 4 + 0.3
     for key in ("reward_std", "completion_length", "frac_groups_no_signal", "grader_errors"):
         assert key in result.history[-1]
-    assert result.evals and "val/reward" in result.evals[-1]
+    assert result.evals[0]["step"] == 0 and result.evals[-1]["step"] == 24  # the baseline, then the end
+    assert result.evals[-1]["val/reward"] > result.evals[0]["val/reward"]
 
 
 def _one_step_grads(prepared, model, micro: int, rows: range) -> dict[str, torch.Tensor]:
@@ -210,10 +211,14 @@ def test_rlaif_grpo_with_a_judge_behind_an_openai_compatible_endpoint(policy: Pa
                             judge_api_key_env="JUDGE_KEY", group_size=4)
         rec["train"]["max_steps"] = 4
         result = tuneforge.train(rec, progress=False)
-    assert len(server.answers) >= 4 * 8 * 4  # every sampled completion went to the judge
+    # the held-out prompts are judged before and after training; every sampled completion in between
+    trained = 4 * 8 * 4
+    held_out = (len(server.answers) - trained) // 2
+    assert held_out > 0 and len(server.answers) == trained + 2 * held_out
+    sampled = server.answers[held_out : held_out + trained]
     rewards = [h["reward"] for h in result.history]
     assert all(h["grader_errors"] == 0 for h in result.history)
-    expected = [sum("apple" in a for a in server.answers[i * 32:(i + 1) * 32]) / 32 for i in range(4)]
+    expected = [sum("apple" in a for a in sampled[i * 32:(i + 1) * 32]) / 32 for i in range(4)]
     assert rewards == pytest.approx(expected)
 
 

@@ -249,6 +249,8 @@ def _final_metrics(loop: Any, num_steps: int, wall0: float) -> dict[str, float]:
         metrics["first_loss"] = loop.history[0]["loss"]
     if loop.evals:
         metrics.update({k.replace("val/", "val_"): v for k, v in loop.evals[-1].items() if k != "step"})
+        if loop.evals[0]["step"] == 0:  # a baseline taken before training (online RL)
+            metrics.update({"initial_" + k.replace("val/", "val_"): v for k, v in loop.evals[0].items() if k != "step"})
     if loop.train_seconds:
         metrics["tokens_per_s"] = loop.tokens / loop.train_seconds
     metrics["train_seconds"] = loop.train_seconds

@@ -72,6 +72,12 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     step_time = 0.0
     model.train()
     with progress:
+        if s.eval_every and start_step == 0 and getattr(task, "evaluate_before_training", False):
+            ev = task.evaluate(model)  # online RL: the starting reward is the baseline every later one is read against
+            if ev:
+                result.evals.append({"step": 0, **ev})
+                log_fn(ev, 0)
+                progress.note("step 0: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         for step in range(start_step, s.total_steps):
             t0 = time.perf_counter()
             rows = rows_for(step) if rows_for is not None else range(step * s.global_batch_size,

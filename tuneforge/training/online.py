@@ -402,6 +402,7 @@ class OnlineTask:
     """Shared by GRPO and PPO: prompts by global index, per-step rollouts, micro-batched forward passes."""
 
     group_size = 1
+    evaluate_before_training = True  # the loop scores the starting policy too: the baseline for every later reward
 
     def __init__(self, plan: Plan, sources: list[PromptSet], val_sources: dict[str, PromptSet], spec: RolloutSpec,
                  tokenizer: Any, reference: Reference | None) -> None:
@@ -478,9 +479,10 @@ class OnlineTask:
                 break
         return cut.strip()
 
-    def step_generator(self, step: int) -> torch.Generator:
+    def batch_generator(self, batch_index: int) -> torch.Generator:
+        """The sampler's randomness for one batch of rollouts: a function of (seed, batch), so resume is exact."""
         device = self.spec.device if self.spec.device.type in ("cpu", "cuda") else torch.device("cpu")
-        return torch.Generator(device=device).manual_seed(self.spec.seed * 1_000_003 + step)
+        return torch.Generator(device=device).manual_seed(self.spec.seed * 1_000_003 + batch_index)
 
     def forward_rows(self, model: torch.nn.Module, seqs: Sequence[int], *, value_head: Any = None,
                      reference: bool = False) -> list[tuple[list[int], SequenceBatch, Any]]:
@@ -506,7 +508,8 @@ class OnlineTask:
     def _trim(self, t: torch.Tensor, idx: Sequence[int], batch: SequenceBatch) -> torch.Tensor:
         return t[idx][:, : batch.width].to(self.spec.device)
 
-    def make_rollout(self, model: torch.nn.Module, step: int, rows: range) -> StepRollout:
+    def make_rollout(self, model: torch.nn.Module, batch_index: int, rows: range) -> StepRollout:
+        """Sample, score and turn scores into advantages for the prompts ``rows`` (each method its own way)."""
         raise NotImplementedError
 
     # -- evaluation -----------------------------------------------------------------------------------
@@ -536,12 +539,12 @@ class GRPOTask(OnlineTask):
                         errors[0])
         return torch.tensor([r.score for r in results], dtype=torch.float32), len(errors)
 
-    def make_rollout(self, model: torch.nn.Module, step: int, rows: range) -> StepRollout:
+    def make_rollout(self, model: torch.nn.Module, batch_index: int, rows: range) -> StepRollout:
         g = self.group_size
         refs = self._refs(rows)
         prompts = [self.sources[s].ids[i] for s, i in refs]
         records = [self.sources[s].records[i] for s, i in refs for _ in range(g)]
-        comp, texts = self.generate(model, prompts, g, self.spec.sampling, self.step_generator(step))
+        comp, texts = self.generate(model, prompts, g, self.spec.sampling, self.batch_generator(batch_index))
         rewards, errors = self.score(records, texts)
         advantages = group_advantages(rewards, g, scale=self.cfg.scale_rewards)
         groups = rewards.reshape(-1, g)
@@ -642,12 +645,12 @@ class PPOTask(OnlineTask):
             scores = scores - self.cfg.missing_eos_penalty * (~finished.cpu()).float()
         return scores
 
-    def make_rollout(self, model: torch.nn.Module, step: int, rows: range) -> StepRollout:
+    def make_rollout(self, model: torch.nn.Module, batch_index: int, rows: range) -> StepRollout:
         cfg, s = self.cfg, self.spec
         refs = self._refs(rows)
         prompts = [self.sources[a].ids[i] for a, i in refs]
         records = [self.sources[a].records[i] for a, i in refs]
-        comp, texts = self.generate(model, prompts, 1, s.sampling, self.step_generator(step))
+        comp, texts = self.generate(model, prompts, 1, s.sampling, self.batch_generator(batch_index))
         score = self.scores(records, texts, comp.finished).to(s.device)
         ro = StepRollout((rows.start, rows.stop), prompts, comp, torch.zeros(0))
         self.rollout = ro
