@@ -120,8 +120,7 @@ class OnlinePrepared:
             eos_ids=eos_token_ids(self.tokenizer), seed=r.train.seed, generation_batch=r.generation.batch_size,
             sampling=Sampling(max_new_tokens=r.generation.max_new_tokens, temperature=r.generation.temperature,
                               top_p=r.generation.top_p, top_k=r.generation.top_k),
-            stop=list(r.generation.stop))
-        spec.updates_per_batch = self.updates_per_batch
+            stop=list(r.generation.stop), updates_per_batch=self.updates_per_batch)
         train = [s.train for s in self.sources]
         val = {s.name: s.val for s in self.sources if s.val is not None and len(s.val)}
         if r.method == "grpo":
@@ -486,11 +485,16 @@ class OnlineTask:
 
     def forward_rows(self, model: torch.nn.Module, seqs: Sequence[int], *, value_head: Any = None,
                      reference: bool = False) -> list[tuple[list[int], SequenceBatch, Any]]:
-        """Micro-batches of the rollout's sequences ``seqs``: (indices, batch, outputs) — no gradients here."""
+        """Micro-batches of the rollout's sequences ``seqs``: (indices, batch, outputs) — no gradients, no dropout.
+
+        The rollout-time log-probs and values describe the policy that sampled, which had dropout off.
+        """
         ro = self.rollout
         assert ro is not None
         out = []
         m = self.spec.micro_batch_size
+        was_training = model.training
+        model.eval()
         for i in range(0, len(seqs), m):
             idx = list(seqs[i : i + m])
             batch = sequence_batch([ro.prompt_ids[j] for j in idx], ro.completions.tokens[idx],
@@ -503,6 +507,7 @@ class OnlineTask:
                     res = sequence_forward(model, batch, selective=self.spec.selective,
                                            temperature=self.spec.sampling.temperature, value_head=value_head)
             out.append((idx, batch, res))
+        model.train(was_training)
         return out
 
     def _trim(self, t: torch.Tensor, idx: Sequence[int], batch: SequenceBatch) -> torch.Tensor:
