@@ -313,3 +313,15 @@ def test_recipe_errors_for_online_methods(policy: Path, tmp_path: Path) -> None:
     with pytest.raises(TuneforgeError, match="elastic replicas"):
         tuneforge.train(online_recipe(policy, data, tmp_path / "run"), replicas="1:2", progress=False)
     json.dumps(rec)  # recipes stay plain data
+
+
+def test_data_validate_checks_prompt_records_and_keeps_grader_keys(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tuneforge.cli import main
+
+    records = prompt_records(3, seed=1)
+    records[1] = reverse_task(1)[0]  # a chat that ends with the answer is not a prompt
+    path = write_jsonl(tmp_path / "prompts.jsonl", records)
+    assert main(["data", "validate", str(path), "--format", "prompt"]) == 1
+    out = capsys.readouterr()
+    assert "prompts.jsonl:2: messages[1].role: prompt ends with 'assistant'" in out.out + out.err
+    assert "keyword" not in out.out + out.err  # extra keys are for the graders, not errors

@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("validate", help="report every bad record as FILE:LINE: field: problem")
     q.add_argument("file")
     q.add_argument("--format", default="auto",
-                   choices=["auto", "messages", "prompt_completion", "text", "preference"])
+                   choices=["auto", "messages", "prompt_completion", "text", "preference", "prompt"])
     q.add_argument("--model", help="tokenizer (model dir) to check lengths with")
     q.add_argument("--chat-template", default=None)
     q.add_argument("--max-length", type=int, default=2048)

@@ -104,7 +104,7 @@ def check_record(value: Any, fmt: str, *, allow_extra: Collection[str] = ()) -> 
         return [("", f"record is {_json_type(value)}", "a JSON object")]
     issues: list[Issue] = []
     shape = _shape(value, fmt)
-    _check_keys(value, shape, allow_extra, issues)
+    _check_keys(value, shape, ("*",) if shape == "prompt" else allow_extra, issues)  # prompts carry grader keys
     if shape == "messages":
         if "messages" in value:
             _check_chat(value["messages"], "messages", issues)
