@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test test-fast lint format install install-test clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,21 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/tuneforge demo
 
-test: install
+# Lint and format checks first (seconds): a style slip fails fast, before minutes of tests.
+lint: install
+	$(VENV)/bin/ruff check tuneforge tests benchmarks
+	$(VENV)/bin/ruff format --check tuneforge tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff check --fix tuneforge tests benchmarks
+	$(VENV)/bin/ruff format tuneforge tests benchmarks
+
+test: lint
 	$(PY) -m pytest -q
+
+# The same suite without the end-to-end tests marked slow (minutes of training, real replica processes).
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,4 +1,5 @@
-"""Method throughput: tuneforge's DPO, reward-model and GRPO steps against TRL's DPOTrainer / RewardTrainer / GRPOTrainer.
+"""Method throughput: tuneforge's DPO, KTO, reward-model and GRPO steps against TRL's DPOTrainer / KTOTrainer /
+RewardTrainer / GRPOTrainer.
 
 Both sides train the same tiny Llama (``TinySpec()``, ~1.2 M parameters, 1k vocabulary) on the same preference pairs,
 4 pairs per optimizer step (8 sequences of at most 160 tokens), fp32, AdamW (lr 1e-4, constant, no weight decay,
@@ -20,6 +21,11 @@ Fairness, concretely:
   sides), so data loading, collation and bookkeeping count. Warm-up steps are left out; a run's figure is the median
   of its measured steps, and each side's result is its best repeat (a shared machine's load only ever slows a run
   down). Every (system, method, repeat) runs in a fresh subprocess with the same thread count, alternating the order.
+* KTO: the same pairs unpaired (each pair's chosen answer desirable, its rejected one undesirable: 8 examples per
+  step, the same 8 sequences as DPO), beta 0.1, a frozen reference copy on both sides, and on both sides the KL
+  reference point from mismatched (prompt, other completion) pairs of the step — two more no-grad forward passes.
+  TRL's dataset is built from the same records in the same order; the worker checks TRL's prompt and completion
+  token ids against tuneforge's.
 * GRPO: one prompt of 50-80 words per step, a group of 8 completions of up to 32 new tokens sampled at temperature 1
   (the untrained model almost never emits EOS, so both sides decode ~32 tokens per completion — the mean completion
   length is printed for each side), a keyword reward that costs nothing on either side (a ``string_check`` grader /
@@ -35,7 +41,7 @@ Fairness, concretely:
     python benchmarks/methods_throughput.py --steps 40 --repeats 3 --threads 1 --precomputed
 
 The last line printed is one JSON object ``{"dpo": {"tuneforge_s_per_step", "trl_s_per_step", "speedup"},
-"grpo": {...}, "reward": {...}}`` (speedup = TRL seconds per step / tuneforge's).
+"grpo": {...}, "reward": {...}, "kto": {...}}`` (speedup = TRL seconds per step / tuneforge's).
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ MAX_LEN = 160
 LR = 1e-4
 BETA = 0.1
 SYSTEMS = ("tuneforge", "trl")
-METHODS = ("dpo", "grpo", "reward", "dpo_precomputed")
+METHODS = ("dpo", "grpo", "reward", "kto", "dpo_precomputed")
 GROUP = 8
 NEW_TOKENS = 32
 KEYWORD = "apple"
@@ -101,6 +107,9 @@ def prepare(work: Path, n_pairs: int, seed: int = 0) -> dict[str, Any]:
     longest = max(len(ids) for ids, _ in encoded)
     assert longest <= MAX_LEN, f"a sequence is {longest} tokens, more than {MAX_LEN}"
     (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    unpaired = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                for r in records for side in ("chosen", "rejected")]
+    (work / "unpaired.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired))
     prompts = [{"messages": r["prompt"], "keyword": KEYWORD} for r in records]
     (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
     (work / "ids.json").write_text(json.dumps([[int(t) for t in ids] for ids, _ in encoded]))
@@ -145,14 +154,18 @@ def worker_tuneforge(work: Path, method: str, steps: int, threads: int) -> dict[
     if method == "grpo":
         return worker_tuneforge_grpo(work, steps, threads)
 
+    kto = method == "kto"
+    batch = 2 * PAIRS if kto else PAIRS  # KTO: each pair's two answers are two examples
     recipe = {
         "name": f"bench-{method}",
-        "method": "reward" if method == "reward" else "dpo",
+        "method": "dpo" if method == "dpo_precomputed" else method,
         "model": {"path": str(work / "model")},
-        "data": {"sources": [{"path": str(work / "pairs.jsonl")}], "max_length": MAX_LEN, "val_fraction": 0},
+        "data": {"sources": [{"path": str(work / ("unpaired.jsonl" if kto else "pairs.jsonl"))}],
+                 "max_length": MAX_LEN, "val_fraction": 0, "sanitize": {"dedup": False}},
         "adapter": {"kind": "full"},
         "dpo": {"loss_type": "sigmoid", "beta": BETA, "precompute_ref": method == "dpo_precomputed"},
-        "train": {"max_steps": steps, "global_batch_size": PAIRS, "micro_batch_size": PAIRS, "lr": LR,
+        "kto": {"beta": BETA},
+        "train": {"max_steps": steps, "global_batch_size": batch, "micro_batch_size": batch, "lr": LR,
                   "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0,
                   "precision": "fp32", "num_threads": threads, "eval_every": 10_000, "device": "cpu"},
         "tracking": {"enabled": False},
@@ -235,7 +248,8 @@ def worker_trl(work: Path, method: str, steps: int, threads: int) -> dict[str, A
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     torch.set_num_threads(threads)
-    records = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
+    kto = method == "kto"
+    records = [json.loads(line) for line in (work / ("unpaired.jsonl" if kto else "pairs.jsonl")).read_text().splitlines()]
     dataset = Dataset.from_list(records)
     tokenizer = AutoTokenizer.from_pretrained(str(work / "model"))
     common = dict(
@@ -255,6 +269,13 @@ def worker_trl(work: Path, method: str, steps: int, threads: int) -> dict[str, A
         model.config.pad_token_id = tokenizer.pad_token_id
         trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=dataset,
                                 processing_class=tokenizer)
+    elif kto:
+        from trl import KTOConfig, KTOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32,
+                                                     attn_implementation="sdpa")
+        args = KTOConfig(**{**common, "per_device_train_batch_size": 2 * PAIRS}, beta=BETA)
+        trainer = KTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     else:
         from trl import DPOConfig, DPOTrainer
 
@@ -271,6 +292,13 @@ def worker_trl(work: Path, method: str, steps: int, threads: int) -> dict[str, A
 
 def _check_trl_rows(dataset: Any, ids: list[list[int]], method: str) -> None:
     """TRL must train on exactly tuneforge's token ids (prompt + chosen, prompt + rejected of every pair)."""
+    if method == "kto":  # one row per answer, in the pairs' order: chosen, rejected, chosen, …
+        if len(dataset) != len(ids):
+            raise AssertionError(f"TRL kept {len(dataset)} of {len(ids)} KTO examples")
+        for i, row in enumerate(dataset):
+            if list(row["prompt_ids"]) + list(row["completion_ids"]) != ids[i]:
+                raise AssertionError(f"TRL's tokens of KTO example {i} differ from tuneforge's")
+        return
     if len(dataset) != len(ids) // 2:
         raise AssertionError(f"TRL kept {len(dataset)} of {len(ids) // 2} pairs")
     for i, row in enumerate(dataset):
@@ -306,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--precomputed", action="store_true", help="also time DPO with precomputed reference log-probs")
+    p.add_argument("--only", nargs="+", choices=METHODS, help="time only these methods")
     p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -318,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.warmup < 1 or a.steps < a.warmup + 3:
         p.error(f"need --warmup >= 1 and --steps >= --warmup + 3 (got --warmup {a.warmup}, --steps {a.steps})")
-    methods = ["dpo", "grpo", "reward"] + (["dpo_precomputed"] if a.precomputed else [])
+    methods = a.only or ["dpo", "kto", "grpo", "reward"] + (["dpo_precomputed"] if a.precomputed else [])
 
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tuneforge-methods-bench-") as tmp:
@@ -364,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{cpu['tuneforge'] * 1e3:6.1f} ms  TRL {cpu['trl'] * 1e3:6.1f} ms  "
               f"speedup {cpu['trl'] / cpu['tuneforge']:.2f}x")
     print(f"total {time.perf_counter() - t_all:.0f} s")
-    print(json.dumps(summary))  # "dpo", "grpo", "reward" (and "dpo_precomputed" with --precomputed)
+    print(json.dumps(summary))  # "dpo", "kto", "grpo", "reward" (and "dpo_precomputed" with --precomputed)
 
 
 if __name__ == "__main__":

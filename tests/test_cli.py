@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import base_recipe, reverse_task, write_jsonl
@@ -80,8 +81,13 @@ def test_data_validate_reports_every_bad_line(tmp_path: Path) -> None:
     assert f"{data}:3:" in r.stdout
     good = write_jsonl(tmp_path / "good.jsonl", reverse_task(5))
     assert tf("data", "validate", str(good), env_home=tmp_path).returncode == 0
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = tf("data", "validate", str(empty), env_home=tmp_path)  # a reported problem is a failure, whatever it is
+    assert r.returncode == 1 and f"{empty}:0: holds no records" in r.stdout
 
 
+@pytest.mark.slow  # two CLI subprocesses, one of them training: ~7 s
 def test_train_and_show_recipe_via_cli(tmp_path: Path, tiny_model: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", reverse_task(40))
     path = tmp_path / "r.yaml"

@@ -6,15 +6,10 @@ import json
 import logging
 import math
 import re
-import socket
-import threading
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import base_recipe, write_jsonl
-from fastapi import FastAPI, Request  # module level: FastAPI resolves the string annotations here
-from fastapi.responses import JSONResponse
 
 from tuneforge.cli import main
 from tuneforge.data.validate import validate_file
@@ -32,6 +27,8 @@ from tuneforge.rewards.constitutional import (
 )
 from tuneforge.rewards.judge import LocalJudge, OpenAIJudge
 
+from conftest import ChatError, ChatServer, base_recipe, free_port, read_jsonl, write_jsonl
+
 # Each principle's requests carry a tag the test server recognises; the revision it returns applies the tag's
 # transformation to the answer it was shown, so every expected pair can be computed by hand.
 TRANSFORMS = {"upper": str.upper, "bang": lambda s: s + "!", "polite": lambda s: "please, " + s}
@@ -41,13 +38,15 @@ PRINCIPLES = [
 ]
 _REQUEST = re.compile(r"^(CRITIQUE|REVISE) (\w+):")
 
+pytestmark = pytest.mark.usefixtures("no_ambient_openai")  # no OpenAI key or endpoint from the shell
+
 
 def answer_to(question: str) -> str:
     return f"you said {question}"
 
 
-class ModelServer:
-    """A deterministic chat model behind a real OpenAI-compatible HTTP server (uvicorn + FastAPI).
+class ModelServer(ChatServer):
+    """A deterministic chat model behind a real OpenAI-compatible HTTP server (conftest's ``ChatServer``).
 
     It answers by echoing the question, critiques by naming a flaw of the answer it was shown, and revises by
     transforming that answer (prefixed "Revision:", as models do). Questions with a marker misbehave: FAIL
@@ -55,62 +54,24 @@ class ModelServer:
     BLANK (empty answer), QUIET (empty critique).
     """
 
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        app = FastAPI()
-
-        @app.post("/v1/chat/completions")
-        async def chat(request: Request) -> object:
-            body = await request.json()
-            with self.lock:
-                self.requests.append({"body": body, "authorization": request.headers.get("authorization")})
-            messages = body["messages"]
-            question = next(m["content"] for m in messages if m["role"] == "user")
-            kind = _REQUEST.match(messages[-1]["content"])
-            if kind is None:
-                if "FAIL" in question and "FAILCRIT" not in question:
-                    return JSONResponse({"error": {"message": "the model crashed"}}, status_code=500)
-                reply = "" if "BLANK" in question else answer_to(question)
-            elif kind.group(1) == "CRITIQUE":
-                if "FAILCRIT" in question:
-                    return JSONResponse({"error": {"message": "critic offline"}}, status_code=500)
-                reply = "" if "QUIET" in question else f"Flaw: '{messages[-2]['content']}' is not {kind.group(2)} enough."
-            else:
-                shown = messages[-4]["content"]
-                if "EMPTY" in question:
-                    reply = "  "
-                elif "SAME" in question:
-                    reply = shown
-                else:
-                    reply = "Revision: " + TRANSFORMS[kind.group(2)](shown)
-            return {
-                "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            }
-
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> ModelServer:
-        self.thread.start()
-        for _ in range(500):
-            if self.server.started:
-                return self
-            threading.Event().wait(0.01)
-        raise RuntimeError("model server did not start")
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
+    def reply(self, body: dict) -> str | ChatError:
+        messages = body["messages"]
+        question = next(m["content"] for m in messages if m["role"] == "user")
+        kind = _REQUEST.match(messages[-1]["content"])
+        if kind is None:
+            if "FAIL" in question and "FAILCRIT" not in question:
+                return ChatError("the model crashed")
+            return "" if "BLANK" in question else answer_to(question)
+        if kind.group(1) == "CRITIQUE":
+            if "FAILCRIT" in question:
+                return ChatError("critic offline")
+            return "" if "QUIET" in question else f"Flaw: '{messages[-2]['content']}' is not {kind.group(2)} enough."
+        shown = messages[-4]["content"]
+        if "EMPTY" in question:
+            return "  "
+        if "SAME" in question:
+            return shown
+        return "Revision: " + TRANSFORMS[kind.group(2)](shown)
 
     def conversations(self, question: str) -> list[list[dict]]:
         """Every conversation sent for one question, in the order the pipeline must have sent them."""
@@ -125,12 +86,6 @@ def server():
         yield s
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_openai(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-
-
 def user(text: str) -> dict:
     return {"messages": [{"role": "user", "content": text}]}
 
@@ -139,10 +94,6 @@ def client(server: ModelServer, **kw: object) -> OpenAIJudge:
     judge = build_model_client("test-model", base_url=server.url, max_retries=0, **kw)
     assert isinstance(judge, OpenAIJudge)
     return judge
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def expected_pair(question: str, tags: list[str]) -> dict:
@@ -372,9 +323,7 @@ def test_foreign_output_is_not_clobbered(server: ModelServer, tmp_path: Path) ->
 
 
 def test_a_dead_endpoint_stops_the_run_instead_of_failing_every_prompt(tmp_path: Path) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     judge = build_model_client("m", base_url=f"http://127.0.0.1:{port}/v1", timeout=2, max_retries=0)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [user(f"q{i}") for i in range(20)])
     with pytest.raises(TuneforgeError, match="failed on 8 prompts before any succeeded.*APIConnectionError"):

@@ -68,7 +68,12 @@ def test_mixing_realises_token_ratio_within_two_percent() -> None:
     share = plan.mix.realised("tokens")
     assert abs(share[0] - 0.75) < 0.02 and abs(share[1] - 0.25) < 0.02
     assert plan.mix.passes[1] > 2 and plan.mix.passes[0] == pytest.approx(1.0, abs=0.05)  # small one repeated
-    assert 500 <= plan.mix.examples[0] < 520  # one epoch of the first source, ending on a step boundary
+    # one epoch of the first source, ending on a step boundary: all 500 of its examples are in the plan, the plan
+    # is whole steps, and its last step is the one in which the 500th example of the source was drawn
+    primary = plan.refs[:, 0] == 0
+    assert set(plan.refs[primary, 1].tolist()) == set(range(500)) and plan.mix.examples[0] == int(primary.sum())
+    assert len(plan.row_offsets) - 1 == plan.num_steps * 16
+    assert int(primary[: plan.row_offsets[(plan.num_steps - 1) * 16]].sum()) < 500
     # by examples instead
     plan_ex = build_plan([big, small], [0.5, 0.5], mix_by="examples", seed=3, max_length=128, packing=True,
                          global_batch_size=16, epochs=1.0, max_steps=None)

@@ -8,6 +8,8 @@ from tuneforge.data.formats import check_record, detect_format, to_canonical
 from tuneforge.data.validate import load_examples, validate_file
 from tuneforge.errors import DataError, DataIssue, TuneforgeError
 
+from conftest import write_jsonl
+
 
 def user(text="hi"):
     return {"role": "user", "content": text}
@@ -19,13 +21,6 @@ def bot(text="hello", **kw):
 
 def chat(*msgs, **top):
     return {"messages": list(msgs), **top}
-
-
-def write_jsonl(tmp_path, rows, name="d.jsonl"):
-    """Rows are objects (dumped) or raw strings (written as is, e.g. broken JSON or a blank line)."""
-    p = tmp_path / name
-    p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return p
 
 
 def by_line(report) -> dict[int, list[DataIssue]]:
@@ -58,7 +53,7 @@ def test_every_error_class_reported_at_its_line(tmp_path):
         chat(user()),  # 15 no assistant message
         "[1, 2]",  # 16 not an object
     ]
-    p = write_jsonl(tmp_path, rows)
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
     report = validate_file(p)
     lines = by_line(report)
 
@@ -90,7 +85,7 @@ def test_every_error_class_reported_at_its_line(tmp_path):
 
 
 def test_issue_text_names_file_line_field_and_expectation(tmp_path):
-    p = write_jsonl(tmp_path, [chat(user(), bot()), chat(user(), {"role": "assistant", "content": 5})])
+    p = write_jsonl(tmp_path / "d.jsonl", [chat(user(), bot()), chat(user(), {"role": "assistant", "content": 5})])
     report = validate_file(p)
     (issue,) = report.issues
     assert str(issue) == f"{p}:2: messages[1].content: is a number (expected a non-empty string)"
@@ -171,7 +166,7 @@ def test_preference_errors():
 
 def test_auto_format_reports_other_formats_explicit_format_does_not_guess(tmp_path):
     rows = [{"prompt": "p", "completion": "c"}, {"text": "doc"}, {"prompt": "p2", "completion": "c2"}]
-    p = write_jsonl(tmp_path, rows)
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
     report = validate_file(p)
     assert report.format == "prompt_completion" and report.n_bad == 1
     (issue,) = report.issues
@@ -187,7 +182,7 @@ def test_auto_format_reports_other_formats_explicit_format_does_not_guess(tmp_pa
 
 
 def test_undetectable_first_record_and_empty_file(tmp_path):
-    p = write_jsonl(tmp_path, [{"mesages": []}, chat(user(), bot())])
+    p = write_jsonl(tmp_path / "d.jsonl", [{"mesages": []}, chat(user(), bot())])
     report = validate_file(p)
     assert [(i.line, i.field) for i in report.issues] == [(1, "")]
     assert report.issues[0].problem.startswith("unknown format") and "mesages" in report.issues[0].problem
@@ -202,7 +197,7 @@ def test_undetectable_first_record_and_empty_file(tmp_path):
 
 def test_allow_extra_keys_for_grader_data(tmp_path):
     rows = [chat(user(), bot(), reference="4"), chat(user(), bot(), refrence="4")]
-    p = write_jsonl(tmp_path, rows)
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
     strict = validate_file(p)
     assert strict.n_bad == 2
     allowed = validate_file(p, allow_extra=["reference"])
@@ -215,7 +210,7 @@ def test_allow_extra_keys_for_grader_data(tmp_path):
 
 def test_token_length_limit(tmp_path):
     rows = [chat(user("a b"), bot("c")), chat(user("a " * 20), bot("b " * 20)), {"text": "x"}]
-    p = write_jsonl(tmp_path, rows)
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
 
     def words(example: dict) -> int:  # a whitespace "tokenizer" over all message contents
         return sum(len(m["content"].split()) for m in example["messages"])
@@ -252,10 +247,10 @@ def test_json_and_parquet_use_record_numbers(tmp_path):
 
 
 def test_load_examples_refuses_bad_data_with_full_report(tmp_path):
-    good = write_jsonl(tmp_path, [{"prompt": "p", "completion": "c"}], "good.jsonl")
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "completion": "c"}])
     assert load_examples(good) == [{"messages": [user("p"), bot("c")]}]
 
-    bad = write_jsonl(tmp_path, ["{oops", {"prompt": "p", "completion": "c"}, {"prompt": "p"}], "bad.jsonl")
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops", {"prompt": "p", "completion": "c"}, {"prompt": "p"}])
     with pytest.raises(DataError) as e:
         load_examples(bad)
     assert e.value.exit_code == 1

@@ -1,28 +1,96 @@
-"""The demo end to end (quick size): trains, evaluates, reports, tracks, registers — and caches."""
+"""The demo end to end (quick size): trains, evaluates, reports, tracks, registers — and caches.
+
+One quick demo run (module-scoped) is shared by every test here, in its own state directory; each shipped recipe
+then runs on what it built, one test case per recipe file.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from conftest import read_jsonl
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """``run_demo(quick=True)`` once, in a state directory of its own that the tests here share."""
+    from tuneforge.demo.run import run_demo
+
+    home = tmp_path_factory.mktemp("demo-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEFORGE_HOME", str(home))
+        first = run_demo(quick=True)
+    return SimpleNamespace(home=home, first=first)
+
+
+@pytest.fixture
+def demo_home(demo: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The demo's state directory as this test's ``TUNEFORGE_HOME`` (instead of the test's own empty one)."""
+    monkeypatch.setenv("TUNEFORGE_HOME", str(demo.home))
+    return demo.home
+
+
+def train_quick(path: Path, home: Path, tmp: Path):
+    """``path``, pointed at the quick demo, for two steps; its output under ``home/runs`` (reward's stays its own)."""
+    import tuneforge
+
+    quick = tmp / path.name
+    quick.write_text(path.read_text().replace("demo/full/", "demo/quick/"))
+    sets = ["train.max_steps=2", "train.eval_every=2", "train.global_batch_size=4", "tracking.enabled=false",
+            "data.max_length=128", "train.checkpoint_every=null"]
+    if path.stem != "reward":
+        sets.append(f"output.dir={home / 'runs' / path.stem}")
+    return tuneforge.train(quick, progress=False, set=sets)
+
+
+@pytest.fixture(scope="module")
+def reward_run(demo: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory):
+    """recipes/reward.yaml on the quick demo: it writes the reward model recipes/ppo.yaml reads."""
+    reward = next(p for p in RECIPES if p.stem == "reward")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEFORGE_HOME", str(demo.home))
+        return train_quick(reward, demo.home, tmp_path_factory.mktemp("reward"))
+
+
+def test_every_method_has_a_shipped_recipe() -> None:
+    assert {p.stem for p in RECIPES} >= {"sft-lora", "sft-full", "cpt", "dpo", "reward", "grpo", "ppo", "distill"}
+
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end_and_cached_second_run(_isolated_home: Path, tmp_path: Path) -> None:
+def test_quick_demo_end_to_end(demo: SimpleNamespace, demo_home: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from tuneforge.demo.run import MIXED_MODEL_NAME, run_demo
+    from tuneforge.demo.run import MIXED_MODEL_NAME
     from tuneforge.paths import default_tracking_uri
 
-    first = run_demo(quick=True)
+    first = demo.first
     assert [row["role"] for row in first["table"]] == ["base", "domain_only", "mixed"]
+    data = demo_home / "demo" / "quick" / "data"
+    general, domain = read_jsonl(data / "general_eval.jsonl"), read_jsonl(data / "tickets_eval.jsonl")
+    per_skill = Counter(item["skill"] for item in general)
     for row in first["table"]:
-        assert 0.0 <= row["general_accuracy"] <= 1.0 and 0.0 <= row["domain_macro_f1"] <= 1.0
-        assert row["skills"]
+        # One set of greedy predictions per model: overall accuracy is the item-weighted mean of the per-skill
+        # ones, each a count of correct items over the eval set.
+        assert set(row["skills"]) == set(per_skill)
+        weighted = sum(row["skills"][skill] * n for skill, n in per_skill.items()) / len(general)
+        assert row["general_accuracy"] == pytest.approx(weighted, abs=1e-9), row
+        for share, n in ((row["general_accuracy"], len(general)), (row["domain_accuracy"], len(domain))):
+            assert share * n == pytest.approx(round(share * n), abs=1e-9), row
+        # macro-F1 over the labels is 0 exactly when no ticket got its label right
+        assert (row["domain_macro_f1"] == 0) == (row["domain_accuracy"] == 0), row
     run_dir = Path(first["run_dir"])
-    for name in ("report.md", "loss_curves.png", "before_after.png", "table.json"):
-        assert (run_dir / name).stat().st_size > 0
-    assert (run_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run_dir / "table.json").read_text()) == first["table"]
+    assert (run_dir / "report.md").stat().st_size > 0
+    for name in ("loss_curves.png", "before_after.png"):
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert not first["base_cached"]
     mix = first["mix"]
     assert mix["names"] == ["tickets", "general"]
@@ -33,22 +101,15 @@ def test_quick_demo_end_to_end_and_cached_second_run(_isolated_home: Path, tmp_p
     assert version.tags["method"] == "sft" and "recipe_hash" in version.tags
     assert any(k.startswith("data_hash.") for k in version.tags)
 
-    _check_kept_mixed_model(Path(first["mixed_dir"]), _isolated_home)
-    _check_every_shipped_recipe_runs_on_the_demo(_isolated_home, tmp_path)
 
-    second = run_demo(quick=True)
-    assert second["base_cached"]
-    assert all(second["token_cache_hits"].values())
-    assert int(second["mixed_version"]) == int(first["mixed_version"]) + 1
-    assert second["mixed_dir"] == first["mixed_dir"] and not (Path(second["mixed_dir"]).parent / "mixed.tmp").exists()
-
-
-def _check_kept_mixed_model(mixed: Path, home: Path) -> None:
+@pytest.mark.slow
+def test_the_mixed_model_is_kept_whole_at_a_fixed_path(demo: SimpleNamespace) -> None:
     """The mixed model is kept, whole, at a fixed path that recipes (the distillation teacher) can name."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    mixed, home = Path(demo.first["mixed_dir"]), demo.home
     assert mixed == home / "demo" / "quick" / "mixed"
     run_output = sorted(home.glob("runs/demo-*/mixed/model"))[-1]
     kept, trained = load_file(str(mixed / "model.safetensors")), load_file(str(run_output / "model.safetensors"))
@@ -59,29 +120,39 @@ def _check_kept_mixed_model(mixed: Path, home: Path) -> None:
     assert model(ids).logits.shape[-1] == model.config.vocab_size
 
 
-def _check_every_shipped_recipe_runs_on_the_demo(home: Path, tmp: Path) -> None:
-    """Every recipe in recipes/ runs two steps on what the demo built (its quick size), in dependency order."""
-    import math
-
-    import tuneforge
+@pytest.mark.slow
+def test_the_demo_writes_the_preference_and_prompt_data_the_recipes_read(demo: SimpleNamespace) -> None:
     from tuneforge.data.validate import validate_file
 
-    data = home / "demo" / "quick" / "data"
+    data = demo.home / "demo" / "quick" / "data"
     assert validate_file(data / "tickets_preferences.jsonl", "preference").ok
     assert validate_file(data / "tickets_prompts.jsonl", "prompt", allow_extra="*").ok
-    shipped = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
-    order = {"reward": 0, "ppo": 1}  # ppo reads the reward model that recipes/reward.yaml writes
-    shipped.sort(key=lambda p: order.get(p.stem, -1))
-    assert {p.stem for p in shipped} >= {"sft-lora", "sft-full", "cpt", "dpo", "reward", "grpo", "ppo", "distill"}
-    for path in shipped:
-        quick = tmp / path.name  # the same recipe, pointed at the quick demo
-        quick.write_text(path.read_text().replace("demo/full/", "demo/quick/"))
-        sets = ["train.max_steps=2", "train.eval_every=2", "train.global_batch_size=4", "tracking.enabled=false",
-                "data.max_length=128", "train.checkpoint_every=null"]
-        if path.stem != "reward":
-            sets.append(f"output.dir={home / 'runs' / path.stem}")
-        result = tuneforge.train(quick, progress=False, set=sets)
-        assert len(result.history) == 2 and all(math.isfinite(h["loss"]) for h in result.history), path.name
-        assert result.evals, path.name
-        if path.stem in ("dpo", "reward"):
-            assert 0.0 <= result.evals[-1]["val/accuracy"] <= 1.0  # held-out pairs were scored
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipe_runs_on_the_quick_demo(recipe: Path, demo_home: Path, tmp_path: Path,
+                                               request: pytest.FixtureRequest) -> None:
+    """Every recipe in recipes/ runs two steps on what the demo built (its quick size)."""
+    # ppo reads the reward model recipes/reward.yaml writes: the module's reward run trains it (once) first
+    reward = request.getfixturevalue("reward_run") if recipe.stem in ("reward", "ppo") else None
+    result = reward if recipe.stem == "reward" else train_quick(recipe, demo_home, tmp_path)
+    assert len(result.history) == 2 and all(math.isfinite(h["loss"]) for h in result.history)
+    assert result.evals
+    if recipe.stem in ("dpo", "reward"):  # held-out pairs were scored: the accuracy counts correct pairs
+        [info] = result.data.values()
+        n_val = info["val"]  # a few dozen pairs at the quick size, all scored
+        correct = result.evals[-1]["val/accuracy"] * n_val
+        assert n_val > 0 and correct == pytest.approx(round(correct), abs=1e-6), (n_val, result.evals[-1])
+
+
+@pytest.mark.slow
+def test_a_second_quick_demo_run_is_cached(demo: SimpleNamespace, demo_home: Path) -> None:
+    from tuneforge.demo.run import run_demo
+
+    first = demo.first
+    second = run_demo(quick=True)
+    assert second["base_cached"]
+    assert all(second["token_cache_hits"].values())
+    assert int(second["mixed_version"]) == int(first["mixed_version"]) + 1
+    assert second["mixed_dir"] == first["mixed_dir"] and not (Path(second["mixed_dir"]).parent / "mixed.tmp").exists()

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_recipe, reverse_task, write_jsonl
 
 import tuneforge
 from tuneforge.config import load_recipe
 from tuneforge.errors import ModelError, RecipeError
 from tuneforge.models.tiny import TinySpec
+
+from conftest import base_recipe, build_tiny_model, greedy_answers, reverse_task, write_jsonl
 
 STUDENT = TinySpec(hidden_size=48, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=128)
 REPO = Path(__file__).resolve().parent.parent
@@ -59,11 +60,7 @@ def student(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def foreign_student(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh Llama with its own tokenizer (another vocabulary size, so other ids for the same words)."""
-    from tuneforge.models.tiny import build_tiny
-
-    texts = [m["content"] for r in reverse_task(300, seed=7) for m in r["messages"]]
-    spec = TinySpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=176)
-    return build_tiny(tmp_path_factory.mktemp("foreign") / "model", texts, vocab_size=400, spec=spec, seed=2)
+    return build_tiny_model(tmp_path_factory.mktemp("foreign") / "model", texts_seed=7, vocab_size=400, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +93,6 @@ def heldout_kl(teacher_dir: Path, student_dir: Path, records: list[dict]) -> flo
             total += float((log_t.exp() * (log_t - log_s)).sum())
             tokens += log_t.shape[0]
     return total / tokens
-
-
-def greedy(model_dir: Path, records: list[dict]) -> list[str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tuneforge.eval.generate import generate_answers
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return generate_answers(model, AutoTokenizer.from_pretrained(model_dir), [r["messages"][:1] for r in records],
-                            max_new_tokens=12)
 
 
 def similarity(a: list[str], b: list[str]) -> float:
@@ -147,7 +134,7 @@ def test_gradients_do_not_depend_on_the_micro_batch_split(teacher: Path, student
                                                           packing: bool) -> None:
     """One step's gradient with micro-batches of 1 equals the one with micro-batches of 4 (alpha mixes in CE)."""
     from tuneforge.training.build import build_model
-    from tuneforge.training.distill import DistillTask, prepare_distill
+    from tuneforge.training.distill import DistillTask, prepare as prepare_distill
 
     data = write_jsonl(tmp_path / "reverse.jsonl", reverse_task(64, seed=3))
     recipe = load_recipe(distill_recipe(student, teacher, data, tmp_path / "run", kind="jsd", beta=0.3,
@@ -162,7 +149,7 @@ def test_gradients_do_not_depend_on_the_micro_batch_split(teacher: Path, student
         assert isinstance(task, DistillTask)
         rows = range(8)
         out = task.forward_backward(model, rows, 1.0 / task.loss_tokens(rows))
-        losses.append(float(out["loss_sum"]))
+        losses.append(float(out.loss_sum))
         grads.append([p.grad.clone() for p in model.parameters()])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] > 0
     assert any(g.abs().sum() > 0 for g in grads[0])
@@ -176,16 +163,16 @@ def test_gradients_do_not_depend_on_the_micro_batch_split(teacher: Path, student
 @pytest.mark.slow
 def test_sequence_distillation_with_another_tokenizer(teacher: Path, foreign_student: Path, held_out: list[dict],
                                                       tmp_path: Path) -> None:
-    from tuneforge.training.distill import prepare_distill
+    from tuneforge.training.distill import prepare as prepare_distill
 
     data = write_jsonl(tmp_path / "reverse.jsonl", reverse_task(300, seed=4))
     recipe = distill_recipe(foreign_student, teacher, data, tmp_path / "run")  # mode auto
     recipe["train"].update(max_steps=150, global_batch_size=16, lr=5e-3)
-    teacher_says = greedy(teacher, held_out)
-    untrained = greedy(foreign_student, held_out)
+    teacher_says = greedy_answers(teacher, held_out)
+    untrained = greedy_answers(foreign_student, held_out)
     torch.manual_seed(0)
     result = tuneforge.train(recipe, progress=False)
-    trained = greedy(result.output_dir, held_out)
+    trained = greedy_answers(result.output_dir, held_out)
     before, after = similarity(untrained, teacher_says), similarity(trained, teacher_says)
     same = sum(a == b for a, b in zip(trained, teacher_says)) / len(held_out)
     assert after > before + 0.3 and after > 0.7, f"similarity to the teacher's answers {before:.2f} → {after:.2f}"
@@ -197,7 +184,7 @@ def test_sequence_distillation_with_another_tokenizer(teacher: Path, foreign_stu
     assert len(written) == info["teacher_answers"]
     # The file holds the teacher's own greedy answers to the data's prompts (not the data's answers).
     sample = written[:8]
-    assert [r["messages"][-1]["content"] for r in sample] == greedy(teacher, sample)
+    assert [r["messages"][-1]["content"] for r in sample] == greedy_answers(teacher, sample)
     assert all(r["messages"][0]["content"].startswith("reverse: ") for r in sample)
 
     again = prepare_distill(load_recipe(recipe))
@@ -206,7 +193,7 @@ def test_sequence_distillation_with_another_tokenizer(teacher: Path, foreign_stu
 
 
 def test_sequence_mode_mixes_in_the_data_answers_with_alpha(teacher: Path, student: Path, tmp_path: Path) -> None:
-    from tuneforge.training.distill import prepare_distill
+    from tuneforge.training.distill import prepare as prepare_distill
 
     data = write_jsonl(tmp_path / "reverse.jsonl", reverse_task(48, seed=4))
     recipe = distill_recipe(student, teacher, data, tmp_path / "run", mode="sequence", alpha=0.25)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from conftest import rel_diff
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchft")
@@ -58,11 +59,6 @@ def run_job(spec: JobSpec, run_dir: Path) -> Any:
 
 def final_params(run_dir: Path, slot: int) -> dict[str, Any]:
     return torch.load(run_dir / "final" / f"replica_{slot}.pt")
-
-
-def rel_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
 
 
 def committed(run_dir: Path) -> list[dict[str, Any]]:

@@ -29,6 +29,8 @@ from tuneforge.distributed.config import JobSpec, ResilienceConfig
 from tuneforge.distributed.network import lighthouse_url, replica_id
 from tuneforge.errors import RecipeError, TuneforgeError
 
+from conftest import free_port, rel_diff
+
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "tuneforge.distributed.toy:make_task"
 TASK_CONFIG = {"num_samples": 256, "sample_time_s": 0.004}
@@ -76,17 +78,6 @@ def final_params(path: Path) -> dict[str, Any]:
     import torch
 
     return torch.load(path)
-
-
-def rel_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -329,7 +320,7 @@ def test_resilience_multi_node_options_default_to_single_host() -> None:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"lighthose": "lh:29510"}, "resilience.lighthose: unknown option (did you mean 'lighthouse'?)"),
+        ({"lighthose": "lh:29510"}, "resilience.lighthose: unknown option — did you mean 'lighthouse'?"),
         ({"bind_hots": "0.0.0.0"}, "did you mean 'bind_host'?"),
         ({"lighthouse": "lh"}, "resilience.lighthouse: got 'lh', expected HOST:PORT"),
         ({"lighthouse": "grpc://lh:29510"}, "resilience.lighthouse: got 'grpc://lh:29510', expected http://"),

@@ -10,49 +10,21 @@ the untouched base.
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
 import tuneforge
-from conftest import WORDS, base_recipe, reverse_task, write_jsonl
 from tuneforge.errors import DataError, RecipeError, TuneforgeError
 
-GOOD, BAD = WORDS[:8], WORDS[8:]
-
-
-def preference_pairs(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
-    """``{"prompt", "chosen", "rejected"}`` pairs of the pick-a-good-word task, prompts not in `exclude`."""
-    rng = random.Random(seed)
-    out: list[dict] = []
-    while len(out) < n:
-        good, bad = rng.sample(GOOD, 2), rng.sample(BAD, 2)
-        words = good + bad
-        rng.shuffle(words)
-        prompt = "pick one: " + " ".join(words)
-        if prompt in exclude:
-            continue
-        out.append({"prompt": prompt, "chosen": good[0], "rejected": bad[0]})
-    return out
+from conftest import BAD, base_recipe, preference_pairs, reverse_task, write_jsonl
 
 
 def openai_format(pair: dict) -> dict:
     return {"input": {"messages": [{"role": "user", "content": pair["prompt"]}]},
             "preferred_output": [{"role": "assistant", "content": pair["chosen"]}],
             "non_preferred_output": [{"role": "assistant", "content": pair["rejected"]}]}
-
-
-@pytest.fixture
-def pairs_file(tmp_path: Path) -> Path:
-    return write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(240, seed=0))
-
-
-@pytest.fixture
-def held_out() -> list[dict]:
-    seen = {p["prompt"] for p in preference_pairs(240, seed=0)}
-    return preference_pairs(40, seed=1, exclude=seen)
 
 
 def dpo_recipe(model: Path, data: Path, out: Path, **dpo: object) -> dict:
@@ -63,11 +35,10 @@ def dpo_recipe(model: Path, data: Path, out: Path, **dpo: object) -> dict:
     return recipe
 
 
-def completion_logp(model: torch.nn.Module, tokenizer: object, prompt: str, answer: str) -> float:
-    """log p(answer turn | prompt), rendered with the tokenizer's own chat template (no tuneforge code)."""
-    messages = [{"role": "user", "content": prompt}]
-    head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+def completion_logp(model: torch.nn.Module, tokenizer: object, prompt: list[dict], answer: list[dict]) -> float:
+    """log p(answer turn | prompt messages), rendered with the tokenizer's own chat template (no tuneforge code)."""
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
     n_head = len(tokenizer(head, add_special_tokens=False)["input_ids"])
     ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
@@ -80,8 +51,10 @@ def implicit_reward_accuracy(policy: torch.nn.Module, base: torch.nn.Module, tok
     """Share of pairs whose chosen answer gains more log-prob over the base than the rejected one."""
     wins = 0
     for p in pairs:
-        ratio = {side: completion_logp(policy, tokenizer, p["prompt"], p[side])
-                 - completion_logp(base, tokenizer, p["prompt"], p[side]) for side in ("chosen", "rejected")}
+        prompt = [{"role": "user", "content": p["prompt"]}]
+        answer = {side: [{"role": "assistant", "content": p[side]}] for side in ("chosen", "rejected")}
+        ratio = {side: completion_logp(policy, tokenizer, prompt, answer[side])
+                 - completion_logp(base, tokenizer, prompt, answer[side]) for side in ("chosen", "rejected")}
         wins += ratio["chosen"] > ratio["rejected"]
     return wins / len(pairs)
 
@@ -106,7 +79,7 @@ def heldout_accuracy(result: tuneforge.api.TrainResult, base_dir: Path, held_out
 # ------------------------------------------------------------------------------------------------ outcomes
 
 
-def test_dpo_learns_heldout_preferences(tiny_model: Path, pairs_file: Path, held_out: list[dict],
+def test_dpo_learns_heldout_preferences(tiny_model: Path, pairs_file: Path, held_out_pairs: list[dict],
                                         tmp_path: Path) -> None:
     torch.manual_seed(0)
     result = tuneforge.train(dpo_recipe(tiny_model, pairs_file, tmp_path / "run"), progress=False)
@@ -114,11 +87,13 @@ def test_dpo_learns_heldout_preferences(tiny_model: Path, pairs_file: Path, held
     assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert result.history[-1]["loss"] < 0.3
     assert result.evals[-1]["val/accuracy"] >= 0.9 and result.evals[-1]["val/margin"] > 0
-    accuracy = heldout_accuracy(result, tiny_model, held_out)
+    accuracy = heldout_accuracy(result, tiny_model, held_out_pairs)
     assert accuracy >= 0.85, f"held-out implicit-reward accuracy {accuracy:.2f} (chance is 0.5)"
     # full fine-tuning precomputed the reference log-probs once, next to the token cache
     assert list((Path(tuneforge.paths.cache_dir("tokens")) / "reference").glob("*.npy"))
-    assert result.data["pairs"]["pairs"] > 0 and result.mix["mix_by"] == "examples"
+    info = result.data["pairs"]  # every record of the training split became a pair; with the validation split, all 240
+    assert info["pairs"] == info["train"] and info["dropped_pairs"] == 0 and info["train"] + info["val"] == 240
+    assert result.mix["mix_by"] == "examples"
 
 
 @pytest.mark.parametrize(("loss_type", "adapter", "extra"), [
@@ -128,7 +103,7 @@ def test_dpo_learns_heldout_preferences(tiny_model: Path, pairs_file: Path, held
     ("simpo", "full", {"beta": 2.0}),
     ("orpo", "full", {}),
 ])
-def test_dpo_variants_learn(tiny_model: Path, pairs_file: Path, held_out: list[dict], tmp_path: Path,
+def test_dpo_variants_learn(tiny_model: Path, pairs_file: Path, held_out_pairs: list[dict], tmp_path: Path,
                             loss_type: str, adapter: str, extra: dict) -> None:
     recipe = dpo_recipe(tiny_model, pairs_file, tmp_path / "run", loss_type=loss_type, **extra)
     recipe["train"]["max_steps"] = 12
@@ -138,7 +113,7 @@ def test_dpo_variants_learn(tiny_model: Path, pairs_file: Path, held_out: list[d
     result = tuneforge.train(recipe, progress=False)
     losses = [h["loss"] for h in result.history]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
-    accuracy = heldout_accuracy(result, tiny_model, held_out)
+    accuracy = heldout_accuracy(result, tiny_model, held_out_pairs)
     assert accuracy >= 0.75, f"{loss_type}: held-out implicit-reward accuracy {accuracy:.2f} (chance is 0.5)"
 
 
@@ -194,7 +169,7 @@ def test_micro_batches_and_prompt_sharing_do_not_change_gradients(tiny_model: Pa
         assert task.spec.share_prompt  # the tiny Llama passes the layout self-check
         task.spec.share_prompt = share
         out = task.forward_backward(model, range(8), 1 / 8)
-        grads.append((float(out["loss_sum"]), [p.grad.clone() for p in model.parameters()]))
+        grads.append((float(out.loss_sum), [p.grad.clone() for p in model.parameters()]))
         model.zero_grad(set_to_none=True)
     for loss, g in grads[1:]:
         assert loss == pytest.approx(grads[0][0], rel=1e-5)
@@ -208,7 +183,7 @@ def test_completion_logps_match_plain_transformers(tiny_model: Path, tmp_path: P
 
     from tuneforge.config import load_recipe
     from tuneforge.training.build import build_model, prepare
-    from tuneforge.training.preference import completion_logps, split_pairs
+    from tuneforge.training.pairs import completion_logps, split_pairs
 
     pairs = preference_pairs(4, seed=5)
     records = [{"prompt": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "apple banana"},
@@ -229,13 +204,7 @@ def test_completion_logps_match_plain_transformers(tiny_model: Path, tmp_path: P
     plain = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
 
     def logp(prompt: list[dict], answer: list[dict]) -> float:
-        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
-        n_head = len(tokenizer(head, add_special_tokens=False)["input_ids"])
-        ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
-        with torch.no_grad():
-            lp = plain(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
-        return float(lp[n_head - 1 :].sum())
+        return completion_logp(plain, tokenizer, prompt, answer)
 
     texts = [tokenizer.decode(task.sources[0].seqs.example(2 * i)[0]) for i in range(4)]
     by_text = {tokenizer.apply_chat_template(r["prompt"] + r["chosen"], tokenize=False): r for r in records}
@@ -269,7 +238,7 @@ def test_preference_data_errors_are_clear(tiny_model: Path, pairs_file: Path, tm
     with pytest.raises(RecipeError, match="chat.jsonl holds messages records, but method dpo"):
         prepare(load_recipe(dpo_recipe(tiny_model, chat, tmp_path / "r")))
     sft = base_recipe(tiny_model, pairs_file, tmp_path / "r")
-    with pytest.raises(TuneforgeError, match="holds preference pairs; train them with method: dpo"):
+    with pytest.raises(TuneforgeError, match="holds preference pairs: train them with method: dpo"):
         prepare(load_recipe(sft))
     with pytest.raises(RecipeError, match="label_smoothing applies to the sigmoid and simpo"):
         load_recipe(dpo_recipe(tiny_model, pairs_file, tmp_path / "r", loss_type="ipo", label_smoothing=0.1))

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import random
-import socket
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, base_recipe, reverse_task, write_jsonl
-from fastapi import FastAPI, Request  # module level: FastAPI resolves the handler's string annotations here
 
 import tuneforge
 from tuneforge.errors import DataError, RecipeError, TuneforgeError
+
+from conftest import WORDS, ChatServer, base_recipe, greedy_answers, reverse_task, write_jsonl
 
 KEYWORD_GRADER = {"type": "string_check", "name": "mentions", "input": "{{sample.output_text}}",
                   "reference": "{{item.keyword}}", "operation": "like"}
@@ -50,16 +48,6 @@ def online_recipe(model: Path, data: Path, out: Path, method: str = "grpo", **se
     else:
         rec["ppo"] = dict(section)
     return rec
-
-
-def greedy_answers(model_dir: Path, records: list[dict]) -> list[str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tuneforge.eval.generate import generate_answers
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return generate_answers(model, tokenizer, [r["messages"] for r in records], max_new_tokens=12)
 
 
 def mean_grade(grader_config: dict, answers: list[str], records: list[dict]) -> float:
@@ -153,50 +141,29 @@ def test_a_crashing_grader_scores_zero_and_the_run_goes_on(policy: Path, tmp_pat
     rec["train"]["max_steps"] = 3
     result = tuneforge.train(rec, progress=False)
     assert len(result.history) == 3
-    assert all(0.0 <= h["reward"] <= 0.5 for h in result.history)
+    completions = 8 * 4  # per step: global_batch_size prompts, group_size completions each
+    assert sum(h["grader_errors"] for h in result.history) > 0  # the policy does say 'apple': the grader crashed
+    for h in result.history:
+        # every completion scored 0 or 0.5, and each crash counted as a 0: the reward is 0.5 * (good ones) / 32
+        good = h["reward"] * completions / 0.5
+        assert good == pytest.approx(round(good), abs=1e-4), h
+        assert round(good) <= completions - h["grader_errors"], h
 
 
 # ------------------------------------------------------------------------------------------------- RLAIF
 
 
-class KeywordJudge:
-    """An OpenAI-compatible judge (real uvicorn + FastAPI) that scores 1 when the answer mentions 'apple'."""
+class KeywordJudge(ChatServer):
+    """An OpenAI-compatible judge (conftest's ``ChatServer``) that scores 1 when the answer mentions 'apple'."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.answers: list[str] = []
-        app = FastAPI()
 
-        @app.post("/v1/chat/completions")
-        async def chat(request: Request) -> dict:
-            body = await request.json()
-            answer = body["messages"][-1]["content"].split("Answer:", 1)[1].strip()
-            self.answers.append(answer)
-            score = 1 if "apple" in answer else 0
-            return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": f"Score: {score}"}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> KeywordJudge:
-        self.thread.start()
-        for _ in range(500):
-            if self.server.started:
-                return self
-            threading.Event().wait(0.01)
-        raise RuntimeError("judge server did not start")
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
+    def reply(self, body: dict) -> str:
+        answer = body["messages"][-1]["content"].split("Answer:", 1)[1].strip()
+        self.answers.append(answer)
+        return f"Score: {1 if 'apple' in answer else 0}"
 
 
 def test_rlaif_grpo_with_a_judge_behind_an_openai_compatible_endpoint(policy: Path, tmp_path: Path,
@@ -248,7 +215,7 @@ def reward_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def test_ppo_raises_reward_model_score_with_bounded_kl(policy: Path, reward_model: Path, tmp_path: Path) -> None:
-    from tuneforge.training.preference import load_reward_model, score_conversations
+    from tuneforge.models.reward import load_reward_model, score_conversations
 
     data = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(200, seed=17))
     held_out = prompt_records(48, seed=98)

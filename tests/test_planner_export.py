@@ -10,21 +10,31 @@ import pytest
 import torch
 
 import tuneforge
-from conftest import WORDS, base_recipe, write_jsonl
 from tuneforge.config import load_recipe
 from tuneforge.errors import ModelError
 from tuneforge.planner import MICRO_TOKENS, resolve_micro_batch, sequences_per_sample
 
+from conftest import base_recipe, preference_pairs, write_jsonl
+
 # --- planner ---------------------------------------------------------------------------------------------
 
 
-def _recipe(tmp_path: Path, method: str, max_length: int, global_batch: int, data_parallel: int = 1):
+def _load(tmp_path: Path, method: str, max_length: int = 256, global_batch: int = 8, **sections: dict):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     raw = base_recipe(tmp_path / "model", data, tmp_path / "out", global_batch_size=global_batch,
                       micro_batch_size="auto")
     raw["method"] = method
     raw["data"]["max_length"] = max_length
-    return resolve_micro_batch(load_recipe(raw), torch.device("cpu"), data_parallel)
+    raw.update(sections)
+    return load_recipe(raw)
+
+
+def _recipe(tmp_path: Path, method: str, max_length: int, global_batch: int, data_parallel: int = 1):
+    return resolve_micro_batch(_load(tmp_path, method, max_length, global_batch), torch.device("cpu"), data_parallel)
+
+
+def _spp(tmp_path: Path, method: str, **sections: dict) -> int:
+    return sequences_per_sample(_load(tmp_path, method, **sections))
 
 
 def test_auto_micro_batch_counts_a_pair_as_two_sequences(tmp_path: Path) -> None:
@@ -33,9 +43,10 @@ def test_auto_micro_batch_counts_a_pair_as_two_sequences(tmp_path: Path) -> None
     assert _recipe(tmp_path, "sft", 256, 64) == budget // 256 == 32
     assert _recipe(tmp_path, "dpo", 256, 64) == budget // 512 == 16
     assert _recipe(tmp_path, "reward", 256, 64) == 16
-    assert sequences_per_sample("dpo") == sequences_per_sample("reward") == 2
-    assert sequences_per_sample("sft") == sequences_per_sample("cpt") == sequences_per_sample("ppo") == 1
-    assert sequences_per_sample("grpo", group_size=8) == 8
+    assert _spp(tmp_path, "dpo") == _spp(tmp_path, "reward") == 2
+    assert _spp(tmp_path, "sft") == _spp(tmp_path, "cpt") == _spp(tmp_path, "kto") == 1
+    assert _spp(tmp_path, "ppo", ppo={"reward_model": "rm"}) == 1
+    assert _spp(tmp_path, "grpo", grpo={"graders": "g.json", "group_size": 8}) == 8
 
 
 @pytest.mark.parametrize(("method", "max_length", "global_batch", "replicas", "expected"), [
@@ -51,23 +62,17 @@ def test_auto_micro_batch_divides_the_per_replica_batch(tmp_path: Path, method: 
     m = _recipe(tmp_path, method, max_length, global_batch, replicas)
     assert m == expected
     assert (global_batch // replicas) % m == 0
-    assert m * max_length * sequences_per_sample(method) <= MICRO_TOKENS["cpu"] or m == 1
+    assert m * max_length * _spp(tmp_path, method) <= MICRO_TOKENS["cpu"] or m == 1
 
 
 # --- merging reward-model adapters -----------------------------------------------------------------------
-
-
-def _pairs(n: int) -> list[dict]:
-    good, bad = WORDS[:8], WORDS[8:]
-    return [{"prompt": f"pick one: {good[i % 8]} {bad[(3 * i) % 8]} {good[(i + 3) % 8]}",
-             "chosen": good[i % 8], "rejected": bad[(3 * i) % 8]} for i in range(n)]
 
 
 @pytest.fixture(scope="module")
 def lora_reward_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """A tiny LoRA reward model, trained with ``output.merge`` (refused for reward adapters before)."""
     tmp = tmp_path_factory.mktemp("reward")
-    data = write_jsonl(tmp / "pairs.jsonl", _pairs(96))
+    data = write_jsonl(tmp / "pairs.jsonl", preference_pairs(96, seed=0))
     recipe = base_recipe(tiny_model, data, tmp / "run", max_steps=6, lr=2e-2)
     recipe["method"] = "reward"
     recipe["data"]["max_length"] = 48
@@ -82,7 +87,7 @@ def _conversations() -> list[list[dict]]:
     # different lengths, so batched scoring pads and the merged model must find each row's last token itself
     return [[{"role": "user", "content": p["prompt"] + " please" * (i % 3)},
              {"role": "assistant", "content": p[side]}]
-            for i, p in enumerate(_pairs(12)) for side in ("chosen", "rejected")]
+            for i, p in enumerate(preference_pairs(12, seed=0)) for side in ("chosen", "rejected")]
 
 
 def test_merged_reward_model_scores_as_the_adapter(lora_reward_run, tmp_path: Path) -> None:
@@ -90,7 +95,7 @@ def test_merged_reward_model_scores_as_the_adapter(lora_reward_run, tmp_path: Pa
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from tuneforge.cli import main
-    from tuneforge.training.preference import load_reward_model, score_conversations
+    from tuneforge.models.reward import load_reward_model, score_conversations
 
     adapter = lora_reward_run.output_dir
     assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"

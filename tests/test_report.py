@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuneforge.demo.report import format_table, verdict, write_report
+from tuneforge.demo.report import HEADLINE, before_after_figure, format_table, verdict, write_report
 
 
 def _table(base: float, domain: float, mixed: float) -> list[dict]:
@@ -81,3 +81,50 @@ def test_report_with_empty_curves_and_no_skills(tmp_path) -> None:
     paths = write_report(tmp_path, table, {}, "no curves")
     assert paths["loss_curves"].stat().st_size > 0
     assert "per skill" not in paths["report"].read_text()
+
+
+def _labels_by_bar(ax) -> dict[tuple[int, int], str]:
+    """(model index, bar index) -> the text anchored at that bar's top, from the Axes' annotations."""
+    anchors = {(round(t.xy[0], 6), round(t.xy[1], 6)): t.get_text() for t in ax.texts}
+    assert len(anchors) == len(ax.texts)  # one label per bar, none stacked on another
+    out = {}
+    for i, container in enumerate(ax.containers):
+        for j, bar in enumerate(container):
+            key = (round(bar.get_x() + bar.get_width() / 2, 6), round(bar.get_height(), 6))
+            out[i, j] = anchors.pop(key)
+    assert not anchors, f"labels that belong to no bar: {anchors}"
+    return out
+
+
+def test_every_bar_is_labelled_with_its_value_and_zero_shows_as_zero() -> None:
+    import matplotlib.pyplot as plt
+
+    table = _table(0.81, 0.0, 0.9)  # domain-only forgot everything: its bars have zero height
+    fig = before_after_figure(table)
+    try:
+        headline, per_skill = fig.axes[:2]
+        labels = _labels_by_bar(headline)
+        assert labels == {(i, j): f"{row[key]:.2f}" for i, row in enumerate(table) for j, key in enumerate(HEADLINE)}
+        assert labels[1, 0] == "0.00"  # the bar that used to be invisible
+        skills = list(table[0]["skills"])
+        assert _labels_by_bar(per_skill) == {(i, j): f"{row['skills'][s]:.2f}"
+                                             for i, row in enumerate(table) for j, s in enumerate(skills)}
+    finally:
+        plt.close(fig)
+
+
+def test_a_missing_value_is_labelled_as_missing_not_as_zero() -> None:
+    import matplotlib.pyplot as plt
+
+    table = _table(0.6, 0.2, 0.5)
+    del table[2]["domain_macro_f1"]
+    for row in table:
+        row.pop("skills")
+    fig = before_after_figure(table)
+    try:
+        assert len(fig.axes) == 1  # no skills: no per-skill panel
+        labels = _labels_by_bar(fig.axes[0])
+        assert labels[2, HEADLINE.index("domain_macro_f1")] == "n/a"
+        assert labels[2, HEADLINE.index("general_accuracy")] == "0.50"
+    finally:
+        plt.close(fig)

@@ -8,41 +8,15 @@ ranking is measured on the *saved* model, loaded back with plain transformers / 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
 import tuneforge
-from conftest import WORDS, base_recipe, write_jsonl
 from tuneforge.errors import RecipeError
 
-GOOD, BAD = WORDS[:8], WORDS[8:]
-
-
-def preference_pairs(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
-    rng = random.Random(seed)
-    out: list[dict] = []
-    while len(out) < n:
-        good, bad = rng.sample(GOOD, 2), rng.sample(BAD, 2)
-        words = good + bad
-        rng.shuffle(words)
-        prompt = "pick one: " + " ".join(words)
-        if prompt not in exclude:
-            out.append({"prompt": prompt, "chosen": good[0], "rejected": bad[0]})
-    return out
-
-
-@pytest.fixture
-def pairs_file(tmp_path: Path) -> Path:
-    return write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(240, seed=0))
-
-
-@pytest.fixture
-def held_out() -> list[dict]:
-    seen = {p["prompt"] for p in preference_pairs(240, seed=0)}
-    return preference_pairs(40, seed=1, exclude=seen)
+from conftest import base_recipe
 
 
 def reward_recipe(model: Path, data: Path, out: Path, **train: object) -> dict:
@@ -57,14 +31,14 @@ def conversations(pairs: list[dict], side: str) -> list[list[dict]]:
 
 
 def ranking_accuracy(model: torch.nn.Module, tokenizer: object, pairs: list[dict]) -> float:
-    from tuneforge.training.preference import score_conversations
+    from tuneforge.models.reward import score_conversations
 
     chosen = score_conversations(model, tokenizer, conversations(pairs, "chosen"))
     rejected = score_conversations(model, tokenizer, conversations(pairs, "rejected"))
     return float((chosen > rejected).float().mean())
 
 
-def test_reward_model_ranks_heldout_pairs(tiny_model: Path, pairs_file: Path, held_out: list[dict],
+def test_reward_model_ranks_heldout_pairs(tiny_model: Path, pairs_file: Path, held_out_pairs: list[dict],
                                           tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -77,12 +51,12 @@ def test_reward_model_ranks_heldout_pairs(tiny_model: Path, pairs_file: Path, he
     assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
     model = AutoModelForSequenceClassification.from_pretrained(result.output_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(result.output_dir)
-    accuracy = ranking_accuracy(model, tokenizer, held_out)
+    accuracy = ranking_accuracy(model, tokenizer, held_out_pairs)
     assert accuracy >= 0.85, f"held-out pairwise accuracy {accuracy:.2f} (chance is 0.5)"
     # an untrained head on the same base does not rank them
     torch.manual_seed(0)
     fresh = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).eval()
-    assert ranking_accuracy(fresh, tokenizer, held_out) < accuracy
+    assert ranking_accuracy(fresh, tokenizer, held_out_pairs) < accuracy
 
 
 def test_training_rewards_match_transformers_pooling(tiny_model: Path, pairs_file: Path, tmp_path: Path) -> None:
@@ -90,7 +64,8 @@ def test_training_rewards_match_transformers_pooling(tiny_model: Path, pairs_fil
     from tuneforge.config import load_recipe
     from tuneforge.data.preference import collate_pairs
     from tuneforge.training.build import build_model, prepare
-    from tuneforge.training.preference import score_conversations, sequence_rewards
+    from tuneforge.models.reward import score_conversations
+    from tuneforge.training.reward import sequence_rewards
 
     recipe = load_recipe(reward_recipe(tiny_model, pairs_file, tmp_path / "run"))
     prepared = prepare(recipe)
@@ -111,11 +86,11 @@ def test_training_rewards_match_transformers_pooling(tiny_model: Path, pairs_fil
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_reward_model_saves_its_head_and_loads(tiny_model: Path, pairs_file: Path, held_out: list[dict],
+def test_lora_reward_model_saves_its_head_and_loads(tiny_model: Path, pairs_file: Path, held_out_pairs: list[dict],
                                                     tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from tuneforge.training.preference import load_reward_model
+    from tuneforge.models.reward import load_reward_model
 
     recipe = reward_recipe(tiny_model, pairs_file, tmp_path / "run", lr=2e-2)
     recipe["adapter"] = {"kind": "lora", "r": 8, "alpha": 16}
@@ -125,7 +100,7 @@ def test_lora_reward_model_saves_its_head_and_loads(tiny_model: Path, pairs_file
     saved = load_file(str(adapter / "adapter_model.safetensors"))
     assert any("score" in k for k in saved) and any("lora_" in k for k in saved)
     model, tokenizer = load_reward_model(adapter)
-    accuracy = ranking_accuracy(model, tokenizer, held_out)
+    accuracy = ranking_accuracy(model, tokenizer, held_out_pairs)
     assert accuracy >= 0.8, f"held-out pairwise accuracy {accuracy:.2f} (chance is 0.5)"
 
 

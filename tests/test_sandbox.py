@@ -134,35 +134,38 @@ def test_environment_secrets_are_invisible(monkeypatch):
     assert parent.score is None
 
 
+@pytest.mark.timeout(60)  # a hang guard; the behaviour is asserted below
 def test_infinite_loop_hits_the_cpu_limit_and_the_batch_goes_on():
     source = """
+    calls = []
     def grade(sample, item):
+        calls.append(1)
         if item["loop"]:
             while True:
                 pass
-        return 0.5
+        return 0.5 * len(calls)
     """
-    start = time.monotonic()
     looping, fine = run_graders(textwrap.dedent(source), [({}, {"loop": True}), ({}, {"loop": False})], Limits(cpu_seconds=0.5))
-    assert looping.score is None and "CPU time limit" in looping.error
-    assert fine.score == 0.5
-    assert time.monotonic() - start < 10
+    assert looping.score is None and looping.error == "CPU time limit of 0.5s exceeded"  # the child's own timer
+    assert fine.score == 1.0  # 0.5 * 2 calls: the same child went on to the next pair after the interrupted loop
 
 
+@pytest.mark.timeout(60)  # a hang guard; the behaviour is asserted below
 def test_wall_clock_limit_kills_a_sleeping_grader_and_a_fresh_child_grades_the_rest():
     source = """
     import time
+    calls = []
     def grade(sample, item):
+        calls.append(1)
         if item["sleep"]:
             time.sleep(600)
-        return 0.25
+        return 0.25 * len(calls)
     """
-    start = time.monotonic()
     pairs = [({}, {"sleep": False}), ({}, {"sleep": True}), ({}, {"sleep": False})]
     before, sleeping, after = run_graders(textwrap.dedent(source), pairs, Limits(wall_seconds=1.0))
+    assert sleeping.score is None and sleeping.error == "wall-clock limit of 1s exceeded"
+    # the sleeper's process was killed: the last pair ran in a fresh child (its first call), not after a wake-up
     assert (before.score, after.score) == (0.25, 0.25)
-    assert sleeping.score is None and "wall-clock limit" in sleeping.error
-    assert time.monotonic() - start < 10
 
 
 def test_too_much_memory_is_an_error():
@@ -290,4 +293,8 @@ def test_throughput_of_a_batched_grader():
     elapsed = time.perf_counter() - start
     assert [o.score for o in outcomes] == [float(i % 10 == i % 7) for i in range(2000)]
     print(f"\n{len(pairs) / elapsed:.0f} graded samples/s ({elapsed * 1000:.0f} ms for {len(pairs)})", file=sys.stderr)
-    assert elapsed < 20
+    # The throughput comes from batching: one child grades batch_size pairs in a row (its calls count up),
+    # rather than a process start per pair.
+    counting = "calls = []\ndef grade(sample, item):\n    calls.append(1)\n    return float(len(calls))\n"
+    batch = Limits().batch_size
+    assert [o.score for o in run_graders(counting, pairs, Limits())] == [float(i % batch + 1) for i in range(2000)]

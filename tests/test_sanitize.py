@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from tuneforge.data.sanitize import EXACT_SPLIT_BELOW, canonical_json, content_hash, sanitize, split
@@ -50,7 +52,9 @@ def test_split_is_deterministic_and_seed_dependent():
     train, val = split(examples, 0.1, seed=7)
     assert (train, val) == split(examples, 0.1, seed=7)
     assert len(train) + len(val) == 2000
-    assert 150 <= len(val) <= 250  # threshold rule: about 10%
+    # the threshold rule: exactly the examples whose sha256(seed, canonical JSON) number in [0, 1) is below 0.1
+    unit = lambda ex: int.from_bytes(hashlib.sha256(b"7\n" + canonical_json(ex).encode()).digest()[:8], "big") / 2**64  # noqa: E731
+    assert val == [ex for ex in examples if unit(ex) < 0.1] and 0 < len(val) < len(examples)
     assert val != split(examples, 0.1, seed=8)[1]
     assert train == [ex for ex in examples if ex in train]  # input order kept
 

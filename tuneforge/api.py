@@ -16,8 +16,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tuneforge.config import ONLINE_METHODS, Recipe, load_recipe, recipe_yaml
+from tuneforge.config import Recipe, load_recipe, recipe_yaml
 from tuneforge.errors import TuneforgeError
+from tuneforge.files import atomic_write
+from tuneforge.methods import METHODS, PROMPT_LEARNING, method_spec
 from tuneforge.paths import runs_dir
 
 
@@ -72,22 +74,27 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, *, resume: str | Path | 
         recipe = load_recipe(recipe, set)
         if overrides:
             recipe = load_recipe(recipe.to_dict(), _overrides(overrides))
+    show = progress if progress is not None else os.isatty(2)
     if replicas or fault_plan or int(recipe.resilience.get("max_replicas", 1)) > 1 or recipe.resilience.get("lighthouse"):
-        if recipe.method in ONLINE_METHODS:
-            raise TuneforgeError(f"method {recipe.method}: elastic replicas (--replicas, resilience) run sft, cpt, dpo, "
-                                 "reward and distill; online RL samples its completions in one process for now")
+        spec = method_spec(recipe.method)
+        if not spec.elastic:
+            elastic = ", ".join(m.name for m in METHODS.values() if m.elastic)
+            raise TuneforgeError(f"method {recipe.method}: elastic replicas (--replicas, resilience) run {elastic}; "
+                                 f"{recipe.method} trains in one process for now")
         if resume is not None:
             raise TuneforgeError("--resume applies to single-process runs; an elastic run restarts from its "
                                  "own disk checkpoints automatically when every replica has died")
-        return _train_elastic(recipe, replicas=replicas, fault_plan=fault_plan)
-    return _train(recipe, resume=resume, progress=progress)
+        return _train_elastic(recipe, replicas=replicas, fault_plan=fault_plan, show=show)
+    return _train(recipe, resume=resume, show=show)
 
 
-def _train_elastic(recipe: Recipe, *, replicas: str | None, fault_plan: str | None) -> TrainResult:
+def _train_elastic(recipe: Recipe, *, replicas: str | None, fault_plan: str | None, show: bool) -> TrainResult:
     """Validate and tokenize once here (so replicas find the token cache warm), then supervise replicas."""
     from tuneforge.planner import resolve
     from tuneforge.training.build import prepare
     from tuneforge.training.elastic import run_elastic
+    from tuneforge.training.progress import Progress
+    from tuneforge.training.watch import RunWatcher
 
     wall0 = time.perf_counter()
     prepared = prepare(recipe)
@@ -96,39 +103,37 @@ def _train_elastic(recipe: Recipe, *, replicas: str | None, fault_plan: str | No
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
     tracker = _start_tracker(recipe, res, prepared.data_hashes, run_dir)
+    bar = Progress(prepared.num_steps, enabled=show)
     with tracker:
         tracker.log_metrics(prepared.mix_metrics(), step=0)
-        report, out_dir = run_elastic(recipe, run_dir, replicas=replicas, fault_plan=fault_plan,
-                                      micro_batch_size=res.micro_batch_size, num_steps=prepared.num_steps)
+        bar.note(_describe(recipe, res, prepared, run_dir))
+        with RunWatcher(run_dir, bar, log_every=recipe.train.log_every):
+            report, out_dir, final_eval = run_elastic(recipe, run_dir, replicas=replicas, fault_plan=fault_plan,
+                                                      micro_batch_size=res.micro_batch_size,
+                                                      num_steps=prepared.num_steps)
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
             if (run_dir / "metrics.jsonl").exists() else []
-        for row in history:
-            tracker.log_metrics({"train/loss": row["loss"]}, step=row["step"])
+        for row in history:  # the same train/* series a local run logs while it trains
+            tracker.log_metrics({f"train/{k}": float(v) for k, v in row.items() if k != "step"}, step=row["step"])
         for i, event in enumerate(report.failures):  # one point per failure, in order
             tracker.log_metrics({f"recovery/{k}": float(v) for k, v in vars(event).items()
                                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "t_fault"},
                                 step=i)
-        metrics = {**report.summary(), "steps": float(prepared.num_steps),
-                   "wall_seconds": time.perf_counter() - wall0}
-        if history:
-            metrics["train_loss"] = history[-1]["loss"]
-        tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=prepared.num_steps)
-        (run_dir / "result.json").write_text(json.dumps(
-            {"metrics": metrics, "report": report.to_dict(), "mix": prepared.mix_dict(), "data": prepared.data_info},
-            indent=2, default=str))
-        tracker.log_artifact(run_dir / "result.json")
-        version = None
-        if recipe.tracking.register_as:
-            version = tracker.register_model(out_dir, recipe.tracking.register_as,
-                                             tags={"base_model": recipe.model.path, "recipe_hash": recipe.hash(),
-                                                   "method": recipe.method, "adapter": recipe.adapter.kind})
-    return TrainResult(run_dir=run_dir, output_dir=out_dir, merged_dir=None, metrics=metrics, history=history,
-                       evals=[], mix=prepared.mix_dict(), resolved=res.as_dict(), data=prepared.data_info,
-                       tracking_run_id=getattr(tracker, "run_id", None), model_version=version,
-                       extra={"report": report})
+        evals = [{"step": prepared.num_steps, **final_eval}] if final_eval else []
+        if final_eval:
+            tracker.log_metrics(final_eval, step=prepared.num_steps)
+        train_seconds = sum(float(r.get("step_s", 0.0)) for r in history)
+        tokens = sum(int(r.get("tokens", 0)) for r in history)
+        metrics = {**report.summary(), **_final_metrics(history, evals, train_seconds, tokens, prepared.num_steps,
+                                                        wall0)}
+        result = _finish(recipe, prepared, res, run_dir, out_dir, tracker, metrics, history, evals,
+                         extra={"report": report.to_dict()})
+    bar.note(prepared.mix_summary())
+    result.extra["report"] = report
+    return result
 
 
-def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) -> TrainResult:
+def _train(recipe: Recipe, *, resume: str | Path | None, show: bool) -> TrainResult:
     from tuneforge.training.build import prepare
 
     wall0 = time.perf_counter()
@@ -139,7 +144,7 @@ def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) 
     from tuneforge.models.adapters import is_peft
     from tuneforge.models.export import save_result
     from tuneforge.planner import resolve
-    from tuneforge.training.build import PROMPT_LEARNING, build_model
+    from tuneforge.training.build import build_model
     from tuneforge.training.checkpoint import find_checkpoint, load_checkpoint
     from tuneforge.training.loop import LoopSettings, make_optimizer, train_loop
     from tuneforge.training.progress import Progress
@@ -150,8 +155,6 @@ def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) 
     torch.set_flush_denormal(True)  # denormal gradients/optimizer states slow CPU kernels by 10× or more
     device = torch.device(res.device)
     model = build_model(recipe, device)
-    tokenizer = prepared.tokenizer
-    prompt_learning = recipe.adapter.kind in PROMPT_LEARNING
     optimizer = make_optimizer(model, recipe.train.lr, recipe.train.weight_decay, recipe.train.betas, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(recipe.train.schedule, res.total_steps, res.warmup_steps, recipe.train.min_lr_ratio)
@@ -169,9 +172,7 @@ def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
 
-    data_info, data_hashes = prepared.data_info, prepared.data_hashes
-    tracker = _start_tracker(recipe, res, data_hashes, run_dir)
-    show = progress if progress is not None else os.isatty(2)
+    tracker = _start_tracker(recipe, res, prepared.data_hashes, run_dir)
     task = prepared.make_task(model, res.micro_batch_size, res.precision, device)
     settings = LoopSettings(
         total_steps=res.total_steps, global_batch_size=recipe.train.global_batch_size, grad_clip=recipe.train.grad_clip,
@@ -186,42 +187,45 @@ def _train(recipe: Recipe, *, resume: str | Path | None, progress: bool | None) 
             model, optimizer, scheduler, task, settings, start_step=start_step, run_dir=run_dir,
             progress=bar, log_fn=tracker.log_metrics, checkpoint_meta={"recipe_hash": _train_hash(recipe)},
         )
-        if recipe.method == "ppo":  # the result is a plain policy; the value head is kept next to it
-            from safetensors.torch import save_file
-
-            from tuneforge.training.online import detach_value_head
-
-            value_head = detach_value_head(model)
-            if value_head is not None:
-                save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
-                          str(run_dir / "value_head.safetensors"))
-        out_dir = save_result(model, tokenizer, run_dir / ("adapter" if is_peft(model) else "model"))
-        merged = None
-        if recipe.output.merge and is_peft(model) and not prompt_learning:
-            from tuneforge.models.export import merge_adapter
-
-            merged = merge_adapter(out_dir, run_dir / "merged", base=recipe.model.path)
-        metrics = _final_metrics(loop, prepared.num_steps, wall0)
-        (run_dir / "result.json").write_text(json.dumps(
-            {"metrics": metrics, "mix": prepared.mix_dict(), "resolved": res.as_dict(), "data": data_info}, indent=2))
-        tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=res.total_steps)
-        for name in ("recipe.yaml", "result.json", "metrics.jsonl"):
-            tracker.log_artifact(run_dir / name)
-        version = None
-        if not recipe.tracking.register_as:  # a registered version uploads the weights itself
-            tracker.log_artifact(out_dir, out_dir.name)
-        else:
-            version = tracker.register_model(
-                merged or out_dir, recipe.tracking.register_as,
-                tags={"base_model": recipe.model.path, "recipe_hash": recipe.hash(), "method": recipe.method,
-                      "adapter": recipe.adapter.kind,
-                      **{f"data_hash.{k}": v for k, v in data_hashes.items()}},
-            )
+        prepared.finish(model, run_dir)  # e.g. PPO's value head: kept next to the result, not in it
+        out_dir = save_result(model, prepared.tokenizer, run_dir / ("adapter" if is_peft(model) else "model"))
+        metrics = _final_metrics(loop.history, loop.evals, loop.train_seconds, loop.tokens, prepared.num_steps,
+                                 wall0)
+        result = _finish(recipe, prepared, res, run_dir, out_dir, tracker, metrics, loop.history, loop.evals)
     bar.note(prepared.mix_summary())
-    bar.note(f"saved {out_dir}" + (f" and {merged}" if merged else ""))
-    return TrainResult(run_dir=run_dir, output_dir=out_dir, merged_dir=merged, metrics=metrics,
-                       history=loop.history, evals=loop.evals, mix=prepared.mix_dict(), resolved=res.as_dict(),
-                       data=data_info, tracking_run_id=getattr(tracker, "run_id", None), model_version=version)
+    bar.note(f"saved {result.output_dir}" + (f" and {result.merged_dir}" if result.merged_dir else ""))
+    return result
+
+
+def _finish(recipe: Recipe, prepared: Any, res: Any, run_dir: Path, out_dir: Path, tracker: Any,
+            metrics: dict[str, float], history: list[dict[str, float]], evals: list[dict[str, float]],
+            extra: dict[str, Any] | None = None) -> TrainResult:
+    """What every run does at the end, local or elastic: merge, result.json, final metrics, artifacts, registry."""
+    from tuneforge.models.adapters import is_peft_dir
+    from tuneforge.models.export import merge_adapter
+
+    merged = None
+    if recipe.output.merge and is_peft_dir(out_dir) and recipe.adapter.kind not in PROMPT_LEARNING:
+        merged = merge_adapter(out_dir, run_dir / "merged", base=recipe.model.path)
+    atomic_write(run_dir / "result.json", json.dumps(
+        {"metrics": metrics, "mix": prepared.mix_dict(), "resolved": res.as_dict(), "data": prepared.data_info,
+         **(extra or {})}, indent=2, default=str))
+    tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=res.total_steps)
+    for name in ("recipe.yaml", "result.json", "metrics.jsonl"):
+        if (run_dir / name).exists():
+            tracker.log_artifact(run_dir / name)
+    version = None
+    if not recipe.tracking.register_as:  # a registered version uploads the weights itself
+        tracker.log_artifact(out_dir, out_dir.name)
+    else:
+        version = tracker.register_model(
+            merged or out_dir, recipe.tracking.register_as,
+            tags={"base_model": recipe.model.path, "recipe_hash": recipe.hash(), "method": recipe.method,
+                  "adapter": recipe.adapter.kind, **{f"data_hash.{k}": v for k, v in prepared.data_hashes.items()}},
+        )
+    return TrainResult(run_dir=run_dir, output_dir=out_dir, merged_dir=merged, metrics=metrics, history=history,
+                       evals=evals, mix=prepared.mix_dict(), resolved=res.as_dict(), data=prepared.data_info,
+                       tracking_run_id=getattr(tracker, "run_id", None), model_version=version)
 
 
 def _train_hash(recipe: Recipe) -> str:
@@ -241,19 +245,20 @@ def _hash_dict(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _final_metrics(loop: Any, num_steps: int, wall0: float) -> dict[str, float]:
+def _final_metrics(history: list[dict[str, float]], evals: list[dict[str, float]], train_seconds: float,
+                   tokens: int, num_steps: int, wall0: float) -> dict[str, float]:
     metrics: dict[str, float] = {}
-    if loop.history:
-        tail = loop.history[-max(1, min(10, len(loop.history))):]
+    if history:
+        tail = history[-max(1, min(10, len(history))):]
         metrics["train_loss"] = sum(h["loss"] for h in tail) / len(tail)
-        metrics["first_loss"] = loop.history[0]["loss"]
-    if loop.evals:
-        metrics.update({k.replace("val/", "val_"): v for k, v in loop.evals[-1].items() if k != "step"})
-        if loop.evals[0]["step"] == 0:  # a baseline taken before training (online RL)
-            metrics.update({"initial_" + k.replace("val/", "val_"): v for k, v in loop.evals[0].items() if k != "step"})
-    if loop.train_seconds:
-        metrics["tokens_per_s"] = loop.tokens / loop.train_seconds
-    metrics["train_seconds"] = loop.train_seconds
+        metrics["first_loss"] = history[0]["loss"]
+    if evals:
+        metrics.update({k.replace("val/", "val_"): v for k, v in evals[-1].items() if k != "step"})
+        if evals[0]["step"] == 0:  # a baseline taken before training (online RL)
+            metrics.update({"initial_" + k.replace("val/", "val_"): v for k, v in evals[0].items() if k != "step"})
+    if train_seconds:
+        metrics["tokens_per_s"] = tokens / train_seconds
+    metrics["train_seconds"] = train_seconds
     metrics["wall_seconds"] = time.perf_counter() - wall0
     metrics["steps"] = float(num_steps)
     return metrics

@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any
 
+from tuneforge.data.formats import FORMATS
 from tuneforge.errors import TuneforgeError
 
 
@@ -48,6 +49,19 @@ def _cmd_recipe_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_methods(args: argparse.Namespace) -> int:
+    """The method registry as a table: what each method trains on, its recipe section, where it runs."""
+    from tuneforge.methods import METHODS
+
+    rows = [(m.name, " / ".join(m.formats), m.section or "-", "yes" if m.elastic else "no", m.summary)
+            for m in METHODS.values()]
+    head = ("method", "data formats", "section", "elastic", "")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    return 0
+
+
 def _cmd_data_validate(args: argparse.Namespace) -> int:
     from tuneforge.data.validate import validate_file
 
@@ -58,8 +72,8 @@ def _cmd_data_validate(args: argparse.Namespace) -> int:
                            max_tokens=args.max_length if args.model else None)
     for issue in report.issues:
         print(issue)
-    print(report.summary(), file=sys.stderr if report.n_bad else sys.stdout)
-    return 1 if report.n_bad else 0
+    print(report.summary(), file=sys.stderr if report.issues else sys.stdout)
+    return 1 if report.issues else 0  # any reported problem (a bad record, an empty file) fails
 
 
 def _token_length_fn(model: str, chat_template: str | None) -> Any:
@@ -166,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(p)
     p.set_defaults(fn=serve_from_args)
 
+    p = sub.add_parser("methods", help="list the training methods and what each trains on")
+    p.set_defaults(fn=_cmd_methods)
+
     p = sub.add_parser("recipe", help="work with recipes")
     rsub = p.add_subparsers(dest="recipe_command", required=True, metavar="SUBCOMMAND")
     q = rsub.add_parser("show", help="print the fully resolved recipe with every default filled in")
@@ -177,8 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     q = dsub.add_parser("validate", help="report every bad record as FILE:LINE: field: problem")
     q.add_argument("file")
-    q.add_argument("--format", default="auto",
-                   choices=["auto", "messages", "prompt_completion", "text", "preference", "prompt"])
+    q.add_argument("--format", default="auto", choices=["auto", *FORMATS])
     q.add_argument("--model", help="tokenizer (model dir) to check lengths with")
     q.add_argument("--chat-template", default=None)
     q.add_argument("--max-length", type=int, default=2048)

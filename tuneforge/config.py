@@ -7,7 +7,6 @@ against the hardware by :func:`tuneforge.planner.resolve` (never silently to a s
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -16,11 +15,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tuneforge.errors import RecipeError
+from tuneforge.data.formats import FORMATS
+from tuneforge.errors import RecipeError, suggest
+from tuneforge.methods import ADAPTER_KINDS, METHOD_NAMES, METHODS, PROMPT_LEARNING
 
-Method = Literal["sft", "cpt", "dpo", "reward", "grpo", "ppo", "distill"]
-PREFERENCE_METHODS = ("dpo", "reward")
-ONLINE_METHODS = ("grpo", "ppo")  # learn from the policy's own samples: prompt-only data, generation every step
+Method = Literal[METHOD_NAMES]  # the registry's names: one source
+AdapterKind = Literal[ADAPTER_KINDS]
+RecordFormat = Literal[("auto", *FORMATS)]
 
 
 class _Section(BaseModel):
@@ -41,7 +42,7 @@ class SourceConfig(_Section):
     path: str = Field(description="JSONL, JSON, Parquet, CSV file or a `datasets` directory.")
     name: str | None = Field(None, description="Name used in reports and metrics; defaults to the file stem.")
     weight: float = Field(1.0, gt=0, description="Relative share of the mixture (normalised over sources).")
-    format: Literal["auto", "messages", "prompt_completion", "text", "preference", "prompt"] = "auto"
+    format: RecordFormat = "auto"
 
 
 class SanitizeConfig(_Section):
@@ -68,7 +69,7 @@ class DataConfig(_Section):
 
 
 class AdapterConfig(_Section):
-    kind: Literal["lora", "dora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning", "full"] = "lora"
+    kind: AdapterKind = "lora"
     r: int = Field(16, gt=0)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -129,6 +130,16 @@ class RewardConfig(_Section):
     center_coeff: float | None = Field(
         None, ge=0, description="Weight of the term that keeps rewards centred on zero (e.g. 0.01); off by default."
     )
+
+
+class KTOConfig(_Section):
+    """Kahneman–Tversky optimisation (``method: kto``) on unpaired examples labelled desirable or not."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit reward (as DPO's beta).")
+    desirable_weight: float = Field(1.0, gt=0, description="Weight of desirable examples' losses (λ_D).")
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="Weight of undesirable examples' losses (λ_U); the paper keeps "
+        "λ_D·n_D / (λ_U·n_U) between 1 and 4/3.")
 
 
 class GenerationConfig(_Section):
@@ -220,6 +231,7 @@ class Recipe(_Section):
     train: TrainConfig = TrainConfig()
     dpo: DPOConfig = DPOConfig()
     reward: RewardConfig = RewardConfig()
+    kto: KTOConfig = KTOConfig()
     grpo: GRPOConfig | None = None
     ppo: PPOConfig | None = None
     distill: DistillConfig | None = None
@@ -251,23 +263,16 @@ class Recipe(_Section):
         return v
 
     @model_validator(mode="after")
-    def _method_has_its_section(self) -> Recipe:
-        for method in ("grpo", "ppo", "distill"):
-            if self.method == method and getattr(self, method) is None:
-                example = {"grpo": "graders: grader.json", "ppo": "reward_model: runs/rm/model",
-                           "distill": "teacher: path/to/teacher"}[method]
-                raise ValueError(f"{method}: method {method} needs a '{method}:' section (e.g. {method}: {{{example}}})")
-        return self
-
-    @model_validator(mode="after")
-    def _method_fits_adapter(self) -> Recipe:
-        if self.method == "cpt" and self.data.loss_on != "all":
+    def _method_fits_recipe(self) -> Recipe:
+        spec = METHODS[self.method]
+        if spec.section and getattr(self, spec.section) is None:
+            example = f"{spec.section}: {{{spec.section_example}}}"
+            raise ValueError(f"{spec.section}: method {self.method} needs a '{spec.section}:' section (e.g. {example})")
+        if spec.loss_on_all and self.data.loss_on != "all":
             self.data.loss_on = "all"
-        if self.method == "ppo" and self.adapter.kind in ("prompt_tuning", "p_tuning", "prefix_tuning"):
-            raise ValueError(f"adapter.kind: method ppo trains a value head on the policy's hidden states; use lora, "
-                             f"dora or full, not {self.adapter.kind}")
-        if self.method == "reward" and self.adapter.kind in ("prompt_tuning", "p_tuning", "prefix_tuning"):
-            raise ValueError(f"adapter.kind: method reward trains a scalar head; use lora, dora or full, "
+        if not spec.prompt_learning and self.adapter.kind in PROMPT_LEARNING:
+            head = "a value head on the policy's hidden states" if spec.value_head else "a scalar head"
+            raise ValueError(f"adapter.kind: method {self.method} trains {head}; use lora, dora or full, "
                              f"not {self.adapter.kind}")
         return self
 
@@ -404,8 +409,7 @@ def _resolve_relative_paths(recipe: Recipe, base_dir: Path) -> None:
 
 
 def _suggest(key: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-    return f" — did you mean '{close[0]}'?" if close else f" (valid: {', '.join(options)})"
+    return suggest(key, options, cutoff=0.5, list_all=True)
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:

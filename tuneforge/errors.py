@@ -51,3 +51,17 @@ class DataError(TuneforgeError):
         more = f"\n… and {len(self.issues) - 50} more" if len(self.issues) > 50 else ""
         head = summary or f"{len(self.issues)} bad record(s)"
         super().__init__(f"{head}\n{shown}{more}")
+
+
+def suggest(got: str, valid: list[str] | tuple[str, ...], *, cutoff: float = 0.6, list_all: bool = False) -> str:
+    """``" — did you mean 'x'?"`` for the closest valid name, or ``""`` (or the list of valid names).
+
+    The one "did you mean" of tuneforge: recipe keys, record fields, formats, grader names and metrics all
+    use it, so every suggestion reads the same and uses the same cut-off.
+    """
+    import difflib
+
+    near = difflib.get_close_matches(str(got), [str(v) for v in valid], n=1, cutoff=cutoff)
+    if near:
+        return f" — did you mean '{near[0]}'?"
+    return f" (valid: {', '.join(map(str, valid))})" if list_all else ""

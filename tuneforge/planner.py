@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tuneforge.config import PREFERENCE_METHODS, Recipe
+from tuneforge.config import Recipe
 from tuneforge.errors import RecipeError
+from tuneforge.methods import method_spec
 from tuneforge.training.precision import pick_device, pick_precision
 from tuneforge.training.schedule import warmup_steps_for
 
@@ -34,17 +35,15 @@ class Resolved:
         return asdict(self)
 
 
-def sequences_per_sample(method: str, group_size: int = 1) -> int:
+def sequences_per_sample(recipe: Recipe) -> int:
     """How many sequences of up to ``data.max_length`` tokens one sample puts through the model.
 
-    A preference pair (``dpo``, ``reward``) is a chosen and a rejected answer to one prompt: two sequences, or
-    one row of up to twice the length when the prompt is shared. Either way a micro-batch of ``m`` pairs holds
-    about as many tokens as ``2 m`` SFT examples, so the per-micro-batch token budget buys half as many samples.
-    A GRPO prompt is trained with its whole group of ``group_size`` completions.
+    Declared by the method's registry entry: a preference pair (``dpo``, ``reward``) is a chosen and a rejected
+    answer to one prompt — two sequences, or one row of up to twice the length when the prompt is shared — so a
+    micro-batch of ``m`` pairs holds about as many tokens as ``2 m`` SFT examples; a KTO example also scores its
+    mismatched (KL) completion; a GRPO prompt is trained with its whole group of ``group_size`` completions.
     """
-    if method in PREFERENCE_METHODS:
-        return 2
-    return group_size if method == "grpo" else 1
+    return method_spec(recipe.method).sequences_per_sample(recipe)
 
 
 def resolve_micro_batch(recipe: Recipe, device: torch.device, data_parallel: int = 1) -> int:
@@ -61,8 +60,7 @@ def resolve_micro_batch(recipe: Recipe, device: torch.device, data_parallel: int
     m = recipe.train.micro_batch_size
     if m == "auto":
         budget = MICRO_TOKENS.get(device.type, 8192)
-        group = recipe.grpo.group_size if recipe.grpo is not None else 1
-        sample_tokens = recipe.data.max_length * sequences_per_sample(recipe.method, group)
+        sample_tokens = recipe.data.max_length * sequences_per_sample(recipe)
         m = max(1, min(per_replica, budget // sample_tokens))
         while per_replica % m:
             m -= 1

@@ -11,6 +11,9 @@ Five formats, with OpenAI's fine-tuning rules where they exist:
 - ``prompt``: ``{"messages": [... ending with a user message], ...}`` for online RL (GRPO, PPO), as in
   OpenAI's reinforcement fine-tuning; any other keys are kept for the graders (``{{item.answer}}``).
   Never auto-detected: the method asks for it.
+- ``unpaired``: one completion with a thumbs-up / thumbs-down ``label`` (KTO): ``{"prompt", "completion",
+  "label": true|false}`` (strings or message lists, as TRL's unpaired-preference data), or an OpenAI-style chat
+  ``{"messages": [... ending with an assistant message], "label": true|false}``.
 
 ``check_record`` returns every problem as ``(field, problem, expected)`` with a field path such as
 ``messages[2].role``; ``to_canonical`` turns a record that passed into the shape the rest of tuneforge
@@ -19,13 +22,12 @@ uses, so no later stage needs to know which file format or record format the dat
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Collection
 from typing import Any
 
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import TuneforgeError, suggest
 
-FORMATS = ("messages", "prompt_completion", "text", "preference", "prompt")
+FORMATS = ("messages", "prompt_completion", "text", "preference", "prompt", "unpaired")
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = ("role", "content", "weight", "name", "tool_calls", "tool_call_id")
 
@@ -37,6 +39,8 @@ _KEYS = {
     "pairs": ("prompt", "chosen", "rejected"),
     "openai_dpo": ("input", "preferred_output", "non_preferred_output"),
     "prompt": ("messages", "tools"),
+    "unpaired": ("prompt", "completion", "label"),
+    "unpaired_chat": ("messages", "tools", "label"),
 }
 _REQUIRED = {
     "messages": ("messages",),
@@ -45,6 +49,8 @@ _REQUIRED = {
     "pairs": ("prompt", "chosen", "rejected"),
     "openai_dpo": ("input", "preferred_output", "non_preferred_output"),
     "prompt": ("messages",),
+    "unpaired": ("prompt", "completion", "label"),
+    "unpaired_chat": ("messages", "label"),
 }
 _DPO_INPUT_KEYS = ("messages", "tools")
 _ALL_KEYS = tuple(dict.fromkeys(k for keys in _KEYS.values() for k in keys))
@@ -66,6 +72,8 @@ def detect_format(value: Any) -> str | None:
     """The format a record's keys point to, or ``None`` when they match none."""
     if not isinstance(value, dict):
         return None
+    if "label" in value and ("completion" in value or "messages" in value):
+        return "unpaired"
     if "messages" in value:
         return "messages"
     if any(k in value for k in ("chosen", "rejected", "input", "preferred_output", "non_preferred_output")):
@@ -83,12 +91,12 @@ def describe_unknown(value: Any) -> Issue:
         return ("", f"record is {_json_type(value)}", "a JSON object")
     expected = (
         "the keys of one format: messages | prompt+completion | text | prompt+chosen+rejected | "
-        "input+preferred_output+non_preferred_output"
+        "input+preferred_output+non_preferred_output | prompt+completion+label"
     )
     for key in value:
-        near = difflib.get_close_matches(str(key), _ALL_KEYS, n=1, cutoff=0.6)
-        if near and key not in _ALL_KEYS:
-            expected += f" — did you mean {near[0]!r} for {key!r}?"
+        hint = suggest(str(key), _ALL_KEYS)
+        if hint and key not in _ALL_KEYS:
+            expected += f"{hint[:-1]} for {key!r}?"
             break
     keys = ", ".join(map(str, value)) or "none"
     return ("", f"unknown format: cannot tell it from the keys ({keys})", expected)
@@ -122,6 +130,8 @@ def check_record(value: Any, fmt: str, *, allow_extra: Collection[str] = ()) -> 
     elif shape == "text":
         if "text" in value:
             _check_text(value["text"], "text", issues)
+    elif shape in ("unpaired", "unpaired_chat"):
+        _check_unpaired(value, shape, issues)
     elif shape == "pairs":
         if isinstance(value.get("prompt"), str):
             _check_text(value["prompt"], "prompt", issues)
@@ -165,6 +175,17 @@ def to_canonical(value: dict, fmt: str) -> dict:
         }
     elif shape == "text":
         out = {"text": value["text"]}
+    elif shape == "unpaired":
+        out = {"prompt": _as_messages(value["prompt"], "user"),
+               "completion": _as_messages(value["completion"], "assistant"), "label": value["label"]}
+    elif shape == "unpaired_chat":
+        msgs = [_canonical_message(m) for m in value["messages"]]
+        cut = len(msgs)
+        while cut > 0 and msgs[cut - 1]["role"] == "assistant":
+            cut -= 1
+        out = {"prompt": msgs[:cut], "completion": msgs[cut:], "label": value["label"]}
+        if "tools" in value:
+            out["tools"] = value["tools"]
     elif shape == "pairs":
         out = {
             "prompt": _as_messages(value["prompt"], "user"),
@@ -189,6 +210,8 @@ def to_canonical(value: dict, fmt: str) -> dict:
 def _shape(value: dict, fmt: str) -> str:
     """The key layout to check: a format name, or one of the two preference shapes."""
     fmt = resolve_format(fmt, allow_auto=False)
+    if fmt == "unpaired":
+        return "unpaired_chat" if "messages" in value else "unpaired"
     if fmt != "preference":
         return fmt
     dpo_keys = ("input", "preferred_output", "non_preferred_output")
@@ -215,6 +238,8 @@ _REQUIRED_TEXT = {
     "non_preferred_output": "an array with the non-preferred assistant message",
     "chosen": "a string or an array of assistant messages",
     "rejected": "a string or an array of assistant messages",
+    "completion": "a string or an array of assistant messages",
+    "label": "true (desirable) or false (undesirable)",
 }
 
 
@@ -367,6 +392,31 @@ def _check_response(msgs: Any, where: str, issues: list[Issue]) -> None:
             issues.append((f"{where}[{i}].role", f"is {role!r}", "'assistant' (a response is assistant messages)"))
 
 
+def _check_unpaired(value: dict, shape: str, issues: list[Issue]) -> None:
+    """A KTO example: a prompt, one completion and a boolean label (desirable or not)."""
+    if "label" in value and not isinstance(value["label"], bool):
+        issues.append(("label", f"is {_json_type(value['label'])}", "true (desirable) or false (undesirable)"))
+    if shape == "unpaired_chat":
+        if "messages" in value:
+            roles = _check_sequence(value["messages"], "messages", issues, allow_weight=False)
+            if roles and roles[-1] is not None and roles[-1] != "assistant":
+                issues.append((f"messages[{len(roles) - 1}].role", f"conversation ends with {roles[-1]!r}",
+                               "the labelled assistant answer last"))
+            elif roles and all(r == "assistant" for r in roles):
+                issues.append(("messages", "has no prompt", "user (or system) messages before the labelled answer"))
+        if "tools" in value:
+            _check_tools(value["tools"], "tools", issues)
+        return
+    if isinstance(value.get("prompt"), str):
+        _check_text(value["prompt"], "prompt", issues)
+    elif "prompt" in value:
+        _check_prompt(value["prompt"], "prompt", issues)
+    if isinstance(value.get("completion"), str):
+        _check_text(value["completion"], "completion", issues)
+    elif "completion" in value:
+        _check_response(value["completion"], "completion", issues)
+
+
 def _check_dpo_input(inp: Any, issues: list[Issue]) -> None:
     if not isinstance(inp, dict):
         issues.append(("input", f"is {_json_type(inp)}", _REQUIRED_TEXT["input"]))
@@ -401,9 +451,7 @@ def _as_messages(value: str | list, role: str) -> list[dict]:
 
 
 def _one_of(valid: Collection[str], got: str) -> str:
-    text = "one of " + ", ".join(valid)
-    near = difflib.get_close_matches(got, list(valid), n=1, cutoff=0.6)
-    return f"{text} — did you mean {near[0]!r}?" if near else text
+    return "one of " + ", ".join(valid) + suggest(got, list(valid))
 
 
 def _json_type(value: Any) -> str:

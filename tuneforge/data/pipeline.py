@@ -74,7 +74,8 @@ def load_sources(recipe: Recipe, *, default_format: str | None = None,
     if issues:
         raise DataError(issues, "training data has bad records — nothing was trained:\n" + "\n".join(summaries))
     if recipe.data.validation:
-        report = validate_file(recipe.data.validation, default_format or "auto", allow_extra=allow_extra)
+        fmt = loaded[0].format if loaded else (default_format or "auto")
+        report = validate_file(recipe.data.validation, fmt, allow_extra=allow_extra)  # the training data's format
         if report.n_bad:
             raise DataError(report.issues, report.summary())
         for src in loaded:  # an explicit validation file replaces the split for the first source
@@ -118,8 +119,7 @@ def _encode(examples: list[dict], fmt: str, tokenizer: Any, template: str | None
     max_len = recipe.data.max_length
     if fmt == "text":
         return encode_texts(tokenizer, [ex["text"] for ex in examples], max_len), []
-    loss_on = "all" if recipe.method == "cpt" else recipe.data.loss_on
-    encoded = encode_chats(tokenizer, [ex["messages"] for ex in examples], template, loss_on)
+    encoded = encode_chats(tokenizer, [ex["messages"] for ex in examples], template, recipe.data.loss_on)
     too_long = [(i, len(ids)) for i, (ids, _) in enumerate(encoded) if len(ids) > max_len]
     if too_long and recipe.data.on_overlong == "truncate":
         for i, _ in too_long:
@@ -137,7 +137,7 @@ def _tokenize_split(name: str, examples: list[dict], src: SourceExamples, tokeni
     key = token_cache.cache_key(
         data_hash=content_hash(examples) if examples else "empty", tokenizer_hash=token_cache.tokenizer_fingerprint(tokenizer),
         template=template if src.format != "text" else None, max_length=recipe.data.max_length, kind=src.format,
-        loss_on="all" if recipe.method == "cpt" else recipe.data.loss_on, on_overlong=recipe.data.on_overlong,
+        loss_on=recipe.data.loss_on, on_overlong=recipe.data.on_overlong,  # the schema sets `all` for cpt
     )
     root = cache_dir("tokens")
     if recipe.data.cache:

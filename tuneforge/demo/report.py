@@ -14,6 +14,7 @@ report says what this run measured even when that is "mixing did not help".
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 ROLES = ("base", "domain_only", "mixed")
 HEADLINE = ("general_accuracy", "domain_macro_f1")
@@ -110,14 +111,54 @@ def verdict(table: list[dict], margin: float = 0.02) -> str:
     return f"{head}: {numbers}."
 
 
-def write_report(run_dir: Path, table: list[dict], loss_curves: dict[str, list[tuple[int, float]]],
-                 title: str) -> dict[str, Path]:
-    """Write ``report.md``, ``loss_curves.png`` and ``before_after.png`` into ``run_dir``; return their paths."""
+def _pyplot() -> Any:
+    """pyplot on the file-only Agg backend: the report is written on headless machines too."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _bar_label(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def before_after_figure(table: list[dict]) -> Any:
+    """The before/after bar chart: headline metrics per model, and per-skill general accuracy when given.
+
+    Every bar carries its value as text, so a model that scores 0.0 shows "0.00" instead of a missing bar.
+    """
+    plt = _pyplot()
+    skills = _skills(table)
+    models = [str(r["model"]) for r in table]
+    fig, axes = plt.subplots(1, 2 if skills else 1, figsize=(11 if skills else 5.5, 3.8), squeeze=False)
+    panels = [(axes[0][0], list(HEADLINE), lambda r, k: r.get(k), "headline metrics")]
+    if skills:
+        panels.append((axes[0][1], skills, lambda r, k: (r.get("skills") or {}).get(k), "general accuracy per skill"))
+    for ax, keys, get, heading in panels:
+        width = 0.8 / max(1, len(table))
+        for i, row in enumerate(table):
+            values = [get(row, k) for k in keys]
+            bars = ax.bar([x + i * width for x in range(len(keys))], [v or 0.0 for v in values], width,
+                          label=models[i])
+            # Vertical text fits over the narrow per-skill bars without overlapping its neighbours.
+            ax.bar_label(bars, labels=[_bar_label(v) for v in values], padding=2, fontsize=6, rotation=90)
+        ax.set_xticks([x + width * (len(table) - 1) / 2 for x in range(len(keys))])
+        ax.set_xticklabels(keys, rotation=30 if len(keys) > 3 else 0, ha="right" if len(keys) > 3 else "center")
+        ax.set_ylim(0, 1.2)  # headroom for the labels above a bar at 1.0
+        ax.set_title(heading)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_report(run_dir: Path, table: list[dict], loss_curves: dict[str, list[tuple[int, float]]],
+                 title: str) -> dict[str, Path]:
+    """Write ``report.md``, ``loss_curves.png`` and ``before_after.png`` into ``run_dir``; return their paths."""
+    plt = _pyplot()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {"report": run_dir / "report.md", "loss_curves": run_dir / "loss_curves.png",
@@ -139,25 +180,9 @@ def write_report(run_dir: Path, table: list[dict], loss_curves: dict[str, list[t
     fig.savefig(paths["loss_curves"], dpi=110)
     plt.close(fig)
 
-    # Before/after: headline metrics per model, and per-skill general accuracy when given.
     skills = _skills(table)
     models = [str(r["model"]) for r in table]
-    fig, axes = plt.subplots(1, 2 if skills else 1, figsize=(11 if skills else 5.5, 3.8), squeeze=False)
-    panels = [(axes[0][0], list(HEADLINE), lambda r, k: r.get(k), "headline metrics")]
-    if skills:
-        panels.append((axes[0][1], skills, lambda r, k: (r.get("skills") or {}).get(k), "general accuracy per skill"))
-    for ax, keys, get, heading in panels:
-        width = 0.8 / max(1, len(table))
-        for i, row in enumerate(table):
-            values = [get(row, k) or 0.0 for k in keys]
-            ax.bar([x + i * width for x in range(len(keys))], values, width, label=models[i])
-        ax.set_xticks([x + width * (len(table) - 1) / 2 for x in range(len(keys))])
-        ax.set_xticklabels(keys, rotation=30 if len(keys) > 3 else 0, ha="right" if len(keys) > 3 else "center")
-        ax.set_ylim(0, 1.05)
-        ax.set_title(heading)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    fig = before_after_figure(table)
     fig.savefig(paths["before_after"], dpi=110)
     plt.close(fig)
 

@@ -46,6 +46,8 @@ class DemoSize:
     finetune_steps: int = 150
     max_length: int = 256
     batch: int = 16
+    pretrain_lr: float = 3e-3
+    finetune_lr: float = 1e-3
 
 
 FULL = DemoSize()
@@ -139,8 +141,8 @@ def build_base(root: Path, files: dict[str, Path], size: DemoSize, rebuild: bool
                {"path": str(files["general_chat"]), "name": "general_chat", "weight": 0.5}]
     result = tuneforge.train(
         _recipe("demo-pretrain", init, sources, root / f"pretrain-{key}", size, method="cpt",
-                steps=size.pretrain_steps, lr=3e-3),
-        progress=None,
+                steps=size.pretrain_steps, lr=size.pretrain_lr),
+        progress=True,
     )
     shutil.copytree(result.output_dir, base)
     shutil.rmtree(init, ignore_errors=True)
@@ -192,8 +194,8 @@ def run_demo(quick: bool = False, rebuild: bool = False) -> dict[str, Any]:
         say(f"fine-tuning: {name.replace('_', ' ')}")
         runs[name] = tuneforge.train(
             _recipe(f"demo-{name}", base, sources, run_dir / name, size, method="sft", steps=size.finetune_steps,
-                    lr=1e-3, register=register),
-            progress=None,
+                    lr=size.finetune_lr, register=register),
+            progress=True,
         )
 
     mixed_dir = keep_mixed(Path(runs["mixed"].output_dir), root)

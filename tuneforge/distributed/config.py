@@ -8,14 +8,14 @@ The recipe schema maps its ``resilience:`` section onto :class:`ResilienceConfig
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 from tuneforge.distributed.network import host_problem, is_wildcard, lighthouse_url, node_problem
-from tuneforge.errors import RecipeError
+from tuneforge.files import atomic_write
+from tuneforge.errors import RecipeError, suggest
 
 
 def parse_replicas(text: str) -> tuple[int, int]:
@@ -39,8 +39,7 @@ def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
     known = [f.name for f in fields(cls)]
     for key in data:
         if key not in known:
-            near = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else f" (known: {', '.join(known)})"
+            hint = suggest(str(key), known, list_all=True)
             raise RecipeError(f"{where}.{key}: unknown option{hint}")
 
 
@@ -190,9 +189,7 @@ class JobSpec:
         return asdict(self)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
+        atomic_write(path, json.dumps(self.to_dict(), indent=1), fsync=False)
 
     @classmethod
     def load(cls, path: Path) -> "JobSpec":

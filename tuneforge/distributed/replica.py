@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -32,6 +33,7 @@ from tuneforge.distributed.assignment import plan_step, start_position
 from tuneforge.distributed.config import JobSpec
 from tuneforge.distributed.metrics import EventLog
 from tuneforge.distributed.network import advertised_host, replica_id
+from tuneforge.files import atomic_path
 from tuneforge.distributed.runfiles import (
     EXIT_DONE,
     EXIT_LEFT,
@@ -246,8 +248,9 @@ class Replica:
 
         keys = sorted(sums)
         self._allreduce_grads(torch.tensor([sums[k] for k in keys], dtype=torch.float64), ReduceOp.SUM, keys, sums)
-        if self.spec.max_grad_norm and manager.errored() is None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm)
+        if manager.errored() is None:  # the norm is logged like a local run's; clipping only when asked
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm or math.inf)
+            sums["grad_norm"] = float(norm)
         error = None if manager.errored() is None else str(manager.errored())
         committed = manager.should_commit()
         if committed:
@@ -363,9 +366,8 @@ class Replica:
         folder = self.run_dir / "ckpt"
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"step_{step:08d}.pt"
-        tmp = folder / f".step_{step:08d}.{os.getpid()}.tmp"
-        torch.save(snapshot, tmp)
-        os.replace(tmp, final)
+        with atomic_path(final, fsync=False) as tmp:
+            torch.save(snapshot, tmp)
         for old in checkpoint_paths(self.run_dir)[: -self.res.keep_checkpoints]:
             old.unlink(missing_ok=True)
         self.log.log("ckpt_saved", step=step, path=str(final), stage_s=t1 - t0, write_s=time.time() - t1)
@@ -379,10 +381,8 @@ class Replica:
         if mode == "all" or (mode == "rank0" and self._writes(last_rank)):
             folder = self.run_dir / "final"
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"replica_{self.slot}.pt"
-            tmp = folder / f".replica_{self.slot}.tmp"
-            torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, tmp)
-            os.replace(tmp, path)
+            with atomic_path(folder / f"replica_{self.slot}.pt", fsync=False) as tmp:
+                torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, tmp)
         if self._writes(last_rank):
             hook = getattr(self.task, "save_final", None)
             if callable(hook):

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tuneforge.files import atomic_write
+
 EXIT_DONE = 0  # committed the job's last step
 EXIT_ORPHANED = 3  # joined to heal but no peer held live state
 EXIT_LEFT = 10  # left on request (scale down) or an unused hot spare
@@ -24,11 +26,8 @@ EXIT_LEFT = 10  # left on request (scale down) or an unused hot spare
 
 def write_status(run_dir: Path, slot: int | str, **data: Any) -> None:
     """Atomically publish a replica's state (phase, step, pid) for the supervisor."""
-    folder = run_dir / "status"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".replica_{slot}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"t": time.time(), "pid": os.getpid(), **data}))
-    tmp.replace(folder / f"replica_{slot}.json")
+    payload = json.dumps({"t": time.time(), "pid": os.getpid(), **data})
+    atomic_write(run_dir / "status" / f"replica_{slot}.json", payload, fsync=False)  # read at once, never kept
 
 
 def checkpoint_paths(run_dir: Path) -> list[Path]:

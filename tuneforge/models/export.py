@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import ModelError
+from tuneforge.models.adapters import peft_quietly
 
 # PEFT task types we can fold, and the transformers head each adapter was trained on.
 _CAUSAL_LM = "CAUSAL_LM"
@@ -82,7 +83,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     base_name = base or config.base_model_name_or_path
     check_model_path(base_name)
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    model = PeftModel.from_pretrained(_load_base(adapter_dir, base_name, task_type, tokenizer), str(adapter_dir))
+    with peft_quietly():
+        model = PeftModel.from_pretrained(_load_base(adapter_dir, base_name, task_type, tokenizer), str(adapter_dir))
     if not hasattr(model, "merge_and_unload"):
         raise ModelError(f"{adapter_dir}: {config.peft_type} adapters cannot be merged; serve them with PEFT")
     merged = model.merge_and_unload()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,34 @@ def load_model(name: str, *, dtype: Any = None, device: Any = "cpu", attn_implem
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load a causal LM from {name}: {e}") from None
     return model.to(device)
+
+
+def load_frozen(name: str, device: Any, *, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+                field: str | None = None) -> Any:
+    """A causal LM in fp32, frozen and in eval mode: a reference policy or a teacher (no dropout in its targets).
+
+    ``field`` names the recipe field the path came from, so a load error points at it.
+    """
+    import torch
+
+    try:
+        model = load_model(name, dtype=torch.float32, device=device, attn_implementation=attn_implementation,
+                           trust_remote_code=trust_remote_code)
+    except ModelError as e:
+        raise ModelError(f"{field}: {e}" if field else str(e)) from None
+    model.eval().requires_grad_(False)
+    return model
+
+
+def model_fingerprint(path: str) -> str:
+    """Identifies a model's weights cheaply: config plus the name, size and mtime of every weight file."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        return hashlib.sha256(path.encode()).hexdigest()[:16]  # a hub id: the name (and the hub's cache) decide
+    h = hashlib.sha256()
+    h.update((root / "config.json").read_bytes() if (root / "config.json").exists() else b"")
+    for f in sorted(root.iterdir()):
+        if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

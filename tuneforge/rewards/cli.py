@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.rewards.graders import Grader, PythonGrader, load_grader
+from tuneforge.rewards.base import Grader
+from tuneforge.rewards.graders import PythonGrader, load_grader
 
 
 def _read_arg(text: str, flag: str, *, allow_text: bool) -> Any:

@@ -15,7 +15,6 @@ arrive, so an interrupted run resumes where it stopped, and the output file is r
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -35,7 +34,8 @@ import yaml
 
 from tuneforge.data.formats import check_record
 from tuneforge.data.readers import read_records
-from tuneforge.errors import DataError, DataIssue, RecipeError, TuneforgeError
+from tuneforge.files import atomic_path
+from tuneforge.errors import DataError, DataIssue, RecipeError, TuneforgeError, suggest
 from tuneforge.rewards.judge import Judge, LocalJudge, OpenAIJudge
 
 log = logging.getLogger(__name__)
@@ -570,22 +570,13 @@ def _read_partial(partial: Path) -> list[tuple[int, dict[str, Any]]]:
 
 def _write_atomic(path: Path, lines: Iterator[str]) -> None:
     """Write a JSONL file next to its destination, then rename: readers never see half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + "\n")
 
 
 def _did_you_mean(got: str, valid: list[str]) -> str:
-    near = difflib.get_close_matches(got, valid, n=1, cutoff=0.6)
-    return f" — did you mean {near[0]!r}?" if near else ""
+    return suggest(got, valid)
 
 
 def _kind(value: Any) -> str:

@@ -15,7 +15,6 @@ Types: ``string_check``, ``text_similarity``, ``python`` (sandboxed), ``score_mo
 from __future__ import annotations
 
 import ast
-import difflib
 import json
 import logging
 import math
@@ -28,67 +27,17 @@ from typing import Any, ClassVar
 
 import yaml
 
-from tuneforge.errors import RecipeError
+from tuneforge.errors import RecipeError, suggest
 from tuneforge.rewards import similarity, templates
+from tuneforge.rewards.base import GradeResult, Grader, Sample, as_sample
+from tuneforge.rewards.judge import build_score_model
 from tuneforge.rewards.sandbox import Limits, run_graders
 
 log = logging.getLogger(__name__)
 
-Sample = dict[str, Any] | str
 
 GRADER_TYPES = ("string_check", "text_similarity", "python", "score_model", "multi")
 OPENAI_ONLY_TYPES = {"label_model": "use score_model with a prompt that answers with a number", "endpoint": ""}
-
-
-@dataclass
-class GradeResult:
-    """One pair's reward, and why it is 0 when something went wrong."""
-
-    score: float
-    error: str | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def as_sample(sample: Sample) -> dict[str, Any]:
-    """A bare completion string is shorthand for ``{"output_text": text}``."""
-    if isinstance(sample, str):
-        return {"output_text": sample}
-    if not isinstance(sample, dict):
-        raise TypeError(f"a sample must be a dict or a string, not {type(sample).__name__}")
-    return sample
-
-
-class Grader(ABC):
-    """Scores completions. Subclasses implement ``_evaluate_batch``; errors become results, not raises."""
-
-    type: ClassVar[str]
-    name: str
-
-    def grade(self, sample: Sample, item: dict[str, Any]) -> float:
-        return self.evaluate(sample, item).score
-
-    def grade_batch(self, samples: Sequence[Sample], items: Sequence[dict[str, Any]]) -> list[float]:
-        return [r.score for r in self.evaluate_batch(samples, items)]
-
-    def evaluate(self, sample: Sample, item: dict[str, Any]) -> GradeResult:
-        return self.evaluate_batch([sample], [item])[0]
-
-    def evaluate_batch(self, samples: Sequence[Sample], items: Sequence[dict[str, Any]]) -> list[GradeResult]:
-        """Scores with per-pair errors and details (sub-scores, the judge's reply)."""
-        if len(samples) != len(items):
-            raise ValueError(f"grader {self.name!r}: {len(samples)} samples but {len(items)} items")
-        results = self._evaluate_batch([as_sample(s) for s in samples], list(items))
-        for i, result in enumerate(results):
-            if result.error is not None:
-                log.warning("grader %r: pair %d scored 0: %s", self.name, i, result.error)
-        return results
-
-    @abstractmethod
-    def _evaluate_batch(self, samples: list[dict[str, Any]], items: list[dict[str, Any]]) -> list[GradeResult]: ...
 
 
 def _each(
@@ -205,8 +154,7 @@ def parse_formula(text: str, names: Sequence[str], where: str) -> ast.expr:
             return
         if isinstance(node, ast.Name):
             if node.id not in names:
-                close = difflib.get_close_matches(node.id, list(names), n=1, cutoff=0.5)
-                hint = f" — did you mean {close[0]!r}?" if close else ""
+                hint = suggest(node.id, list(names), cutoff=0.5)
                 raise RecipeError(f"{where}: unknown name {node.id!r}{hint} (graders: {', '.join(names)})")
             return
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
@@ -317,8 +265,7 @@ _LIMIT_FIELDS = {f.name: f.type for f in fields(Limits)}
 
 
 def _suggest(key: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
-    return f" — did you mean {close[0]!r}?" if close else f" (valid: {', '.join(options)})"
+    return suggest(key, list(options), cutoff=0.5, list_all=True)
 
 
 def _type_ok(value: Any, kind: Any) -> bool:
@@ -392,8 +339,6 @@ class _Loader:
             limits = self.limits(raw.get("limits", {}), at("limits"))
             return PythonGrader(name, source, limits, raw.get("image_tag"), raw.get("pass_threshold"))
         if kind == "score_model":
-            from tuneforge.rewards.judge import build_score_model  # imports openai only when a judge is used
-
             for i, message in enumerate(raw["input"]):
                 self.message(message, f"{at('input')}[{i}]")
             return build_score_model(raw, name, at, self.error, base_url=self.base_url, api_key=self.api_key)

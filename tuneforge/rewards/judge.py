@@ -9,7 +9,6 @@ number scores 0 with the error attached, so a judge outage degrades a run instea
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -18,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from tuneforge.errors import RecipeError
+from tuneforge.errors import RecipeError, suggest
 from tuneforge.rewards import templates
-from tuneforge.rewards.graders import GradeResult, Grader
+from tuneforge.rewards.base import GradeResult, Grader
 
 # OpenAI's score_model sampling_params (note the plural "completions" in its token limit's name).
 SAMPLING_PARAMS = {
@@ -206,8 +205,7 @@ def build_score_model(
     params = raw.get("sampling_params", {})
     for key, value in params.items():
         if key not in SAMPLING_PARAMS:
-            close = difflib.get_close_matches(key, list(SAMPLING_PARAMS), n=1, cutoff=0.5)
-            hint = f" — did you mean {close[0]!r}?" if close else f" (valid: {', '.join(SAMPLING_PARAMS)})"
+            hint = suggest(key, list(SAMPLING_PARAMS), cutoff=0.5, list_all=True)
             raise error(f"{at('sampling_params')}.{key}", f"unknown sampling parameter{hint}")
         kind = SAMPLING_PARAMS[key]
         if kind is str:

@@ -18,14 +18,13 @@ fuzzy matching two 2,000-character answers costs milliseconds, not seconds.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import Callable
 
-from tuneforge.errors import RecipeError
+from tuneforge.errors import RecipeError, suggest
 
 _BLEU_TOKEN = re.compile(r"\w+|[^\w\s]")
 _ROUGE_TOKEN = re.compile(r"[^\W_]+")
@@ -125,8 +124,7 @@ def metric(name: str, where: str = "evaluation_metric") -> Callable[[str, str], 
     if name in UNSUPPORTED:
         why = UNSUPPORTED[name]
         raise RecipeError(f"{where}: {name!r} is not supported by tuneforge ({why}); supported: {supported}")
-    close = difflib.get_close_matches(str(name), list(METRICS) + list(UNSUPPORTED), n=1, cutoff=0.5)
-    hint = f" — did you mean {close[0]!r}?" if close else ""
+    hint = suggest(str(name), list(METRICS) + list(UNSUPPORTED), cutoff=0.5)
     raise RecipeError(f"{where}: unknown metric {name!r}{hint} (supported: {supported})")
 
 

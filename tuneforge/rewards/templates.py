@@ -9,12 +9,11 @@ instead of silently scoring zero for a whole run.
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from typing import Any
 
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import TuneforgeError, suggest
 
 ROOTS = ("item", "sample")
 SAMPLE_FIELDS = ("output_text", "output_json", "output_tools", "choices")
@@ -97,8 +96,7 @@ def lookup(expr: str, sample: dict[str, Any], item: dict[str, Any]) -> Any:
         if isinstance(value, dict):
             if str(key) not in value:
                 keys = [str(k) for k in value]
-                close = difflib.get_close_matches(str(key), keys, n=1, cutoff=0.6)
-                hint = f" — did you mean {close[0]!r}?" if close else ""
+                hint = suggest(str(key), keys)
                 shown = ", ".join(keys[:20]) or "none"
                 raise TemplateError(
                     f"template '{{{{{expr}}}}}': {where} has no key {str(key)!r}{hint} (keys: {shown})"

@@ -2,67 +2,64 @@
 
 :func:`prepare` does everything that needs no model — validating every record, the tokenizer, the token
 cache and the plan — so bad input fails before anything heavy loads, and a replacement replica (which
-finds the token cache warm) gets to its first step quickly. :func:`build_model` and
-:meth:`Prepared.make_task` finish the job once the device is known.
+finds the token cache warm) gets to its first step quickly. It asks the method's registry entry for its
+family and calls the family's ``prepare``; :func:`load_inputs` is the start every family shares.
+:func:`build_model` and ``Prepared.make_task`` finish the job once the device is known.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tuneforge.config import ONLINE_METHODS, PREFERENCE_METHODS, Recipe
-from tuneforge.errors import TuneforgeError
+from tuneforge.config import Recipe
+from tuneforge.data.pipeline import SourceExamples, load_sources
+from tuneforge.errors import RecipeError, TuneforgeError
+from tuneforge.methods import METHODS, MethodSpec, method_spec
+from tuneforge.models import policy
+from tuneforge.models.adapters import check_qlora_supported
+from tuneforge.models.chat_templates import resolve_template
+from tuneforge.models.loading import check_model_path, load_tokenizer
+from tuneforge.training.task import Prepared
 
-PROMPT_LEARNING = ("prompt_tuning", "p_tuning", "prefix_tuning")
+FORMAT_HELP = {
+    "messages": '{"messages": [...]}',
+    "prompt_completion": '{"prompt", "completion"}',
+    "text": '{"text"}',
+    "preference": '{"prompt", "chosen", "rejected"} or OpenAI\'s DPO {"input", "preferred_output", '
+                  '"non_preferred_output"}',
+    "prompt": '{"messages": [... ending with a user message], ...keys for the graders}',
+    "unpaired": '{"prompt", "completion", "label": true|false} or {"messages": [..., assistant], "label": …}',
+}
+
+FORMAT_NOUNS = {"messages": "chats", "prompt_completion": "prompt/completion pairs", "text": "plain text",
+                "preference": "preference pairs", "prompt": "prompts", "unpaired": "labelled completions"}
 
 
 @dataclass
-class Prepared:
-    """Validated, tokenized data and its plan for one recipe (no model yet)."""
+class Inputs:
+    """What every method starts from: its registry entry, validated sources and the tokenizer."""
 
-    recipe: Recipe
+    spec: MethodSpec
+    loaded: list[SourceExamples]
     tokenizer: Any
     template: str | None
-    tokens: list[Any]  # SourceTokens
-    plan: Any  # Plan
-    packing: bool
-    data_hashes: dict[str, str]
-    data_info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def num_steps(self) -> int:
-        return self.plan.num_steps
+    def data_hashes(self) -> dict[str, str]:
+        return {s.name: s.data_hash for s in self.loaded}
 
-    def mix_dict(self) -> dict[str, Any]:
-        m = self.plan.mix
-        return {"names": m.names, "target": m.target, "realised": m.realised(),
-                "realised_tokens": m.realised("tokens"), "tokens": m.tokens, "examples": m.examples,
-                "passes": m.passes, "mix_by": m.mix_by}
 
-    def mix_metrics(self) -> dict[str, float]:
-        return self.plan.mix.as_metrics()
-
-    def mix_summary(self) -> str:
-        return self.plan.mix.summary()
-
-    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str, device: torch.device) -> Any:
-        from tuneforge.training.forward import supports_selective_head
-        from tuneforge.training.sft_task import BatchShape, SFTTask
-
-        shape = BatchShape(micro_batch_size=micro_batch_size, max_length=self.recipe.data.max_length,
-                           packing=self.packing, pad_id=self.tokenizer.pad_token_id, precision=precision,
-                           device=device, selective_head=supports_selective_head(model))
-        val = {t.name: t.val for t in self.tokens if t.val is not None}
-        return SFTTask(self.plan, [t.train for t in self.tokens], val, shape)
+def prepare(recipe: Recipe) -> Prepared:
+    """Validate all data, then tokenize (through the cache) and plan every step — before any model loads."""
+    spec = method_spec(recipe.method)
+    prepared: Prepared = spec.load_family().prepare(recipe)
+    return prepared
 
 
 def load_tokenizer_for(recipe: Recipe, needs_template: bool) -> tuple[Any, str | None]:
-    from tuneforge.models.chat_templates import resolve_template
-    from tuneforge.models.loading import load_tokenizer
-
     name = recipe.model.tokenizer or recipe.model.path
     tokenizer = load_tokenizer(name, recipe.model.chat_template, recipe.model.trust_remote_code)
     template = resolve_template(recipe.model.chat_template) if recipe.model.chat_template else tokenizer.chat_template
@@ -72,74 +69,36 @@ def load_tokenizer_for(recipe: Recipe, needs_template: bool) -> tuple[Any, str |
     return tokenizer, template
 
 
-def prepare(recipe: Recipe) -> Prepared:
-    """Validate all data, then tokenize (through the cache) and plan every step — before any model loads."""
-    if recipe.method in PREFERENCE_METHODS:  # pairs, not sequences: same interface, own tokenization and task
-        from tuneforge.training.preference import prepare_preference
-
-        return prepare_preference(recipe)  # type: ignore[return-value]
-    if recipe.method in ONLINE_METHODS:  # prompts in, the policy's own samples scored by graders / a reward model
-        from tuneforge.training.online import prepare_online
-
-        return prepare_online(recipe)  # type: ignore[return-value]
-    if recipe.method == "distill":  # SFT-shaped data, a teacher's distributions (or answers) as the target
-        from tuneforge.training.distill import prepare_distill
-
-        return prepare_distill(recipe)  # type: ignore[return-value]
-    return prepare_sft(recipe)
+def check_formats(spec: MethodSpec, loaded: list[SourceExamples], formats: tuple[str, ...] | None = None) -> None:
+    """Every source holds records the method trains on; otherwise name the file, its format and what is expected."""
+    allowed = formats or spec.formats
+    for i, src in enumerate(loaded):
+        if src.format not in allowed:
+            expected = " or ".join(FORMAT_HELP.get(f, f) for f in allowed)
+            others = [m.name for m in METHODS.values() if src.format in m.formats]
+            hint = (f"; it holds {FORMAT_NOUNS.get(src.format, src.format)}: train them with method: "
+                    + " or method: ".join(others)) if others else ""
+            raise RecipeError(f"data.sources[{i}]: {src.path} holds {src.format} records, but method {spec.name} "
+                              f"trains on {' / '.join(allowed)} records (expected {expected}){hint}")
 
 
-def prepare_sft(recipe: Recipe, loaded: list[Any] | None = None) -> Prepared:
-    """SFT / CPT data: every record checked, tokenized through the cache and planned into packed rows.
+def load_inputs(recipe: Recipe, *, loaded: list[SourceExamples] | None = None) -> Inputs:
+    """Validate every record of every source, check they fit the method, then the model path and tokenizer.
 
-    ``loaded`` (from ``data.pipeline.load_sources``) skips reading the sources again — distillation passes
-    records its teacher wrote.
+    ``loaded`` skips reading the sources again (distillation passes the records its teacher wrote).
     """
-    from tuneforge.data.pipeline import load_sources, tokenize_sources
-    from tuneforge.data.sampler import build_plan
-    from tuneforge.models.adapters import check_qlora_supported
-    from tuneforge.models.loading import check_model_path
-
+    spec = method_spec(recipe.method)
     if loaded is None:
-        loaded = load_sources(recipe)  # every record of every source is checked first
-    for src in loaded:
-        if src.format == "preference":
-            raise TuneforgeError(f"data.sources: {src.path} holds preference pairs; train them with method: dpo "
-                                 f"or method: reward (this recipe has method: {recipe.method})")
+        loaded = load_sources(recipe, default_format=spec.default_format,
+                              allow_extra="*" if spec.allow_extra_keys else ())
+    check_formats(spec, loaded)
     check_model_path(recipe.model.path)
     if recipe.adapter.kind == "qlora":
         check_qlora_supported()
     tokenizer, template = load_tokenizer_for(recipe, any(s.format != "text" for s in loaded))
-    tokens = tokenize_sources(loaded, tokenizer, template, recipe)
-    packing = recipe.data.packing and recipe.adapter.kind not in PROMPT_LEARNING  # virtual tokens are per row
-    plan = build_plan([t.train for t in tokens], [t.weight for t in tokens], mix_by=recipe.data.mix_by,
-                      seed=recipe.train.seed, max_length=recipe.data.max_length, packing=packing,
-                      global_batch_size=recipe.train.global_batch_size, epochs=recipe.train.epochs,
-                      max_steps=recipe.train.max_steps)
-    return Prepared(recipe, tokenizer, template, tokens, plan, packing,
-                    data_hashes={s.name: s.data_hash for s in loaded}, data_info={t.name: t.stats for t in tokens})
+    return Inputs(spec, loaded, tokenizer, template)
 
 
 def build_model(recipe: Recipe, device: torch.device) -> torch.nn.Module:
-    """The base model in fp32 on `device`, wrapped with the recipe's adapter; seeded so replicas agree."""
-    if recipe.method == "reward":  # a scalar head instead of the LM head
-        from tuneforge.training.preference import build_reward_model
-
-        return build_reward_model(recipe, device)
-    from tuneforge.models.adapters import apply_adapter, is_peft
-    from tuneforge.models.loading import load_model
-
-    torch.manual_seed(recipe.train.seed)
-    model = load_model(recipe.model.path, dtype=torch.float32, device=device,
-                       attn_implementation=recipe.model.attn_implementation,
-                       trust_remote_code=recipe.model.trust_remote_code)
-    model = apply_adapter(model, recipe.adapter)
-    if recipe.method == "ppo":  # the value head shares the policy's trunk and trains with it
-        from tuneforge.training.online import attach_value_head
-
-        attach_value_head(model)
-    if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if is_peft(model):
-            model.enable_input_require_grads()
-    return model
+    """The model the recipe trains (see :func:`tuneforge.models.policy.build_model`)."""
+    return policy.build_model(recipe, method_spec(recipe.method), device)

@@ -24,26 +24,39 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from tuneforge.config import DistillConfig, GenerationConfig, Recipe
-from tuneforge.data.batching import collate
-from tuneforge.data.pipeline import SourceExamples
+from tuneforge.data.pipeline import SourceExamples, load_sources, record_key
+from tuneforge.data.sanitize import content_hash
+from tuneforge.data.token_cache import tokenizer_fingerprint
 from tuneforge.errors import ModelError, RecipeError, TuneforgeError
+from tuneforge.eval.generate import generate_answers
+from tuneforge.files import atomic_write
+from tuneforge.methods import method_spec
+from tuneforge.models.loading import check_model_path, load_tokenizer, model_fingerprint
+from tuneforge.models.reference import Reference
+from tuneforge.models.teacher import (
+    check_teacher_path,
+    head_width,
+    load_teacher,
+    load_teacher_tokenizer,
+    same_vocabulary,
+)
 from tuneforge.objectives.distill import distill_loss
 from tuneforge.objectives.sft import sft_loss
-from tuneforge.training.build import Prepared
+from tuneforge.paths import cache_dir
+from tuneforge.training import sft_task
+from tuneforge.training.build import check_formats
 from tuneforge.training.forward import supervised_logits, supports_selective_head
-from tuneforge.training.precision import autocast
-from tuneforge.training.sft_task import BatchShape, SFTTask
+from tuneforge.training.precision import autocast, pick_device, pick_precision
+from tuneforge.training.sft_task import BatchShape, SFTPrepared, SFTTask
+from tuneforge.training.task import MetricSums, StepOutput, held_out_means
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +69,7 @@ MAX_EVAL_EXAMPLES = 512  # validation examples scored per source
 
 
 @dataclass
-class DistillPrepared(Prepared):
+class DistillPrepared(SFTPrepared):
     """``build.Prepared`` plus the resolved mode; in logits mode ``make_task`` also loads the teacher."""
 
     mode: str = "logits"
@@ -76,28 +89,21 @@ class DistillPrepared(Prepared):
             if head_width(m) < vocab:
                 raise ModelError(f"{field_name}: {name} predicts {head_width(m)} tokens, fewer than the {vocab} of "
                                  "the shared tokenizer, so its distribution cannot be compared in logits mode")
-        return DistillTask(sft.plan, sft.sources, sft.val_sources, sft.shape, teacher=teacher, cfg=recipe.distill,
-                           vocab_size=vocab)
+        return DistillTask(sft.plan, sft.sources, sft.val_sources, sft.shape, teacher=Reference(teacher),
+                           cfg=recipe.distill, vocab_size=vocab)
 
 
-def prepare_distill(recipe: Recipe) -> DistillPrepared:
+def prepare(recipe: Recipe) -> DistillPrepared:
     """Check the teacher and every record, pick the mode, and (sequence mode) have the teacher write the answers.
 
     Everything that can fail cheaply fails first: the teacher's path, then the data, then the two tokenizers.
     """
-    from tuneforge.data.pipeline import load_sources
-    from tuneforge.models.loading import check_model_path, load_tokenizer
-    from tuneforge.training.build import prepare_sft
-
     cfg = recipe.distill
     if cfg is None:
         raise RecipeError("distill: method distill needs a 'distill:' section (e.g. distill: {teacher: path})")
     check_teacher_path(cfg.teacher)
     loaded = load_sources(recipe)
-    for i, src in enumerate(loaded):
-        if src.format == "preference":
-            raise RecipeError(f"data.sources[{i}]: {src.path} holds preference pairs; method distill trains on "
-                              "chat, prompt/completion or text records (or prompts, in sequence mode)")
+    check_formats(method_spec(recipe.method), loaded)
     check_model_path(recipe.model.path)
     student_tok = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.chat_template,
                                  recipe.model.trust_remote_code)
@@ -115,7 +121,7 @@ def prepare_distill(recipe: Recipe) -> DistillPrepared:
                 raise RecipeError(f"data.sources[{i}].format: {src.path} holds prompts without answers, so there "
                                   "are no positions to compare the teacher and student on; use distill.mode: sequence "
                                   "(the teacher writes the answers)")
-        prepared = prepare_sft(recipe, loaded=loaded)
+        prepared = sft_task.prepare(recipe, loaded=loaded)
     else:
         why = "" if cfg.mode == "sequence" else " (chosen by distill.mode: auto because the vocabularies differ)"
         for i, src in enumerate(loaded):
@@ -126,54 +132,9 @@ def prepare_distill(recipe: Recipe) -> DistillPrepared:
             if src.format == "prompt" and cfg.alpha > 0:
                 raise RecipeError(f"distill.alpha: {src.path} holds prompts without answers, so there is no "
                                   f"plain cross-entropy on the data's answers to weigh; set alpha: 0")
-        prepared = prepare_sft(recipe, loaded=sequence_sources(recipe, loaded, teacher_tok))
-    values = {f.name: getattr(prepared, f.name) for f in fields(Prepared)}
+        prepared = sft_task.prepare(recipe, loaded=sequence_sources(recipe, loaded, teacher_tok))
+    values = {f.name: getattr(prepared, f.name) for f in fields(SFTPrepared)}
     return DistillPrepared(**values, mode=mode, teacher=cfg.teacher)
-
-
-def check_teacher_path(teacher: str) -> None:
-    """Fail before anything heavy loads, naming the recipe field."""
-    from tuneforge.models.loading import check_model_path
-
-    try:
-        check_model_path(teacher)
-    except ModelError as e:
-        raise ModelError(f"distill.teacher: {e}") from None
-
-
-def load_teacher_tokenizer(teacher: str, trust_remote_code: bool = False) -> Any:
-    from tuneforge.models.loading import load_tokenizer
-
-    try:
-        return load_tokenizer(teacher, None, trust_remote_code)
-    except ModelError as e:
-        raise ModelError(f"distill.teacher: {e}") from None
-
-
-def same_vocabulary(a: Any, b: Any) -> bool:
-    """Whether every token string has the same id in both tokenizers (sizes alone can agree by chance)."""
-    return a.get_vocab() == b.get_vocab()
-
-
-def head_width(model: Any) -> int:
-    """How many token ids the model's head scores (may exceed the tokenizer: heads are often padded)."""
-    head = model.get_output_embeddings()
-    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
-
-
-def load_teacher(recipe: Recipe, device: torch.device) -> torch.nn.Module:
-    """The teacher in fp32 on `device`, frozen and in eval mode (no dropout: its targets must not be noisy)."""
-    from tuneforge.models.loading import load_model
-
-    assert recipe.distill is not None
-    try:
-        model = load_model(recipe.distill.teacher, dtype=torch.float32, device=device,
-                           attn_implementation=recipe.model.attn_implementation,
-                           trust_remote_code=recipe.model.trust_remote_code)
-    except ModelError as e:
-        raise ModelError(f"distill.teacher: {e}") from None
-    model.eval().requires_grad_(False)
-    return model
 
 
 # --------------------------------------------------------------------------------------------- logits mode
@@ -187,10 +148,11 @@ class DistillTask(SFTTask):
     """
 
     def __init__(self, plan: Any, sources: list[Any], val_sources: dict[str, Any], shape: BatchShape, *,
-                 teacher: torch.nn.Module, cfg: DistillConfig, vocab_size: int) -> None:
+                 teacher: Reference, cfg: DistillConfig, vocab_size: int) -> None:
         super().__init__(plan, sources, val_sources, shape)
         self.teacher = teacher
-        self.teacher_selective = supports_selective_head(teacher)
+        assert teacher.frozen is not None, "a teacher is a model of its own"
+        self.teacher_selective = supports_selective_head(teacher.frozen)
         self.cfg = cfg
         self.vocab_size = vocab_size  # both heads may be padded past the tokenizer; extra ids are never real tokens
 
@@ -199,8 +161,8 @@ class DistillTask(SFTTask):
         s = self.shape
         with autocast(s.precision, s.device):
             student, targets = supervised_logits(model, batch, s.selective_head)
-            with torch.no_grad():
-                teacher, _ = supervised_logits(self.teacher, batch, self.teacher_selective)
+            with self.teacher.use(model) as frozen:
+                teacher, _ = supervised_logits(frozen, batch, self.teacher_selective)
         v = self.vocab_size
         return student[:, :v], teacher[:, :v], targets
 
@@ -218,41 +180,32 @@ class DistillTask(SFTTask):
         loss = kd if c.alpha == 0.0 else ce if c.alpha == 1.0 else (1.0 - c.alpha) * kd + c.alpha * ce
         return {"kd": kd, "ce": ce, "loss": loss, "agree": metrics["distill/top1_agreement"] * n}
 
-    def forward_backward(self, model: torch.nn.Module, indices: Sequence[int], scale: float) -> dict[str, torch.Tensor]:
+    def forward_backward(self, model: torch.nn.Module, indices: Sequence[int], scale: float) -> StepOutput:
         """Accumulate gradients of ``scale · Σ token losses`` over the rows `indices`, in micro-batches."""
-        s = self.shape
-        loss_acc = torch.zeros((), device=s.device)
-        kd_acc = torch.zeros((), device=s.device)
+        loss_acc = torch.zeros((), device=self.shape.device)
+        sums = MetricSums()
         fed = 0
-        rows = list(indices)
-        for i in range(0, len(rows), s.micro_batch_size):
-            batch = collate([self.plan.row(r) for r in rows[i : i + s.micro_batch_size]], self.sources, s.pad_id,
-                            s.max_length if s.packing else None).to(s.device)
+        for batch in self.batches(indices):
             student, teacher, targets = self._logits(model, batch)
-            sums = self.token_sums(student, teacher, targets)
-            (sums["loss"] * scale).backward()
-            loss_acc += sums["loss"].detach()
-            kd_acc += sums["kd"].detach()
+            part = self.token_sums(student, teacher, targets)
+            (part["loss"] * scale).backward()
+            loss_acc += part["loss"].detach()
+            n = targets.numel()
+            sums.add("distill_divergence", part["kd"].detach(), n)
+            sums.add("distill_top1_agreement", part["agree"].detach(), n)
             fed += batch.num_tokens
-        return {"loss_sum": loss_acc, "tokens_fed": torch.tensor(fed), "distill_sum": kd_acc}
+        return StepOutput(loss_acc, fed, sums.metrics)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, max_examples: int = MAX_EVAL_EXAMPLES) -> dict[str, float]:
         """Per validation source and overall (token-weighted): the objective (``loss``), KL(teacher ‖ student) at
         temperature 1 (``kl``), the configured divergence, cross-entropy on the data and top-1 agreement."""
-        s = self.shape
         model.eval()
-        keys = ("loss", "kl", "divergence", "ce", "agreement")
-        total = dict.fromkeys(keys, 0.0)
-        total_tokens = 0
-        out: dict[str, float] = {}
+        parts = {}
         for name, src in self.val_sources.items():
-            n = min(len(src), max_examples)
-            part = dict.fromkeys(keys, 0.0)
+            part = dict.fromkeys(("loss", "kl", "divergence", "ce", "agreement"), 0.0)
             tokens = 0
-            for start in range(0, n, s.micro_batch_size):
-                rows = [np.array([[0, i]]) for i in range(start, min(start + s.micro_batch_size, n))]
-                batch = collate(rows, [src], s.pad_id).to(s.device)
+            for batch in self.val_batches(src, max_examples):
                 student, teacher, targets = self._logits(model, batch)
                 sums = self.token_sums(student, teacher, targets)
                 kl = self.token_sums(student, teacher, targets, kind="forward_kl", temperature=1.0)["kd"]
@@ -260,14 +213,9 @@ class DistillTask(SFTTask):
                                    ("ce", sums["ce"]), ("agreement", sums["agree"])):
                     part[key] += float(value)
                 tokens += targets.numel()
-            for key in keys:
-                out[f"val/{name}_{key}"] = part[key] / max(tokens, 1)
-                total[key] += part[key]
-            total_tokens += tokens
-        if out:
-            out.update({f"val/{key}": total[key] / max(total_tokens, 1) for key in keys})
+            parts[name] = (part, float(tokens))
         model.train()
-        return out
+        return held_out_means(parts)
 
 
 # --------------------------------------------------------------------------------------------- sequence mode
@@ -294,22 +242,11 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
 
 def answers_key(teacher: str, teacher_tok: Any, src: SourceExamples, gen: GenerationConfig) -> str:
     """What decides the teacher's answers: its weights, tokenizer and template, the prompts and the decoding."""
-    from tuneforge.data.sanitize import content_hash
-    from tuneforge.data.token_cache import tokenizer_fingerprint
-    from tuneforge.training.preference import model_fingerprint
-
     blob = {"v": ANSWER_CACHE_VERSION, "teacher": model_fingerprint(teacher),
             "tokenizer": tokenizer_fingerprint(teacher_tok), "template": teacher_tok.chat_template,
             "train": content_hash(src.train), "val": content_hash(src.val), "decoding": "greedy",
             "max_new_tokens": gen.max_new_tokens, "stop": list(gen.stop)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)  # a concurrent reader sees the old file or the new one, never a torn one
 
 
 def _read_cached(path: Path, meta_path: Path) -> tuple[list[dict], list[dict]] | None:
@@ -332,8 +269,6 @@ class _LazyTeacher:
 
     def get(self) -> torch.nn.Module:
         if self.model is None:
-            from tuneforge.training.precision import pick_device
-
             if self.recipe.train.num_threads:
                 torch.set_num_threads(self.recipe.train.num_threads)
             self.model = load_teacher(self.recipe, pick_device(self.recipe.train.device))
@@ -342,9 +277,6 @@ class _LazyTeacher:
 
 def _answer(teacher: _LazyTeacher, teacher_tok: Any, examples: list[dict], gen: GenerationConfig) -> list[dict]:
     """Chat records whose last assistant turn the teacher wrote; examples it answered with nothing are dropped."""
-    from tuneforge.eval.generate import generate_answers
-    from tuneforge.training.precision import pick_precision
-
     if not examples:
         return []
     model = teacher.get()
@@ -364,10 +296,6 @@ def _answer(teacher: _LazyTeacher, teacher_tok: Any, examples: list[dict], gen: 
 
 def teacher_source(recipe: Recipe, src: SourceExamples, teacher: _LazyTeacher, teacher_tok: Any) -> SourceExamples:
     """`src` with the teacher's answers, read from the cache or generated and written there (chat JSONL)."""
-    from tuneforge.data.pipeline import record_key
-    from tuneforge.data.sanitize import content_hash
-    from tuneforge.paths import cache_dir
-
     assert recipe.distill is not None
     gen = recipe.generation
     key = answers_key(recipe.distill.teacher, teacher_tok, src, gen)
@@ -384,8 +312,8 @@ def teacher_source(recipe: Recipe, src: SourceExamples, teacher: _LazyTeacher, t
             raise TuneforgeError(f"distill.teacher: {recipe.distill.teacher} answered none of the {len(src.train)} "
                                  f"prompts of {src.path} with any text (raise generation.max_new_tokens, or check the "
                                  "teacher's chat template and end-of-sequence token)")
-        _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train + val))
-        _write_atomic(meta_path, json.dumps({"source": src.path, "teacher": recipe.distill.teacher,
+        atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train + val))
+        atomic_write(meta_path, json.dumps({"source": src.path, "teacher": recipe.distill.teacher,
                                              "train": len(train), "val": len(val)}))  # written last: marks done
     lines: dict[str, int] = {}
     for line, record in enumerate(train + val, start=1):

@@ -1,9 +1,10 @@
-"""SFT / CPT as a task for the elastic engine (:mod:`tuneforge.distributed`).
+"""Any method whose registry entry says ``elastic`` as a task for the elastic engine (:mod:`tuneforge.distributed`).
 
-Each replica process builds this from the recipe. ``prepare`` finds the token cache warm (the first
-replica or the launcher wrote it), so a replacement skips tokenisation entirely; the model, optimizer and
-schedule are built exactly as in a single-process run, and the step itself is the same
-:class:`~tuneforge.training.sft_task.SFTTask` code — which is what makes an elastic run equal a fixed one.
+Each replica process builds this from the recipe. ``prepare`` finds the token cache warm (the launcher wrote it),
+so a replacement skips tokenisation entirely; the model, optimizer and schedule are built exactly as in a
+single-process run, and the step itself is the same :class:`~tuneforge.training.task.Task` code — which is what
+makes an elastic run equal a fixed one. The method's per-step metrics travel as additive (total, weight) pairs
+(:meth:`StepOutput.flat`), so a DPO run on replicas logs the same metric names and values as a local one.
 
 Factory string for a JobSpec: ``"tuneforge.training.elastic:make_task"``.
 """
@@ -11,32 +12,42 @@ Factory string for a JobSpec: ``"tuneforge.training.elastic:make_task"``.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tuneforge.config import load_recipe
+from tuneforge.config import Recipe, load_recipe
+from tuneforge.files import atomic_write
+from tuneforge.models.adapters import is_peft
+from tuneforge.models.export import save_result
+from tuneforge.planner import resolve
+from tuneforge.training.build import build_model, prepare
+from tuneforge.training.loop import make_optimizer
+from tuneforge.training.schedule import lr_multiplier
+from tuneforge.training.task import Task, unflatten_metrics
+
+EVALS_FILE = "evals.json"  # the final held-out evaluation, written by rank 0 next to the result
 
 
-class ElasticSFTTask:
+class ElasticTask:
+    """The engine's ``ReplicaTask`` protocol over one method's :class:`Task`."""
+
     def __init__(self, config: Mapping[str, Any]) -> None:
-        from tuneforge.training.build import prepare
-
-        self.recipe = load_recipe(dict(config["recipe"]))
+        self.recipe: Recipe = load_recipe(dict(config["recipe"]))
         self.micro_batch_size = int(config["micro_batch_size"])
         self.threads = int(config.get("threads") or 1)
         self.prepared = prepare(self.recipe)
         self.metrics_path = Path(config["metrics_path"]) if config.get("metrics_path") else None
-        self.task: Any = None
+        self.task: Task | None = None
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._lr = 0.0
+        self._t_last = time.perf_counter()
 
     def build(self, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
-        from tuneforge.planner import resolve
-        from tuneforge.training.build import build_model
-        from tuneforge.training.loop import make_optimizer
-        from tuneforge.training.schedule import lr_multiplier
-
         torch.set_num_threads(self.threads)
         torch.set_flush_denormal(True)
         res = resolve(self.recipe, self.prepared.num_steps)
@@ -47,44 +58,57 @@ class ElasticSFTTask:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_multiplier(t.schedule, res.total_steps, res.warmup_steps, t.min_lr_ratio))
         self.task = self.prepared.make_task(model, self.micro_batch_size, res.precision, device)
+        self.model, self.optimizer = model, optimizer
         return model, optimizer, scheduler
+
+    def _task(self) -> Task:
+        if self.task is None:
+            raise RuntimeError("ElasticTask.build() must run before training")
+        return self.task
 
     def num_samples(self) -> int:
         return self.prepared.plan.num_steps * self.prepared.plan.global_batch_size
 
     def loss_tokens(self, indices: Sequence[int]) -> int:
-        return self.task.loss_tokens(indices)
+        """The step's weight; first the task prepares the step (the engine passes the whole step's samples)."""
+        task = self._task()
+        assert self.model is not None and self.optimizer is not None
+        step = int(indices[0]) // self.prepared.plan.global_batch_size if len(indices) else 0
+        task.begin_step(self.model, step, sorted(int(i) for i in indices))
+        self._lr = float(self.optimizer.param_groups[0]["lr"])
+        return task.loss_tokens(indices)
 
     def forward_backward(self, model: torch.nn.Module, indices: Sequence[int], scale: float) -> Mapping[str, float]:
-        out = self.task.forward_backward(model, indices, scale)
-        return {"loss": float(out["loss_sum"]) * scale, "tokens_fed": float(out["tokens_fed"])}
+        return self._task().forward_backward(model, indices, scale).flat(scale)
 
     def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Called on the rank-0 replica after each committed step: the same metrics.jsonl as a local run."""
+        """Called on the rank-0 replica after each committed step: the same metrics.jsonl rows as a local run."""
         if self.metrics_path is None:
             return
-        tokens = self.task.loss_tokens(range(step * self.prepared.plan.global_batch_size,
-                                             (step + 1) * self.prepared.plan.global_batch_size))
-        row = {"step": step + 1, "loss": float(metrics.get("loss", float("nan"))),
-               "tokens": int(metrics.get("tokens_fed", 0)), "supervised_tokens": tokens}
+        now = time.perf_counter()
+        values = unflatten_metrics(metrics)
+        row = {"step": step + 1, "loss": values.pop("loss", float("nan")), "grad_norm": values.pop("grad_norm", 0.0),
+               "lr": self._lr, "tokens": int(values.pop("tokens_fed", 0)), "step_s": now - self._t_last, **values}
+        self._t_last = now
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     def save_final(self, model: torch.nn.Module, folder: Path) -> None:
-        """The result in standard form (PEFT adapter or full model + tokenizer), like a single-process run."""
-        from tuneforge.models.adapters import is_peft
-        from tuneforge.models.export import save_result
-
-        save_result(model, self.prepared.tokenizer, Path(folder) / ("adapter" if is_peft(model) else "model"))
-
-
-def make_task(config: Mapping[str, Any]) -> ElasticSFTTask:
-    return ElasticSFTTask(config)
+        """The result in standard form (PEFT adapter or full model + tokenizer), like a single-process run, and
+        the final held-out evaluation under the same metric names."""
+        folder = Path(folder)
+        self.prepared.finish(model, folder)
+        atomic_write(folder / EVALS_FILE, json.dumps(self._task().evaluate(model)))
+        save_result(model, self.prepared.tokenizer, folder / ("adapter" if is_peft(model) else "model"))
 
 
-def run_elastic(recipe: Any, run_dir: Path, *, replicas: str | None, fault_plan: str | None,
-                micro_batch_size: int, num_steps: int) -> tuple[Any, Path]:
-    """Run `recipe` on elastic replicas under a supervisor; returns the run report and the result dir."""
+def make_task(config: Mapping[str, Any]) -> ElasticTask:
+    return ElasticTask(config)
+
+
+def run_elastic(recipe: Recipe, run_dir: Path, *, replicas: str | None, fault_plan: str | None,
+                micro_batch_size: int, num_steps: int) -> tuple[Any, Path, dict[str, float]]:
+    """Run `recipe` on elastic replicas under a supervisor; returns the report, the result dir and the final eval."""
     import os
 
     from tuneforge.distributed import JobSpec, ResilienceConfig, parse_replicas
@@ -111,4 +135,5 @@ def run_elastic(recipe: Any, run_dir: Path, *, replicas: str | None, fault_plan:
     report = run_job(spec, run_dir)
     final = run_dir / "final"
     out = final / "adapter" if (final / "adapter").is_dir() else final / "model"
-    return report, out
+    evals = json.loads((final / EVALS_FILE).read_text()) if (final / EVALS_FILE).exists() else {}
+    return report, out, evals

@@ -1,11 +1,11 @@
 """The training loop: one readable PyTorch loop, parameterised by the objective.
 
-Per optimizer step it asks the task (e.g. :class:`~tuneforge.training.sft_task.SFTTask`) for the weight of
-the step's samples and to accumulate gradients of ``loss_sum / weight`` over them (exact under any split
-into micro-batches or replicas), then clips, steps and schedules. Online methods (GRPO, PPO) also get a
-``begin_step`` call first, where they sample and score the step's completions; a task may return extra
-per-step ``metrics`` (rewards, KL, lengths) that are logged with the loss. Metrics stay on the device as tensors and are synchronised once per ``log_every`` steps, so the
-host never waits on the accelerator inside the hot path.
+Per optimizer step it asks the task (:class:`~tuneforge.training.task.Task`) for the step's samples, lets it
+prepare the step (``begin_step``: online methods sample and score their completions, KTO computes its reference
+point), asks for the weight of the samples and to accumulate gradients of ``loss_sum / weight`` over them (exact
+under any split into micro-batches or replicas), then clips, steps and schedules. The task's per-step metrics
+(rewards, accuracies, KL, lengths) are logged with the loss. Metrics stay on the device as tensors and are
+synchronised once per ``log_every`` steps, so the host never waits on the accelerator inside the hot path.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 from tuneforge.training.checkpoint import save_checkpoint
 from tuneforge.training.progress import Progress
+from tuneforge.training.task import Task, Weighted
 
 
 @dataclass
@@ -58,21 +59,19 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
-def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, task: Any, s: LoopSettings, *,
+def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, task: Task, s: LoopSettings, *,
                start_step: int = 0, run_dir: Path, progress: Progress,
                log_fn: Callable[[dict[str, float], int], None] = lambda m, step: None,
                checkpoint_meta: dict[str, Any] | None = None) -> LoopResult:
     result = LoopResult()
     params = [p for p in model.parameters() if p.requires_grad]
     metrics_file = (run_dir / "metrics.jsonl").open("a")
-    pending: list[tuple[int, torch.Tensor, torch.Tensor, float, int, float, dict[str, Any]]] = []
-    begin_step = getattr(task, "begin_step", None)
-    rows_for = getattr(task, "rows_for_step", None)  # online methods may take several steps on one batch
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, float, int, float, dict[str, Weighted]]] = []
     window_t0, window_tokens = time.perf_counter(), 0
     step_time = 0.0
     model.train()
     with progress:
-        if s.eval_every and start_step == 0 and getattr(task, "evaluate_before_training", False):
+        if s.eval_every and start_step == 0 and task.evaluate_before_training:
             ev = task.evaluate(model)  # online RL: the starting reward is the baseline every later one is read against
             if ev:
                 result.evals.append({"step": 0, **ev})
@@ -80,14 +79,11 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
                 progress.note("step 0: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         for step in range(start_step, s.total_steps):
             t0 = time.perf_counter()
-            rows = rows_for(step) if rows_for is not None else range(step * s.global_batch_size,
-                                                                     (step + 1) * s.global_batch_size)
-            if begin_step is not None:  # online methods sample and score their completions first
-                begin_step(model, step, rows)
+            rows = task.rows_for_step(step)  # online methods may take several steps on one batch of rollouts
+            task.begin_step(model, step, rows)
             n_tok = max(task.loss_tokens(rows), 1)
             out = task.forward_backward(model, rows, 1.0 / n_tok)
-            loss_acc, fed = out["loss_sum"], int(out["tokens_fed"])
-            extra = out.get("metrics", {})
+            loss_acc, fed, extra = out.loss_sum, out.tokens_fed, out.metrics
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip or math.inf)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
@@ -105,7 +101,7 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
                 tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
                 for k, loss, gn, lr_k, fed_k, dt, extra_k in pending:
                     row = {"step": k, "loss": float(loss), "grad_norm": float(gn), "lr": lr_k, "tokens": fed_k,
-                           "step_s": dt, **{name: float(v) for name, v in extra_k.items()}}
+                           "step_s": dt, **{name: v.value() for name, v in extra_k.items()}}
                     result.history.append(row)
                     metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()

@@ -1,0 +1,171 @@
+"""RLHF with PPO (``method: ppo``): a reward model's scores, KL to the reference, GAE on a value head.
+
+One completion per prompt scored by a reward model trained with ``method: reward``, a per-token KL penalty to
+the reference, GAE over a value head that shares the policy's trunk (:mod:`tuneforge.models.value_head`),
+whitened advantages and the clipped policy and value losses (:mod:`tuneforge.objectives.ppo`). Prompts,
+rollouts and forward passes are shared with GRPO (:mod:`tuneforge.training.online`). The result is a plain
+policy; the value head is saved next to it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneforge.config import Recipe
+from tuneforge.data.prompts import PromptSet
+from tuneforge.data.sampler import Plan
+from tuneforge.errors import RecipeError
+from tuneforge.models.reference import Reference
+from tuneforge.models.reward import load_reward_model, score_conversations
+from tuneforge.models.value_head import save_value_head, value_head_of
+from tuneforge.objectives.logprobs import masked_mean
+from tuneforge.objectives.ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, ppo_value_loss
+from tuneforge.training.online import (
+    OnlinePrepared,
+    OnlineTask,
+    RolloutSpec,
+    StepRollout,
+    prepare_prompts,
+    sequence_batch,
+    sequence_forward,
+)
+from tuneforge.training.precision import autocast
+from tuneforge.training.rollout import Sampling
+from tuneforge.training.task import MetricSums, StepOutput
+
+
+@dataclass
+class PPOPrepared(OnlinePrepared):
+    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str,
+                  device: torch.device) -> PPOTask:
+        cfg = self.recipe.ppo
+        assert cfg is not None
+        spec = self.rollout_spec(model, micro_batch_size, precision, device)
+        reward_model, reward_tokenizer = load_reward_model(cfg.reward_model, device)
+        return PPOTask(self.plan, self.train_sets, self.val_sets, spec, self.tokenizer,
+                       Reference.for_policy(model, self.recipe.model, device), reward_model, reward_tokenizer, cfg)
+
+    def finish(self, model: torch.nn.Module, run_dir: Any) -> None:
+        """The result is a plain policy: the value head is detached and kept next to it."""
+        save_value_head(model, Path(run_dir))
+
+
+def prepare(recipe: Recipe) -> PPOPrepared:
+    cfg = recipe.ppo
+    assert cfg is not None
+    if not os.path.isdir(os.path.expanduser(cfg.reward_model)):
+        raise RecipeError(f"ppo.reward_model: {cfg.reward_model} is not a directory (expected the model or "
+                          "adapter directory a `method: reward` run saved)")
+    inputs, sources, plan = prepare_prompts(recipe, updates_per_batch=cfg.epochs, reuse_field="ppo.epochs")
+    return PPOPrepared(recipe, inputs.tokenizer, inputs.template, plan, inputs.data_hashes,
+                       data_info={s.name: s.stats for s in sources}, sources=sources, updates_per_batch=cfg.epochs)
+
+
+class PPOTask(OnlineTask):
+    """RLHF: reward-model scores, a KL-penalised per-token reward, GAE on a value head, clipped PPO losses."""
+
+    def __init__(self, plan: Plan, sources: list[PromptSet], val_sources: dict[str, PromptSet], spec: RolloutSpec,
+                 tokenizer: Any, reference: Reference | None, reward_model: Any, reward_tokenizer: Any,
+                 cfg: Any) -> None:
+        super().__init__(plan, sources, val_sources, spec, tokenizer, reference)
+        self.reward_model = reward_model
+        self.reward_tokenizer = reward_tokenizer
+        self.cfg = cfg
+
+    def scores(self, records: Sequence[dict], texts: Sequence[str], finished: torch.Tensor | None) -> torch.Tensor:
+        convs = [[*r["messages"], {"role": "assistant", "content": t}] for r, t in zip(records, texts)]
+        scores = score_conversations(self.reward_model, self.reward_tokenizer, convs).float()
+        if self.cfg.missing_eos_penalty is not None and finished is not None:
+            scores = scores - self.cfg.missing_eos_penalty * (~finished.cpu()).float()
+        return scores
+
+    def make_rollout(self, model: torch.nn.Module, batch_index: int, rows: range) -> StepRollout:
+        cfg, s = self.cfg, self.spec
+        refs = self.refs(rows)
+        prompts = [self.sources[a].ids[i] for a, i in refs]
+        records = [self.sources[a].records[i] for a, i in refs]
+        comp, texts = self.generate(model, prompts, 1, s.sampling, self.batch_generator(batch_index))
+        score = self.scores(records, texts, comp.finished).to(s.device)
+        ro = StepRollout((rows.start, rows.stop), prompts, comp, torch.zeros(0))
+        self.rollout = ro
+        shape = comp.tokens.shape
+        old_logps = torch.zeros(shape, device=s.device)
+        old_values = torch.zeros(shape, device=s.device)
+        ref_logps = torch.zeros(shape, device=s.device)
+        every = range(len(prompts))
+        for idx, batch, (lp, v) in self.forward_rows(model, every, value_head=value_head_of(model)):
+            old_logps[idx, : batch.width] = lp
+            old_values[idx, : batch.width] = v
+        for idx, batch, lp in self.forward_rows(model, every, reference=True):
+            ref_logps[idx, : batch.width] = lp
+        mask = comp.mask.to(s.device)
+        rewards = kl_penalized_rewards(score, old_logps, ref_logps, mask, cfg.kl_coef)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        ro.advantages = masked_whiten(advantages, mask) * mask  # over the whole step, independent of the split
+        ro.old_logps, ro.ref_logps, ro.old_values, ro.returns = old_logps, ref_logps, old_values, returns
+        kl = masked_mean(old_logps - ref_logps, mask)
+        ro.metrics = {"score": float(score.mean()), "kl": float(kl), "completion_length": float(comp.lengths.float().mean()),
+                      "completions_finished": float(comp.finished.float().mean()),
+                      "non_score_reward": float(-cfg.kl_coef * (old_logps - ref_logps).mul(mask).sum(-1).mean())}
+        return ro
+
+    def loss_tokens(self, indices: Sequence[int]) -> int:
+        assert self.rollout is not None
+        return int(self.rollout.completions.mask[self.sequences(indices)].sum())
+
+    def forward_backward(self, model: torch.nn.Module, indices: Sequence[int], scale: float) -> StepOutput:
+        ro = self.rollout
+        assert ro is not None and ro.old_logps is not None and ro.old_values is not None and ro.returns is not None
+        s, cfg = self.spec, self.cfg
+        seqs = self.sequences(indices)
+        loss_acc = torch.zeros((), device=s.device)
+        fed = 0
+        stats = MetricSums()
+        for i in range(0, len(seqs), s.micro_batch_size):
+            idx = seqs[i : i + s.micro_batch_size]
+            batch = sequence_batch([ro.prompt_ids[j] for j in idx], ro.completions.tokens[idx],
+                                   ro.completions.mask[idx], s.pad_id)
+            mask = self.trim(ro.completions.mask, idx, batch)
+            with autocast(s.precision, s.device):
+                logps, values = sequence_forward(model, batch, selective=s.selective,
+                                                 temperature=s.sampling.temperature, value_head=value_head_of(model))
+            assert values is not None
+            pg, pg_stats = ppo_policy_loss(logps, self.trim(ro.old_logps, idx, batch),
+                                           self.trim(ro.advantages, idx, batch), mask, cfg.clip_eps)
+            vf, vf_stats = ppo_value_loss(values, self.trim(ro.old_values, idx, batch),
+                                          self.trim(ro.returns, idx, batch), mask, cfg.value_clip)
+            loss_sum = (pg + cfg.vf_coef * vf) * mask.sum()  # token means → token sums; the step divides
+            (loss_sum * scale).backward()
+            loss_acc += loss_sum.detach()
+            stats.add_means({**pg_stats, **vf_stats, "value_loss": vf.detach()}, mask.sum())
+            fed += int(batch.input_ids.numel())
+        for name, value in ro.metrics.items():  # the whole step's rollout statistics: weight 1 per share
+            stats.add(name, value, 1.0)
+        return StepOutput(loss_acc, fed, stats.metrics)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Mean reward-model score of greedy completions on held-out prompts."""
+        greedy = Sampling(self.spec.sampling.max_new_tokens, greedy=True)
+        out: dict[str, float] = {}
+        total, count = 0.0, 0
+        for name, ps, n in self.held_out(self.cfg.eval_prompts):
+            comp, texts = self.generate(model, ps.ids[:n], 1, greedy, None)
+            scores = self.scores(ps.records[:n], texts, None)
+            out[f"val/{name}_score"] = float(scores.mean())
+            total += float(scores.sum())
+            count += n
+        if count:
+            out["val/score"] = total / count
+        model.train()
+        return out
+
+
