@@ -101,14 +101,22 @@ def prepare(work: Path, n_pairs: int, seed: int = 0) -> dict[str, Any]:
     records = []
     for _ in range(n_pairs):
         prompt = [{"role": "user", "content": text(50, 80)}]
-        records.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": text(30, 60)}],
-                        "rejected": [{"role": "assistant", "content": text(30, 60)}]})
+        records.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": text(30, 60)}],
+                "rejected": [{"role": "assistant", "content": text(30, 60)}],
+            }
+        )
     encoded = encode_pairs(tok, records, tok.chat_template)
     longest = max(len(ids) for ids, _ in encoded)
     assert longest <= MAX_LEN, f"a sequence is {longest} tokens, more than {MAX_LEN}"
     (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    unpaired = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
-                for r in records for side in ("chosen", "rejected")]
+    unpaired = [
+        {"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+        for r in records
+        for side in ("chosen", "rejected")
+    ]
     (work / "unpaired.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired))
     prompts = [{"messages": r["prompt"], "keyword": KEYWORD} for r in records]
     (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
@@ -144,8 +152,10 @@ class StepClock:
         self._handle.remove()
         if len(self.wall) != steps:
             raise AssertionError(f"{system}: expected {steps} optimizer steps, timed {len(self.wall)}")
-        return {"step_s": [b - a for a, b in zip(self.wall, self.wall[1:])],
-                "cpu_s": [b - a for a, b in zip(self.cpu, self.cpu[1:])]}
+        return {
+            "step_s": [b - a for a, b in zip(self.wall, self.wall[1:])],
+            "cpu_s": [b - a for a, b in zip(self.cpu, self.cpu[1:])],
+        }
 
 
 def worker_tuneforge(work: Path, method: str, steps: int, threads: int) -> dict[str, Any]:
@@ -160,48 +170,84 @@ def worker_tuneforge(work: Path, method: str, steps: int, threads: int) -> dict[
         "name": f"bench-{method}",
         "method": "dpo" if method == "dpo_precomputed" else method,
         "model": {"path": str(work / "model")},
-        "data": {"sources": [{"path": str(work / ("unpaired.jsonl" if kto else "pairs.jsonl"))}],
-                 "max_length": MAX_LEN, "val_fraction": 0, "sanitize": {"dedup": False}},
+        "data": {
+            "sources": [{"path": str(work / ("unpaired.jsonl" if kto else "pairs.jsonl"))}],
+            "max_length": MAX_LEN,
+            "val_fraction": 0,
+            "sanitize": {"dedup": False},
+        },
         "adapter": {"kind": "full"},
         "dpo": {"loss_type": "sigmoid", "beta": BETA, "precompute_ref": method == "dpo_precomputed"},
         "kto": {"beta": BETA},
-        "train": {"max_steps": steps, "global_batch_size": batch, "micro_batch_size": batch, "lr": LR,
-                  "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0,
-                  "precision": "fp32", "num_threads": threads, "eval_every": 10_000, "device": "cpu"},
+        "train": {
+            "max_steps": steps,
+            "global_batch_size": batch,
+            "micro_batch_size": batch,
+            "lr": LR,
+            "schedule": "constant",
+            "warmup_steps": 0,
+            "weight_decay": 0.0,
+            "grad_clip": 1.0,
+            "precision": "fp32",
+            "num_threads": threads,
+            "eval_every": 10_000,
+            "device": "cpu",
+        },
         "tracking": {"enabled": False},
         "output": {"dir": str(work / f"run-tuneforge-{method}-{os.getpid()}")},
     }
     clock = StepClock()
     result = tuneforge.train(recipe, progress=False)
-    return {**clock.result(steps, "tuneforge"),
-            "mean_loss": statistics.fmean(h["loss"] for h in result.history)}
+    return {**clock.result(steps, "tuneforge"), "mean_loss": statistics.fmean(h["loss"] for h in result.history)}
 
 
 def worker_tuneforge_grpo(work: Path, steps: int, threads: int) -> dict[str, Any]:
     import tuneforge
 
-    grader = {"type": "string_check", "name": "keyword", "input": "{{sample.output_text}}",
-              "reference": "{{item.keyword}}", "operation": "like"}
+    grader = {
+        "type": "string_check",
+        "name": "keyword",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.keyword}}",
+        "operation": "like",
+    }
     recipe = {
         "name": "bench-grpo",
         "method": "grpo",
         "model": {"path": str(work / "model")},
-        "data": {"sources": [{"path": str(work / "prompts.jsonl")}], "max_length": MAX_LEN + NEW_TOKENS,
-                 "val_fraction": 0},
+        "data": {
+            "sources": [{"path": str(work / "prompts.jsonl")}],
+            "max_length": MAX_LEN + NEW_TOKENS,
+            "val_fraction": 0,
+        },
         "adapter": {"kind": "full"},
         "grpo": {"graders": grader, "group_size": GROUP, "loss_type": "dapo", "beta": 0.0},
         "generation": {"max_new_tokens": NEW_TOKENS, "temperature": 1.0},
-        "train": {"max_steps": steps, "global_batch_size": 1, "micro_batch_size": 1, "lr": LR,
-                  "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0,
-                  "precision": "fp32", "num_threads": threads, "eval_every": 10_000, "device": "cpu",
-                  "log_every": 1},
+        "train": {
+            "max_steps": steps,
+            "global_batch_size": 1,
+            "micro_batch_size": 1,
+            "lr": LR,
+            "schedule": "constant",
+            "warmup_steps": 0,
+            "weight_decay": 0.0,
+            "grad_clip": 1.0,
+            "precision": "fp32",
+            "num_threads": threads,
+            "eval_every": 10_000,
+            "device": "cpu",
+            "log_every": 1,
+        },
         "tracking": {"enabled": False},
         "output": {"dir": str(work / f"run-tuneforge-grpo-{os.getpid()}")},
     }
     clock = StepClock()
     result = tuneforge.train(recipe, progress=False)
-    return {**clock.result(steps, "tuneforge"), "mean_loss": statistics.fmean(h["loss"] for h in result.history),
-            "completion_length": statistics.fmean(h["completion_length"] for h in result.history)}
+    return {
+        **clock.result(steps, "tuneforge"),
+        "mean_loss": statistics.fmean(h["loss"] for h in result.history),
+        "completion_length": statistics.fmean(h["completion_length"] for h in result.history),
+    }
 
 
 def worker_trl_grpo(work: Path, steps: int, threads: int) -> dict[str, Any]:
@@ -222,22 +268,51 @@ def worker_trl_grpo(work: Path, steps: int, threads: int) -> dict[str, Any]:
         return [float(k in t) for t, k in zip(texts, keyword)]
 
     args = GRPOConfig(
-        output_dir=str(work / f"run-trl-grpo-{os.getpid()}"), max_steps=steps, per_device_train_batch_size=GROUP,
-        num_generations=GROUP, steps_per_generation=1, num_iterations=1, gradient_accumulation_steps=1,
-        max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, beta=0.0, loss_type="dapo",
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch_fused", bf16=False, fp16=False, gradient_checkpointing=False, report_to="none",
-        save_strategy="no", eval_strategy="no", logging_strategy="steps", logging_steps=10_000,
-        dataloader_num_workers=0, use_cpu=True, seed=0, disable_tqdm=True, disable_dropout=True, shuffle_dataset=False,
+        output_dir=str(work / f"run-trl-grpo-{os.getpid()}"),
+        max_steps=steps,
+        per_device_train_batch_size=GROUP,
+        num_generations=GROUP,
+        steps_per_generation=1,
+        num_iterations=1,
+        gradient_accumulation_steps=1,
+        max_completion_length=NEW_TOKENS,
+        temperature=1.0,
+        top_p=1.0,
+        beta=0.0,
+        loss_type="dapo",
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="steps",
+        logging_steps=10_000,
+        dataloader_num_workers=0,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        disable_dropout=True,
+        shuffle_dataset=False,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32, attn_implementation="sdpa")
-    trainer = GRPOTrainer(model=model, reward_funcs=keyword_reward, args=args, train_dataset=dataset,
-                          processing_class=tokenizer)
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=keyword_reward, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     clock = StepClock()
     out = trainer.train()
-    return {**clock.result(steps, "trl"), "mean_loss": float(out.training_loss),
-            "completion_length": statistics.fmean(lengths) if lengths else 0.0}
+    return {
+        **clock.result(steps, "trl"),
+        "mean_loss": float(out.training_loss),
+        "completion_length": statistics.fmean(lengths) if lengths else 0.0,
+    }
 
 
 def worker_trl(work: Path, method: str, steps: int, threads: int) -> dict[str, Any]:
@@ -249,40 +324,65 @@ def worker_trl(work: Path, method: str, steps: int, threads: int) -> dict[str, A
 
     torch.set_num_threads(threads)
     kto = method == "kto"
-    records = [json.loads(line) for line in (work / ("unpaired.jsonl" if kto else "pairs.jsonl")).read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (work / ("unpaired.jsonl" if kto else "pairs.jsonl")).read_text().splitlines()
+    ]
     dataset = Dataset.from_list(records)
     tokenizer = AutoTokenizer.from_pretrained(str(work / "model"))
     common = dict(
-        output_dir=str(work / f"run-trl-{method}-{os.getpid()}"), max_steps=steps, per_device_train_batch_size=PAIRS,
-        gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused", bf16=False, fp16=False,
-        gradient_checkpointing=False, max_length=MAX_LEN, report_to="none", save_strategy="no", eval_strategy="no",
-        logging_strategy="steps", logging_steps=10_000, dataloader_num_workers=0, use_cpu=True, seed=0,
-        disable_tqdm=True, disable_dropout=True,
+        output_dir=str(work / f"run-trl-{method}-{os.getpid()}"),
+        max_steps=steps,
+        per_device_train_batch_size=PAIRS,
+        gradient_accumulation_steps=1,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        max_length=MAX_LEN,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="steps",
+        logging_steps=10_000,
+        dataloader_num_workers=0,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        disable_dropout=True,
     )
     torch.manual_seed(0)
     if method == "reward":
         from trl import RewardConfig, RewardTrainer
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(work / "model"), num_labels=1,
-                                                                   dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(work / "model"), num_labels=1, dtype=torch.float32, attn_implementation="sdpa"
+        )
         model.config.pad_token_id = tokenizer.pad_token_id
-        trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=dataset,
-                                processing_class=tokenizer)
+        trainer = RewardTrainer(
+            model=model, args=RewardConfig(**common), train_dataset=dataset, processing_class=tokenizer
+        )
     elif kto:
         from trl import KTOConfig, KTOTrainer
 
-        model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32,
-                                                     attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(work / "model"), dtype=torch.float32, attn_implementation="sdpa"
+        )
         args = KTOConfig(**{**common, "per_device_train_batch_size": 2 * PAIRS}, beta=BETA)
         trainer = KTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     else:
         from trl import DPOConfig, DPOTrainer
 
-        model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32,
-                                                     attn_implementation="sdpa")
-        args = DPOConfig(**common, beta=BETA, loss_type=["sigmoid"],
-                         precompute_ref_log_probs=method == "dpo_precomputed")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(work / "model"), dtype=torch.float32, attn_implementation="sdpa"
+        )
+        args = DPOConfig(
+            **common, beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=method == "dpo_precomputed"
+        )
         trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     _check_trl_rows(trainer.train_dataset, json.loads((work / "ids.json").read_text()), method)
     clock = StepClock()
@@ -313,14 +413,36 @@ def _check_trl_rows(dataset: Any, ids: list[list[int]], method: str) -> None:
 
 # -- orchestration -------------------------------------------------------------------------------------
 def run_worker(system: str, method: str, work: Path, steps: int, threads: int) -> dict[str, Any]:
-    env = dict(os.environ, TUNEFORGE_HOME=str(work / f"home-{system}-{method}-{time.monotonic_ns()}"),
-               HF_HOME=str(work / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               HF_DATASETS_CACHE=str(work / "hf-datasets"), OMP_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
-               PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        TUNEFORGE_HOME=str(work / f"home-{system}-{method}-{time.monotonic_ns()}"),
+        HF_HOME=str(work / "hf"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(work / "hf-datasets"),
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONWARNINGS="ignore",
+    )
     out_file = work / f"result-{system}-{method}-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, __file__, "--worker", system, "--method", method, "--work", str(work),
-           "--steps", str(steps), "--threads", str(threads), "--out", str(out_file)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        system,
+        "--method",
+        method,
+        "--work",
+        str(work),
+        "--steps",
+        str(steps),
+        "--threads",
+        str(threads),
+        "--out",
+        str(out_file),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{system}/{method} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -355,10 +477,16 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["TUNEFORGE_HOME"] = str(work / "home")
         os.environ["HF_HUB_OFFLINE"] = "1"
         info = prepare(work, n_pairs=a.steps * PAIRS)
-        print(f"model: {info['params'] / 1e6:.2f} M parameters, vocab {info['vocab']}; data: {info['pairs']} pairs, "
-              f"sequences of {info['mean_len']:.0f} tokens on average (longest {info['longest']})", flush=True)
-        print(f"{PAIRS} pairs per step, fp32, AdamW lr {LR}; {a.steps} steps per run, timing steps {a.warmup + 1}.."
-              f"{a.steps}; {a.threads} thread(s); {a.repeats} repeat(s)", flush=True)
+        print(
+            f"model: {info['params'] / 1e6:.2f} M parameters, vocab {info['vocab']}; data: {info['pairs']} pairs, "
+            f"sequences of {info['mean_len']:.0f} tokens on average (longest {info['longest']})",
+            flush=True,
+        )
+        print(
+            f"{PAIRS} pairs per step, fp32, AdamW lr {LR}; {a.steps} steps per run, timing steps {a.warmup + 1}.."
+            f"{a.steps}; {a.threads} thread(s); {a.repeats} repeat(s)",
+            flush=True,
+        )
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {(s, m): [] for s in SYSTEMS for m in methods}
         k = 0
         for rep in range(a.repeats):
@@ -369,29 +497,38 @@ def main(argv: list[str] | None = None) -> None:
                     t0 = time.perf_counter()
                     r = run_worker(system, method, work, a.steps, a.threads)
                     runs[(system, method)].append(r)
-                    timed, cpu = r["step_s"][a.warmup - 1:], r["cpu_s"][a.warmup - 1:]
-                    print(f"  repeat {rep + 1} {method:15s} {system:9s}: median step "
-                          f"{statistics.median(timed) * 1e3:6.1f} ms (cpu {statistics.median(cpu) * 1e3:6.1f} ms)  "
-                          f"mean loss {r['mean_loss']:.4f}"
-                          + (f"  completion {r['completion_length']:.1f} tokens" if "completion_length" in r else "")
-                          + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+                    timed, cpu = r["step_s"][a.warmup - 1 :], r["cpu_s"][a.warmup - 1 :]
+                    print(
+                        f"  repeat {rep + 1} {method:15s} {system:9s}: median step "
+                        f"{statistics.median(timed) * 1e3:6.1f} ms (cpu {statistics.median(cpu) * 1e3:6.1f} ms)  "
+                        f"mean loss {r['mean_loss']:.4f}"
+                        + (f"  completion {r['completion_length']:.1f} tokens" if "completion_length" in r else "")
+                        + f"  [{time.perf_counter() - t0:.0f} s]",
+                        flush=True,
+                    )
 
     summary: dict[str, dict[str, float]] = {}
     print("\nsummary: seconds per optimizer step, median over the timed steps of the best repeat")
     for method in methods:
-        def pooled(system: str, key: str) -> float:
+
+        def pooled(system: str, key: str, method: str = method) -> float:
             """The best repeat's median: a repeat slowed by other load on the machine does not count."""
-            return min(statistics.median(r[key][a.warmup - 1:]) for r in runs[(system, method)])
+            return min(statistics.median(r[key][a.warmup - 1 :]) for r in runs[(system, method)])
 
         med = {s: pooled(s, "step_s") for s in SYSTEMS}
         cpu = {s: pooled(s, "cpu_s") for s in SYSTEMS}
-        summary[method] = {"tuneforge_s_per_step": round(med["tuneforge"], 5), "trl_s_per_step": round(med["trl"], 5),
-                           "speedup": round(med["trl"] / med["tuneforge"], 3)}
-        print(f"  {method:15s}: tuneforge {med['tuneforge'] * 1e3:6.1f} ms  TRL {med['trl'] * 1e3:6.1f} ms  "
-              f"speedup {summary[method]['speedup']:.2f}x\n"
-              f"  {'':15s}  CPU seconds per step (less sensitive to other load): tuneforge "
-              f"{cpu['tuneforge'] * 1e3:6.1f} ms  TRL {cpu['trl'] * 1e3:6.1f} ms  "
-              f"speedup {cpu['trl'] / cpu['tuneforge']:.2f}x")
+        summary[method] = {
+            "tuneforge_s_per_step": round(med["tuneforge"], 5),
+            "trl_s_per_step": round(med["trl"], 5),
+            "speedup": round(med["trl"] / med["tuneforge"], 3),
+        }
+        print(
+            f"  {method:15s}: tuneforge {med['tuneforge'] * 1e3:6.1f} ms  TRL {med['trl'] * 1e3:6.1f} ms  "
+            f"speedup {summary[method]['speedup']:.2f}x\n"
+            f"  {'':15s}  CPU seconds per step (less sensitive to other load): tuneforge "
+            f"{cpu['tuneforge'] * 1e3:6.1f} ms  TRL {cpu['trl'] * 1e3:6.1f} ms  "
+            f"speedup {cpu['trl'] / cpu['tuneforge']:.2f}x"
+        )
     print(f"total {time.perf_counter() - t_all:.0f} s")
     print(json.dumps(summary))  # "dpo", "kto", "grpo", "reward" (and "dpo_precomputed" with --precomputed)
 

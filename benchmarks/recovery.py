@@ -110,9 +110,12 @@ def run_torchrun(run_dir: Path, spec: Any, faults: list[tuple[float, int]]) -> d
             with open(run_dir / "logs" / f"agent_{agent}.log", "ab") as out:
                 agents.append(
                     subprocess.Popen(
-                        cmd, env=dict(env, BENCH_AGENT=str(agent)), stdout=out, stderr=subprocess.STDOUT,
+                        cmd,
+                        env=dict(env, BENCH_AGENT=str(agent)),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
                         start_new_session=True,
-                    )  # fmt: skip
+                    )
                 )
             if agent == 0:
                 time.sleep(0.5)  # let the store host bind first
@@ -201,7 +204,7 @@ def torchrun_worker(run_dir: Path) -> None:
         step = int(blob["step"])
         log.log("ckpt_loaded", step=step, path=str(ckpts[-1]))
     policy = spec.batch_policy()
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     saver: threading.Thread | None = None
     every = spec.resilience.checkpoint_every
     while step < spec.steps:
@@ -224,7 +227,9 @@ def torchrun_worker(run_dir: Path) -> None:
         log.log("attempt", step=step - 1, committed=True, world=world, rank=rank, t_start=t0, t_quorum=t0, t_end=t1)
         status(step)
         if rank == 0 and every and step % every == 0 and step < spec.steps and not (saver and saver.is_alive()):
-            snap = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), task_state_dict(task, model, optimizer, scheduler))
+            snap = tree_map_only(
+                torch.Tensor, lambda t: t.detach().clone(), task_state_dict(task, model, optimizer, scheduler)
+            )
 
             def save(snap: dict[str, Any] = snap, at: int = step) -> None:
                 tmp = run_dir / "ckpt" / f".step_{at:08d}.tmp"

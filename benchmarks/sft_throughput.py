@@ -95,8 +95,9 @@ def prepare(work: Path, n_docs: int, seed: int = 0) -> dict[str, Any]:
     seqs = []
     for ids, mask in encoded:
         if len(ids) != SEQ_LEN or ids[0] != tok.bos_token_id or ids[-1] != tok.eos_token_id or not mask.all():
-            raise AssertionError(f"a document encoded to {len(ids)} tokens; expected bos + {WORDS_PER_DOC} + eos, "
-                                 "every token a target")
+            raise AssertionError(
+                f"a document encoded to {len(ids)} tokens; expected bos + {WORDS_PER_DOC} + eos, every token a target"
+            )
         seqs.append([int(i) for i in ids])
 
     (work / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -155,12 +156,27 @@ def worker_tuneforge(work: Path, adapter: str, steps: int, threads: int) -> dict
         "name": f"bench-{adapter}",
         "method": "cpt",
         "model": {"path": str(work / "model")},
-        "data": {"sources": [{"path": str(work / "docs.jsonl")}], "packing": True, "max_length": SEQ_LEN,
-                 "val_fraction": 0},
+        "data": {
+            "sources": [{"path": str(work / "docs.jsonl")}],
+            "packing": True,
+            "max_length": SEQ_LEN,
+            "val_fraction": 0,
+        },
         "adapter": {"kind": adapter, **(LORA if adapter == "lora" else {})},
-        "train": {"max_steps": steps, "global_batch_size": BATCH, "micro_batch_size": BATCH, "lr": LR,
-                  "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0,
-                  "precision": "fp32", "num_threads": threads, "eval_every": 10_000, "device": "cpu"},
+        "train": {
+            "max_steps": steps,
+            "global_batch_size": BATCH,
+            "micro_batch_size": BATCH,
+            "lr": LR,
+            "schedule": "constant",
+            "warmup_steps": 0,
+            "weight_decay": 0.0,
+            "grad_clip": 1.0,
+            "precision": "fp32",
+            "num_threads": threads,
+            "eval_every": 10_000,
+            "device": "cpu",
+        },
         "tracking": {"enabled": False},
         "output": {"dir": str(work / f"run-tuneforge-{adapter}-{os.getpid()}")},
     }
@@ -170,8 +186,10 @@ def worker_tuneforge(work: Path, adapter: str, steps: int, threads: int) -> dict
     hist = result.history
     bad = [h["tokens"] for h in hist if h["tokens"] != BATCH * SEQ_LEN]
     if len(hist) != steps or bad:
-        raise AssertionError(f"tuneforge: expected {steps} steps of {BATCH * SEQ_LEN} tokens, got {len(hist)} "
-                             f"steps{f' and a step of {bad[0]} tokens' if bad else ''}")
+        raise AssertionError(
+            f"tuneforge: expected {steps} steps of {BATCH * SEQ_LEN} tokens, got {len(hist)} "
+            f"steps{f' and a step of {bad[0]} tokens' if bad else ''}"
+        )
     return {**out, "inner_s": [h["step_s"] for h in hist], "mean_loss": statistics.fmean(h["loss"] for h in hist)}
 
 
@@ -186,12 +204,17 @@ def worker_trl(work: Path, adapter: str, steps: int, threads: int) -> dict[str, 
     seqs = json.loads((work / "ids.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(work / "model"))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32,
-                                                 attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32, attn_implementation="sdpa")
     peft_config = None
     if adapter == "lora":
-        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                 target_modules=LORA["target_modules"], bias="none", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=LORA["target_modules"],
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
     args = SFTConfig(
         output_dir=str(work / f"run-trl-{adapter}-{os.getpid()}"),
         max_steps=steps,
@@ -231,8 +254,14 @@ def worker_trl(work: Path, adapter: str, steps: int, threads: int) -> dict[str, 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             inner.append(time.perf_counter() - self.t0)
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": seqs}),
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[InStep()])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": seqs}),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[InStep()],
+    )
     _check_trl_rows(trainer.train_dataset, seqs)
     clock = StepClock()
     train_out = trainer.train()
@@ -252,12 +281,35 @@ def _check_trl_rows(dataset: Any, seqs: list[list[int]]) -> None:
 
 # -- orchestration -------------------------------------------------------------------------------------
 def run_worker(system: str, adapter: str, work: Path, steps: int, threads: int) -> dict[str, Any]:
-    env = dict(os.environ, TUNEFORGE_HOME=str(work / "home"), HF_HOME=str(work / "hf"), HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        TUNEFORGE_HOME=str(work / "home"),
+        HF_HOME=str(work / "hf"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONWARNINGS="ignore",
+    )
     out_file = work / f"result-{system}-{adapter}-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, __file__, "--worker", system, "--adapter", adapter, "--work", str(work),
-           "--steps", str(steps), "--threads", str(threads), "--out", str(out_file)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        system,
+        "--adapter",
+        adapter,
+        "--work",
+        str(work),
+        "--steps",
+        str(steps),
+        "--threads",
+        str(threads),
+        "--out",
+        str(out_file),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{system}/{adapter} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -270,7 +322,7 @@ def tokens_per_s(step_seconds: list[float]) -> float:
 
 def timed(run: dict[str, Any], key: str, warmup: int) -> list[float]:
     """The entries of ``run[key]`` for steps ``warmup + 1 ..`` (``step_s``/``cpu_s`` start at step 2)."""
-    return run[key][warmup - 1:] if key in ("step_s", "cpu_s") else run[key][warmup:]
+    return run[key][warmup - 1 :] if key in ("step_s", "cpu_s") else run[key][warmup:]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,11 +354,17 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["TUNEFORGE_HOME"] = str(work / "home")
         os.environ["HF_HUB_OFFLINE"] = "1"
         info = prepare(work, n_docs=a.steps * BATCH)
-        print(f"model: {info['params'] / 1e6:.2f} M parameters, vocab {info['vocab']}; data: {info['docs']} "
-              f"documents × {SEQ_LEN} tokens over {info['words']} one-token words", flush=True)
-        print(f"batch {BATCH} × {SEQ_LEN} tokens, fp32, AdamW lr {LR}; {a.steps} steps per run, timing steps "
-              f"{a.warmup + 1}..{a.steps} (optimizer step to optimizer step); {a.threads} thread(s); "
-              f"{a.repeats} repeat(s)", flush=True)
+        print(
+            f"model: {info['params'] / 1e6:.2f} M parameters, vocab {info['vocab']}; data: {info['docs']} "
+            f"documents × {SEQ_LEN} tokens over {info['words']} one-token words",
+            flush=True,
+        )
+        print(
+            f"batch {BATCH} × {SEQ_LEN} tokens, fp32, AdamW lr {LR}; {a.steps} steps per run, timing steps "
+            f"{a.warmup + 1}..{a.steps} (optimizer step to optimizer step); {a.threads} thread(s); "
+            f"{a.repeats} repeat(s)",
+            flush=True,
+        )
 
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {(s, ad): [] for s in SYSTEMS for ad in adapters}
         k = 0
@@ -319,11 +377,14 @@ def main(argv: list[str] | None = None) -> None:
                     r = run_worker(system, adapter, work, a.steps, a.threads)
                     runs[(system, adapter)].append(r)
                     step = timed(r, "step_s", a.warmup)
-                    print(f"  repeat {rep + 1} {adapter:4s} {system:9s}: {tokens_per_s(step):7.0f} tok/s  "
-                          f"median step {statistics.median(step) * 1e3:6.1f} ms (cpu "
-                          f"{statistics.median(timed(r, 'cpu_s', a.warmup)) * 1e3:6.1f} ms)  threads {r['threads']}  "
-                          f"trainable {r['trainable']}  mean loss {r['mean_loss']:.3f}  "
-                          f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+                    print(
+                        f"  repeat {rep + 1} {adapter:4s} {system:9s}: {tokens_per_s(step):7.0f} tok/s  "
+                        f"median step {statistics.median(step) * 1e3:6.1f} ms (cpu "
+                        f"{statistics.median(timed(r, 'cpu_s', a.warmup)) * 1e3:6.1f} ms)  threads {r['threads']}  "
+                        f"trainable {r['trainable']}  mean loss {r['mean_loss']:.3f}  "
+                        f"[{time.perf_counter() - t0:.0f} s]",
+                        flush=True,
+                    )
 
     def best(system: str, adapter: str, key: str) -> float:
         """Tokens/s of the fastest run's median step: other load only ever slows a run down."""
@@ -332,18 +393,22 @@ def main(argv: list[str] | None = None) -> None:
     summary: dict[str, dict[str, float]] = {}
     print("\nsummary: tokens/s = tokens per step / median step time, of the fastest of the repeats")
     for adapter in adapters:
-        entry = {"tuneforge_tok_s": round(best("tuneforge", adapter, "step_s"), 1),
-                 "trl_tok_s": round(best("trl", adapter, "step_s"), 1)}
+        entry = {
+            "tuneforge_tok_s": round(best("tuneforge", adapter, "step_s"), 1),
+            "trl_tok_s": round(best("trl", adapter, "step_s"), 1),
+        }
         entry["ratio"] = round(entry["tuneforge_tok_s"] / entry["trl_tok_s"], 3)
         summary[adapter] = entry
         cpu = {s: best(s, adapter, "cpu_s") for s in SYSTEMS}
         inner = {s: best(s, adapter, "inner_s") for s in SYSTEMS}
-        print(f"  {adapter:4s}: tuneforge {entry['tuneforge_tok_s']:7.0f}  TRL {entry['trl_tok_s']:7.0f}  "
-              f"ratio {entry['ratio']:.2f}x\n"
-              f"        per CPU-second of the process: tuneforge {cpu['tuneforge']:.0f}  TRL {cpu['trl']:.0f}  "
-              f"ratio {cpu['tuneforge'] / cpu['trl']:.2f}x\n"
-              f"        inside the step only (TRL's data loading left out): tuneforge {inner['tuneforge']:.0f}  "
-              f"TRL {inner['trl']:.0f}")
+        print(
+            f"  {adapter:4s}: tuneforge {entry['tuneforge_tok_s']:7.0f}  TRL {entry['trl_tok_s']:7.0f}  "
+            f"ratio {entry['ratio']:.2f}x\n"
+            f"        per CPU-second of the process: tuneforge {cpu['tuneforge']:.0f}  TRL {cpu['trl']:.0f}  "
+            f"ratio {cpu['tuneforge'] / cpu['trl']:.2f}x\n"
+            f"        inside the step only (TRL's data loading left out): tuneforge {inner['tuneforge']:.0f}  "
+            f"TRL {inner['trl']:.0f}"
+        )
     print(f"total {time.perf_counter() - t_all:.0f} s")
     print(json.dumps(summary))
 

@@ -24,7 +24,24 @@ from typing import Any
 
 import pytest
 
-WORDS = "apple banana cherry delta echo fox golf hotel india juliet kilo lima mango nova oscar papa".split()
+WORDS = [
+    "apple",
+    "banana",
+    "cherry",
+    "delta",
+    "echo",
+    "fox",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mango",
+    "nova",
+    "oscar",
+    "papa",
+]
 
 # ------------------------------------------------------------------------------------------- state directory
 
@@ -83,8 +100,14 @@ def reverse_task(n: int, seed: int = 0) -> list[dict]:
     out = []
     for _ in range(n):
         w = rng.sample(WORDS, 3)
-        out.append({"messages": [{"role": "user", "content": "reverse: " + " ".join(w)},
-                                 {"role": "assistant", "content": " ".join(reversed(w))}]})
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "reverse: " + " ".join(w)},
+                    {"role": "assistant", "content": " ".join(reversed(w))},
+                ]
+            }
+        )
     return out
 
 
@@ -138,8 +161,15 @@ def base_recipe(model: Path, data: Path, out: Path, **train: object) -> dict:
         "model": {"path": str(model)},
         "data": {"sources": [{"path": str(data)}], "max_length": 64, "val_fraction": 0.1},
         "adapter": {"kind": "full"},
-        "train": {"max_steps": 12, "global_batch_size": 8, "lr": 3e-3, "log_every": 4, "warmup_steps": 0,
-                  "num_threads": 1, **train},
+        "train": {
+            "max_steps": 12,
+            "global_batch_size": 8,
+            "lr": 3e-3,
+            "log_every": 4,
+            "warmup_steps": 0,
+            "num_threads": 1,
+            **train,
+        },
         "tracking": {"enabled": False},
         "output": {"dir": str(out)},
     }
@@ -150,8 +180,9 @@ def base_recipe(model: Path, data: Path, out: Path, **train: object) -> dict:
 TINY_SPEC = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=176)
 
 
-def build_tiny_model(out: Path, *, texts_seed: int = 0, extra_texts: Sequence[str] = (), vocab_size: int = 320,
-                     seed: int = 0) -> Path:
+def build_tiny_model(
+    out: Path, *, texts_seed: int = 0, extra_texts: Sequence[str] = (), vocab_size: int = 320, seed: int = 0
+) -> Path:
     """A ~0.3 M-parameter Llama (``TINY_SPEC``) with a BPE tokenizer trained on the reverse task's words."""
     from tuneforge.models.tiny import TinySpec, build_tiny
 
@@ -176,8 +207,17 @@ def tiny_llama(seed: int, *, classifier: bool = False, **config: Any) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
-    settings = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, pad_token_id=0)
+    settings = dict(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.3,
+        pad_token_id=0,
+    )
     if classifier:
         settings["num_labels"] = 1  # a scalar reward head
     model_config = LlamaConfig(**{**settings, **config})
@@ -251,11 +291,18 @@ class ChatServer:
             answer = self.reply(body)
             if isinstance(answer, ChatError):
                 return JSONResponse({"error": {"message": answer.message}}, status_code=answer.status)
-            return JSONResponse({
-                "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            })
+            return JSONResponse(
+                {
+                    "id": "chatcmpl-test",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }
+            )
 
         app = FastAPI()
         app.add_route("/v1/chat/completions", chat, methods=["POST"])

@@ -26,9 +26,13 @@ def imports_of(path: Path) -> list[tuple[str, list[str], int]]:
     """Every import that runs — module level and inside functions, not ``if TYPE_CHECKING:`` — as (module, names,
     line)."""
     tree = ast.parse(path.read_text())
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
-                   for stmt in block.body for n in ast.walk(stmt)}
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+        for stmt in block.body
+        for n in ast.walk(stmt)
+    }
     out = []
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -98,9 +102,14 @@ def test_no_import_cycles_even_through_function_local_imports() -> None:
 
 
 def test_no_private_names_imported_across_modules() -> None:
-    bad = [f"{MODULES[m].relative_to(ROOT.parent)}:{line}: {module}.{n}"
-           for m, path in MODULES.items() for module, names, line in imports_of(path)
-           if module.startswith("tuneforge") for n in names if n.startswith("_") and not n.startswith("__")]
+    bad = [
+        f"{MODULES[m].relative_to(ROOT.parent)}:{line}: {module}.{n}"
+        for m, path in MODULES.items()
+        for module, names, line in imports_of(path)
+        if module.startswith("tuneforge")
+        for n in names
+        if n.startswith("_") and not n.startswith("__")
+    ]
     assert bad == []
 
 
@@ -113,13 +122,21 @@ def test_core_modules_stay_small(package: str) -> None:
 def test_only_the_registry_branches_on_method_names() -> None:
     """``recipe.method == "dpo"`` and friends live in methods.py; everything else asks the registry."""
     pattern = re.compile(r"\.method\s*(==|!=|in\b|not in\b)|method\s*==\s*[\"']")
-    bad = [f"{path.relative_to(ROOT.parent)}:{i}: {line.strip()}"
-           for name, path in MODULES.items() if name != "tuneforge.methods"
-           for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    bad = [
+        f"{path.relative_to(ROOT.parent)}:{i}: {line.strip()}"
+        for name, path in MODULES.items()
+        if name != "tuneforge.methods"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert bad == []
 
 
 def test_no_type_ignores_in_the_training_package() -> None:
-    bad = [f"{p.name}:{i}" for p in (ROOT / "training").glob("*.py")
-           for i, line in enumerate(p.read_text().splitlines(), 1) if "type: ignore" in line]
+    bad = [
+        f"{p.name}:{i}"
+        for p in (ROOT / "training").glob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if "type: ignore" in line
+    ]
     assert bad == []

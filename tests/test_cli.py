@@ -17,8 +17,9 @@ def tf(*args: str, env_home: Path) -> subprocess.CompletedProcess:
     import os
 
     env = {**os.environ, "TUNEFORGE_HOME": str(env_home)}
-    return subprocess.run([sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_missing_recipe(tmp_path: Path) -> None:
@@ -38,11 +39,16 @@ def test_bad_recipe_field(tmp_path: Path, tiny_model: Path) -> None:
 
 def test_bad_data_is_refused_before_model_load(tmp_path: Path) -> None:
     data = tmp_path / "d.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
-                    "{not json\n"
-                    '{"messages": [{"role": "robot", "content": "x"}]}\n')
-    recipe = {"model": {"path": str(tmp_path / "no-model")}, "data": {"sources": [{"path": str(data)}]},
-              "tracking": {"enabled": False}}
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        "{not json\n"
+        '{"messages": [{"role": "robot", "content": "x"}]}\n'
+    )
+    recipe = {
+        "model": {"path": str(tmp_path / "no-model")},
+        "data": {"sources": [{"path": str(data)}]},
+        "tracking": {"enabled": False},
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     r = tf("train", str(path), env_home=tmp_path)
@@ -53,8 +59,11 @@ def test_bad_data_is_refused_before_model_load(tmp_path: Path) -> None:
 
 def test_unknown_model_path(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", reverse_task(20))
-    recipe = {"model": {"path": str(tmp_path / "no-model")}, "data": {"sources": [{"path": str(data)}]},
-              "tracking": {"enabled": False}}
+    recipe = {
+        "model": {"path": str(tmp_path / "no-model")},
+        "data": {"sources": [{"path": str(data)}]},
+        "tracking": {"enabled": False},
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     r = tf("train", str(path), env_home=tmp_path)
@@ -72,9 +81,11 @@ def test_missing_data_file(tmp_path: Path, tiny_model: Path) -> None:
 
 def test_data_validate_reports_every_bad_line(tmp_path: Path) -> None:
     data = tmp_path / "d.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
-                    '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "yo"}]}\n'
-                    '{"prompt": "a"}\n')
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "yo"}]}\n'
+        '{"prompt": "a"}\n'
+    )
     r = tf("data", "validate", str(data), env_home=tmp_path)
     assert r.returncode == 1
     assert f"{data}:2: messages[0].content" in r.stdout

@@ -33,7 +33,9 @@ from conftest import ChatError, ChatServer, base_recipe, free_port, read_jsonl, 
 # transformation to the answer it was shown, so every expected pair can be computed by hand.
 TRANSFORMS = {"upper": str.upper, "bang": lambda s: s + "!", "polite": lambda s: "please, " + s}
 PRINCIPLES = [
-    Principle(tag, f"CRITIQUE {tag}: where does your answer fall short on {tag}?", f"REVISE {tag}: rewrite it to be {tag}.")
+    Principle(
+        tag, f"CRITIQUE {tag}: where does your answer fall short on {tag}?", f"REVISE {tag}: rewrite it to be {tag}."
+    )
     for tag in TRANSFORMS
 ]
 _REQUEST = re.compile(r"^(CRITIQUE|REVISE) (\w+):")
@@ -100,9 +102,11 @@ def expected_pair(question: str, tags: list[str]) -> dict:
     revised = answer_to(question)
     for tag in tags:
         revised = TRANSFORMS[tag](revised)
-    return {"input": {"messages": [{"role": "user", "content": question}]},
-            "preferred_output": [{"role": "assistant", "content": revised}],
-            "non_preferred_output": [{"role": "assistant", "content": answer_to(question)}]}
+    return {
+        "input": {"messages": [{"role": "user", "content": question}]},
+        "preferred_output": [{"role": "assistant", "content": revised}],
+        "non_preferred_output": [{"role": "assistant", "content": answer_to(question)}],
+    }
 
 
 # -------------------------------------------------------------------------------------------- principles
@@ -119,12 +123,23 @@ def test_shipped_constitution_loads() -> None:
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("principles:\n  - name: a\n    critique_request: c\n", "principles[0].revision_request: missing (expected a non-empty string)"),
-        ("principles:\n  - name: a\n    critique_reqest: c\n    revision_request: r\n", "did you mean 'critique_request'?"),
-        ("principles:\n  - {name: a, critique_request: c, revision_request: r}\n  - {name: a, critique_request: c, revision_request: r}\n",
-         "principles[1].name: duplicate name 'a' (also principles[0])"),
+        (
+            "principles:\n  - name: a\n    critique_request: c\n",
+            "principles[0].revision_request: missing (expected a non-empty string)",
+        ),
+        (
+            "principles:\n  - name: a\n    critique_reqest: c\n    revision_request: r\n",
+            "did you mean 'critique_request'?",
+        ),
+        (
+            "principles:\n  - {name: a, critique_request: c, revision_request: r}\n  - {name: a, critique_request: c, revision_request: r}\n",
+            "principles[1].name: duplicate name 'a' (also principles[0])",
+        ),
         ("principles: []\n", "principles: is empty"),
-        ("principles:\n  - name: a\n    critique_request: 3\n    revision_request: r\n", "principles[0].critique_request: is a number"),
+        (
+            "principles:\n  - name: a\n    critique_request: 3\n    revision_request: r\n",
+            "principles[0].critique_request: is a number",
+        ),
         ("rules: []\n", "rules: unknown key"),
         ("principles: [\n", "(line 2, column 1): not valid YAML"),
     ],
@@ -169,32 +184,52 @@ def test_clean_reply() -> None:
 
 
 def test_prompt_shapes(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "p.jsonl", [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q1"}], "answer": "kept"},
-        {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a", "weight": 1},
-                      {"role": "user", "content": "q2b"}, {"role": "assistant", "content": "dropped", "weight": 1}]},
-        {"prompt": "q3", "completion": "ignored"},
-        {"prompt": "q4"},
-    ])
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {
+                "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q1"}],
+                "answer": "kept",
+            },
+            {
+                "messages": [
+                    {"role": "user", "content": "q2"},
+                    {"role": "assistant", "content": "a", "weight": 1},
+                    {"role": "user", "content": "q2b"},
+                    {"role": "assistant", "content": "dropped", "weight": 1},
+                ]
+            },
+            {"prompt": "q3", "completion": "ignored"},
+            {"prompt": "q4"},
+        ],
+    )
     prompts = read_prompts(path)
     assert [p.line for p in prompts] == [1, 2, 3, 4]
     assert prompts[0].messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q1"}]
-    assert prompts[1].messages == [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a"},
-                                   {"role": "user", "content": "q2b"}]  # last answer dropped, weights removed
+    assert prompts[1].messages == [
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "q2b"},
+    ]  # last answer dropped, weights removed
     assert prompts[2].messages == [{"role": "user", "content": "q3"}]
     assert prompts[3].input == {"messages": [{"role": "user", "content": "q4"}]}
 
 
 def test_bad_prompts_are_all_reported(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join([
-        json.dumps(user("fine")),
-        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "x"}]}),
-        "{not json",
-        json.dumps({"question": "where is the prompt?"}),
-        json.dumps({"prompt": ""}),
-        json.dumps({"messages": [{"role": "assistant", "content": "only an answer"}]}),
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps(user("fine")),
+                json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "x"}]}),
+                "{not json",
+                json.dumps({"question": "where is the prompt?"}),
+                json.dumps({"prompt": ""}),
+                json.dumps({"messages": [{"role": "assistant", "content": "only an answer"}]}),
+            ]
+        )
+        + "\n"
+    )
     with pytest.raises(DataError) as e:
         read_prompts(path)
     text = str(e.value)
@@ -209,8 +244,9 @@ def test_bad_prompts_are_all_reported(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------ against an endpoint
 
 
-def test_pairs_are_revision_over_original_and_the_conversation_follows_the_paper(server: ModelServer,
-                                                                                   tmp_path: Path, monkeypatch) -> None:
+def test_pairs_are_revision_over_original_and_the_conversation_follows_the_paper(
+    server: ModelServer, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.setenv("CAI_KEY", "sk-cai-test")
     questions = [f"reverse: word{i} other{i}" for i in range(5)]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [user(q) for q in questions])
@@ -230,13 +266,20 @@ def test_pairs_are_revision_over_original_and_the_conversation_follows_the_paper
     prompt, answer = [{"role": "user", "content": q}], answer_to(q)
     assert talks[0] == prompt
     current = answer
-    for i, p in enumerate(PRINCIPLES):  # each round: prompt, current answer, critique request, critique, revision request
+    for p in PRINCIPLES:  # each round: prompt, current answer, critique request, critique, revision request
         critique_talk = next(t for t in talks if t[-1]["content"] == p.critique_request)
-        assert critique_talk == [*prompt, {"role": "assistant", "content": current}, {"role": "user", "content": p.critique_request}]
+        assert critique_talk == [
+            *prompt,
+            {"role": "assistant", "content": current},
+            {"role": "user", "content": p.critique_request},
+        ]
         revision_talk = next(t for t in talks if t[-1]["content"] == p.revision_request)
         critique = f"Flaw: '{current}' is not {p.name} enough."
-        assert revision_talk == [*critique_talk, {"role": "assistant", "content": critique},
-                                 {"role": "user", "content": p.revision_request}]
+        assert revision_talk == [
+            *critique_talk,
+            {"role": "assistant", "content": critique},
+            {"role": "user", "content": p.revision_request},
+        ]
         current = TRANSFORMS[p.name](current)
 
     sent = [r for r in server.requests if r["body"]["messages"][0]["content"] == q]
@@ -262,12 +305,27 @@ def test_one_principle_per_prompt_follows_the_seeded_draw(server: ModelServer, t
 
 
 def test_failures_are_counted_logged_and_never_fatal(server: ModelServer, tmp_path: Path, caplog) -> None:
-    questions = ["ok one", "FAIL now", "FAILCRIT later", "EMPTY revision", "SAME again", "BLANK answer", "QUIET critic", "ok two"]
+    questions = [
+        "ok one",
+        "FAIL now",
+        "FAILCRIT later",
+        "EMPTY revision",
+        "SAME again",
+        "BLANK answer",
+        "QUIET critic",
+        "ok two",
+    ]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [user(q) for q in questions])
     out, critiques = tmp_path / "pairs.jsonl", tmp_path / "critiques.jsonl"
     with caplog.at_level(logging.WARNING, logger="tuneforge.rewards.constitutional"):
-        summary = run_constitutional(prompts, out, client(server), PRINCIPLES[:1],
-                                     Settings(revisions=1, temperature=0, concurrency=3), critiques=critiques)
+        summary = run_constitutional(
+            prompts,
+            out,
+            client(server),
+            PRINCIPLES[:1],
+            Settings(revisions=1, temperature=0, concurrency=3),
+            critiques=critiques,
+        )
     assert summary.written == 2
     assert summary.skipped == Counter(call_failed=2, empty_revision=1, unchanged=1, empty_answer=1, empty_critique=1)
     assert read_jsonl(out) == [expected_pair("ok one", ["upper"]), expected_pair("ok two", ["upper"])]
@@ -278,8 +336,13 @@ def test_failures_are_counted_logged_and_never_fatal(server: ModelServer, tmp_pa
 
     inspected = read_jsonl(critiques)  # every exchange, skipped ones included, in prompt order
     assert [e["line"] for e in inspected] == list(range(1, 9))
-    assert inspected[0]["steps"] == [{"principle": "upper", "critique": "Flaw: 'you said ok one' is not upper enough.",
-                                      "revision": "YOU SAID OK ONE"}]
+    assert inspected[0]["steps"] == [
+        {
+            "principle": "upper",
+            "critique": "Flaw: 'you said ok one' is not upper enough.",
+            "revision": "YOU SAID OK ONE",
+        }
+    ]
     assert inspected[3]["skipped"] == "empty_revision" and inspected[4]["skipped"] == "unchanged"
 
 
@@ -295,7 +358,7 @@ def test_resume_skips_done_prompts_and_recovers_an_interrupted_run(server: Model
     prompts = read_prompts(write_jsonl(tmp_path / "prompts.jsonl", more))
     [chosen] = choose_principles(PRINCIPLES, 1, 0, prompts[4].key)
     recovered = expected_pair("resume 4", [chosen.name])
-    (tmp_path / "pairs.jsonl.partial").write_text(json.dumps({"line": 5, "record": recovered}) + "\n{\"line\": 6, \"rec")
+    (tmp_path / "pairs.jsonl.partial").write_text(json.dumps({"line": 5, "record": recovered}) + '\n{"line": 6, "rec')
     n_requests = len(server.requests)
     summary = run_constitutional(prompts, out, client(server), PRINCIPLES, settings)
     assert (summary.resumed, summary.written) == (3, 3)  # 3 already in out; 1 recovered + 2 new
@@ -348,11 +411,33 @@ def test_backend_choice_and_credentials(tiny_model: Path, monkeypatch) -> None:
 def test_cli_end_to_end(server: ModelServer, tmp_path: Path, capsys) -> None:
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [user("cli one"), user("cli two"), user("EMPTY cli")])
     principles = tmp_path / "constitution.yaml"
-    principles.write_text("principles:\n" + "".join(
-        f"  - name: {p.name}\n    critique_request: '{p.critique_request}'\n    revision_request: '{p.revision_request}'\n"
-        for p in PRINCIPLES))
-    args = ["constitutional", str(prompts), "--model", "test-model", "--base-url", server.url, "--principles", str(principles),
-            "--revisions", "all", "--temperature", "0", "--max-tokens", "30", "--concurrency", "2", "--seed", "5"]
+    principles.write_text(
+        "principles:\n"
+        + "".join(
+            f"  - name: {p.name}\n    critique_request: '{p.critique_request}'\n    revision_request: '{p.revision_request}'\n"
+            for p in PRINCIPLES
+        )
+    )
+    args = [
+        "constitutional",
+        str(prompts),
+        "--model",
+        "test-model",
+        "--base-url",
+        server.url,
+        "--principles",
+        str(principles),
+        "--revisions",
+        "all",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "30",
+        "--concurrency",
+        "2",
+        "--seed",
+        "5",
+    ]
     assert main(args) == 0
     out = tmp_path / "prompts.pairs.jsonl"
     assert read_jsonl(out) == [expected_pair(q, ["upper", "bang", "polite"]) for q in ("cli one", "cli two")]
@@ -362,7 +447,21 @@ def test_cli_end_to_end(server: ModelServer, tmp_path: Path, capsys) -> None:
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(user("fine")) + "\n" + json.dumps({"messages": [{"role": "user"}]}) + "\n")
-    assert main(["constitutional", str(bad), "--model", "test-model", "--base-url", server.url, "--out", str(tmp_path / "x.jsonl")]) == 1
+    assert (
+        main(
+            [
+                "constitutional",
+                str(bad),
+                "--model",
+                "test-model",
+                "--base-url",
+                server.url,
+                "--out",
+                str(tmp_path / "x.jsonl"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert f"{bad}:2: messages[0].content: missing (expected a non-empty string)" in err
     assert not (tmp_path / "x.jsonl").exists()
@@ -372,7 +471,21 @@ def test_cli_end_to_end(server: ModelServer, tmp_path: Path, capsys) -> None:
     assert main(["constitutional", str(prompts), "--model", "m", "--base-url", server.url, "--revisions", "7"]) == 2
     assert "--revisions: 7 is not between 1 and the 5 principle(s)" in capsys.readouterr().err  # shipped constitution
     everything_fails = write_jsonl(tmp_path / "all_bad.jsonl", [user("SAME a"), user("SAME b")])
-    assert main(["constitutional", str(everything_fails), "--model", "m", "--base-url", server.url, "--principles", str(principles)]) == 1
+    assert (
+        main(
+            [
+                "constitutional",
+                str(everything_fails),
+                "--model",
+                "m",
+                "--base-url",
+                server.url,
+                "--principles",
+                str(principles),
+            ]
+        )
+        == 1
+    )
     assert "no pairs made" in capsys.readouterr().out and not (tmp_path / "all_bad.pairs.jsonl").exists()
 
 
@@ -383,11 +496,19 @@ def test_local_model_runs_the_whole_loop(tiny_model: Path, tmp_path: Path) -> No
     import torch
 
     torch.set_num_threads(1)
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [user("reverse: apple banana cherry"), user("reverse: fox golf hotel"),
-                                                       {"prompt": "reverse: kilo lima mango"}])
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [user("reverse: apple banana cherry"), user("reverse: fox golf hotel"), {"prompt": "reverse: kilo lima mango"}],
+    )
     out, critiques = tmp_path / "pairs.jsonl", tmp_path / "critiques.jsonl"
-    summary = run_constitutional(prompts, out, build_model_client(str(tiny_model)), load_principles(),
-                                 Settings(revisions=2, temperature=1.0, max_tokens=8), critiques=critiques)
+    summary = run_constitutional(
+        prompts,
+        out,
+        build_model_client(str(tiny_model)),
+        load_principles(),
+        Settings(revisions=2, temperature=1.0, max_tokens=8),
+        critiques=critiques,
+    )
     assert summary.written + sum(summary.skipped.values()) == 3
     assert not summary.skipped["call_failed"], summary.errors
     inspected = read_jsonl(critiques)

@@ -21,7 +21,7 @@ def test_jsonl_counts_blank_lines_and_keeps_reading_after_bad_json(tmp_path):
         "\n"  # 2 blank
         "   \n"  # 3 whitespace only
         '{"text": "a"\n'  # 4 broken
-        + json.dumps({"text": "b"}) + "\n"  # 5
+         + json.dumps({"text": "b"}) + "\n"  # 5
     )
     records = list(read_records(p))
     assert _lines(records) == [1, 4, 5]

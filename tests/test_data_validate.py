@@ -175,7 +175,12 @@ def test_auto_format_reports_other_formats_explicit_format_does_not_guess(tmp_pa
     explicit = validate_file(p, fmt="text")
     assert explicit.format == "text"
     assert {(i.line, i.field) for i in explicit.issues} == {
-        (1, "text"), (1, "prompt"), (1, "completion"), (3, "text"), (3, "prompt"), (3, "completion")
+        (1, "text"),
+        (1, "prompt"),
+        (1, "completion"),
+        (3, "text"),
+        (3, "prompt"),
+        (3, "completion"),
     }
     with pytest.raises(TuneforgeError, match="did you mean 'messages'"):
         validate_file(p, fmt="mesages")

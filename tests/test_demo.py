@@ -44,8 +44,14 @@ def train_quick(path: Path, home: Path, tmp: Path):
 
     quick = tmp / path.name
     quick.write_text(path.read_text().replace("demo/full/", "demo/quick/"))
-    sets = ["train.max_steps=2", "train.eval_every=2", "train.global_batch_size=4", "tracking.enabled=false",
-            "data.max_length=128", "train.checkpoint_every=null"]
+    sets = [
+        "train.max_steps=2",
+        "train.eval_every=2",
+        "train.global_batch_size=4",
+        "tracking.enabled=false",
+        "data.max_length=128",
+        "train.checkpoint_every=null",
+    ]
     if path.stem != "reward":
         sets.append(f"output.dir={home / 'runs' / path.stem}")
     return tuneforge.train(quick, progress=False, set=sets)
@@ -131,8 +137,9 @@ def test_the_demo_writes_the_preference_and_prompt_data_the_recipes_read(demo: S
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
-def test_shipped_recipe_runs_on_the_quick_demo(recipe: Path, demo_home: Path, tmp_path: Path,
-                                               request: pytest.FixtureRequest) -> None:
+def test_shipped_recipe_runs_on_the_quick_demo(
+    recipe: Path, demo_home: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """Every recipe in recipes/ runs two steps on what the demo built (its quick size)."""
     # ppo reads the reward model recipes/reward.yaml writes: the module's reward run trains it (once) first
     reward = request.getfixturevalue("reward_run") if recipe.stem in ("reward", "ppo") else None

@@ -103,10 +103,12 @@ def similarity(a: list[str], b: list[str]) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "adapter"),
-                         [("forward_kl", "full"), ("reverse_kl", "full"), ("jsd", "full"), ("forward_kl", "lora")])
-def test_distillation_lowers_heldout_kl(teacher: Path, student: Path, tiny_model: Path, held_out: list[dict],
-                                        tmp_path: Path, kind: str, adapter: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "adapter"), [("forward_kl", "full"), ("reverse_kl", "full"), ("jsd", "full"), ("forward_kl", "lora")]
+)
+def test_distillation_lowers_heldout_kl(
+    teacher: Path, student: Path, tiny_model: Path, held_out: list[dict], tmp_path: Path, kind: str, adapter: str
+) -> None:
     """A smaller fresh student (full fine-tuning), or the teacher's own base with a LoRA adapter."""
     data = write_jsonl(tmp_path / "reverse.jsonl", reverse_task(400, seed=3))
     if adapter == "lora":
@@ -130,15 +132,18 @@ def test_distillation_lowers_heldout_kl(teacher: Path, student: Path, tiny_model
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_gradients_do_not_depend_on_the_micro_batch_split(teacher: Path, student: Path, tmp_path: Path,
-                                                          packing: bool) -> None:
+def test_gradients_do_not_depend_on_the_micro_batch_split(
+    teacher: Path, student: Path, tmp_path: Path, packing: bool
+) -> None:
     """One step's gradient with micro-batches of 1 equals the one with micro-batches of 4 (alpha mixes in CE)."""
     from tuneforge.training.build import build_model
-    from tuneforge.training.distill import DistillTask, prepare as prepare_distill
+    from tuneforge.training.distill import DistillTask
+    from tuneforge.training.distill import prepare as prepare_distill
 
     data = write_jsonl(tmp_path / "reverse.jsonl", reverse_task(64, seed=3))
-    recipe = load_recipe(distill_recipe(student, teacher, data, tmp_path / "run", kind="jsd", beta=0.3,
-                                        temperature=2.0, alpha=0.3))
+    recipe = load_recipe(
+        distill_recipe(student, teacher, data, tmp_path / "run", kind="jsd", beta=0.3, temperature=2.0, alpha=0.3)
+    )
     recipe.data.packing = packing
     prepared = prepare_distill(recipe)
     assert prepared.mode == "logits"
@@ -161,8 +166,9 @@ def test_gradients_do_not_depend_on_the_micro_batch_split(teacher: Path, student
 
 
 @pytest.mark.slow
-def test_sequence_distillation_with_another_tokenizer(teacher: Path, foreign_student: Path, held_out: list[dict],
-                                                      tmp_path: Path) -> None:
+def test_sequence_distillation_with_another_tokenizer(
+    teacher: Path, foreign_student: Path, held_out: list[dict], tmp_path: Path
+) -> None:
     from tuneforge.training.distill import prepare as prepare_distill
 
     data = write_jsonl(tmp_path / "reverse.jsonl", reverse_task(300, seed=4))

@@ -9,18 +9,20 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+
 from conftest import rel_diff
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchft")
 
 from tuneforge.distributed import JobSpec, ResilienceConfig, Supervisor, scale, start_background  # noqa: E402
-from tuneforge.errors import TuneforgeError  # noqa: E402
 from tuneforge.distributed.metrics import read_events  # noqa: E402
+from tuneforge.errors import TuneforgeError  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

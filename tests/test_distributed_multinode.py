@@ -123,8 +123,9 @@ def node_spec(lighthouse: str, node: str | None, bind_host: str, **extra: Any) -
 
 
 @contextmanager
-def node_command(run_dir: Path, lighthouse: str, node: str, bind_host: str, fault_plan: str | None = None,
-                 **extra: Any) -> Iterator[subprocess.Popen[bytes]]:
+def node_command(
+    run_dir: Path, lighthouse: str, node: str, bind_host: str, fault_plan: str | None = None, **extra: Any
+) -> Iterator[subprocess.Popen[bytes]]:
     """Node b: the per-node command, as an operator would run it on its own machine."""
     resilience = {"lighthouse": lighthouse, "node": node, "bind_host": bind_host, **COMMON, **extra}
     cmd = [sys.executable, "-m", "tuneforge.distributed", "train", "--task", TASK,
@@ -153,24 +154,27 @@ def node_command(run_dir: Path, lighthouse: str, node: str, bind_host: str, faul
         assert not any(pid_alive(p) for p in spawned_pids(run_dir)), "node b left replicas running"
 
 
-def run_two_nodes(tmp: Path, fault_plan_a: str | None = None, fault_plan_b: str | None = None,
-                  **extra: Any) -> tuple[Path, Path, Any, dict[str, Any]]:
+def run_two_nodes(
+    tmp: Path, fault_plan_a: str | None = None, fault_plan_b: str | None = None, **extra: Any
+) -> tuple[Path, Path, Any, dict[str, Any]]:
     """Lighthouse + node a (in-process) + node b (command); returns both run dirs and both reports."""
     from tuneforge.distributed import start_background
 
     dir_a, dir_b = tmp / "node-a", tmp / "node-b"
-    with external_lighthouse(tmp, min_replicas=2) as lighthouse:
-        with node_command(dir_b, lighthouse, "b", "127.0.0.2", fault_plan=fault_plan_b, **extra) as proc_b:
-            spec_a = node_spec(lighthouse, "a", "127.0.0.1", fault_plan=fault_plan_a, **extra)
-            sup, thread = start_background(spec_a, dir_a, timeout_s=RUN_TIMEOUT_S)
-            try:
-                thread.join(RUN_TIMEOUT_S + 30)
-                assert not thread.is_alive(), "node a did not finish"
-            finally:
-                sup.shutdown()
-            assert sup.live_pids() == [] and not any(pid_alive(p) for p in spawned_pids(dir_a))
-            assert "error" not in sup.result, sup.result.get("error")  # type: ignore[attr-defined]
-            assert proc_b.wait(timeout=60) == 0, (tmp / "node-b.out").read_text()[-3000:]
+    with (
+        external_lighthouse(tmp, min_replicas=2) as lighthouse,
+        node_command(dir_b, lighthouse, "b", "127.0.0.2", fault_plan=fault_plan_b, **extra) as proc_b,
+    ):
+        spec_a = node_spec(lighthouse, "a", "127.0.0.1", fault_plan=fault_plan_a, **extra)
+        sup, thread = start_background(spec_a, dir_a, timeout_s=RUN_TIMEOUT_S)
+        try:
+            thread.join(RUN_TIMEOUT_S + 30)
+            assert not thread.is_alive(), "node a did not finish"
+        finally:
+            sup.shutdown()
+        assert sup.live_pids() == [] and not any(pid_alive(p) for p in spawned_pids(dir_a))
+        assert "error" not in sup.result, sup.result.get("error")  # type: ignore[attr-defined]
+        assert proc_b.wait(timeout=60) == 0, (tmp / "node-b.out").read_text()[-3000:]
     report_b = json.loads((tmp / "node-b.out").read_text().strip().splitlines()[-1])
     return dir_a, dir_b, sup.result["report"], report_b  # type: ignore[attr-defined]
 
@@ -225,8 +229,10 @@ def test_two_nodes_train_together_and_match_single_host(tmp_path: Path, referenc
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_killed_replica_on_node_b_is_replaced_there_and_heals_from_node_a(tmp_path: Path, reference: dict[str, Any]) -> None:
-    dir_a, dir_b, report_a, report_b = run_two_nodes(tmp_path, fault_plan_b="kill:0@20")
+def test_killed_replica_on_node_b_is_replaced_there_and_heals_from_node_a(
+    tmp_path: Path, reference: dict[str, Any]
+) -> None:
+    dir_a, dir_b, _report_a, report_b = run_two_nodes(tmp_path, fault_plan_b="kill:0@20")
 
     events_b = events_of(dir_b)
     (fault,) = [e for e in events_b if e["kind"] == "fault"]
@@ -349,7 +355,11 @@ def test_docs_set_spellings_reach_the_engine() -> None:
     )  # fmt: skip
     res = ResilienceConfig.from_dict(recipe.resilience)
     assert (res.lighthouse, res.node, res.bind_host, res.advertise_host) == (
-        "10.0.0.5:29510", "trainer-1", "10.1.2.3", "trainer-1.trainers")
+        "10.0.0.5:29510",
+        "trainer-1",
+        "10.1.2.3",
+        "trainer-1.trainers",
+    )
     with pytest.raises(RecipeError, match="resilience.bind_host"):
         load_recipe({"model": {"path": "m"}, "data": {"sources": [{"path": "d.jsonl"}]}}, ["resilience.bind_host="])
 
@@ -405,7 +415,9 @@ def test_kubernetes_manifest_parses_and_runs_the_documented_command() -> None:
     assert "job-completion-index" in env["NODE_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert trainer["resources"]["limits"]["nvidia.com/gpu"] >= 1
     mounts = {m["name"]: m["mountPath"] for m in trainer["volumeMounts"]}
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+    }
     assert claims["state"] == "tuneforge-state" and env["TUNEFORGE_HOME"]["value"].startswith(mounts["state"] + "/")
 
     # the command as Kubernetes would expand it on pod 1, through the real recipe loader
@@ -420,6 +432,9 @@ def test_kubernetes_manifest_parses_and_runs_the_documented_command() -> None:
     recipe_text = by_kind["ConfigMap"][0]["data"]["recipe.yaml"]
     recipe = load_recipe(yaml.safe_load(recipe_text), sets)
     res = ResilienceConfig.from_dict(recipe.resilience)
-    assert lighthouse_url(res.lighthouse or "") == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    assert (
+        lighthouse_url(res.lighthouse or "")
+        == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    )
     assert (res.node, res.bind_host) == ("trainer-1", "10.1.2.3")
     assert recipe.output.dir == "/state/trainer-1/runs/tickets-lora"

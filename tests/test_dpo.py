@@ -22,9 +22,11 @@ from conftest import BAD, base_recipe, preference_pairs, reverse_task, write_jso
 
 
 def openai_format(pair: dict) -> dict:
-    return {"input": {"messages": [{"role": "user", "content": pair["prompt"]}]},
-            "preferred_output": [{"role": "assistant", "content": pair["chosen"]}],
-            "non_preferred_output": [{"role": "assistant", "content": pair["rejected"]}]}
+    return {
+        "input": {"messages": [{"role": "user", "content": pair["prompt"]}]},
+        "preferred_output": [{"role": "assistant", "content": pair["chosen"]}],
+        "non_preferred_output": [{"role": "assistant", "content": pair["rejected"]}],
+    }
 
 
 def dpo_recipe(model: Path, data: Path, out: Path, **dpo: object) -> dict:
@@ -46,15 +48,19 @@ def completion_logp(model: torch.nn.Module, tokenizer: object, prompt: list[dict
     return float(logps[n_head - 1 :].sum())
 
 
-def implicit_reward_accuracy(policy: torch.nn.Module, base: torch.nn.Module, tokenizer: object,
-                             pairs: list[dict]) -> float:
+def implicit_reward_accuracy(
+    policy: torch.nn.Module, base: torch.nn.Module, tokenizer: object, pairs: list[dict]
+) -> float:
     """Share of pairs whose chosen answer gains more log-prob over the base than the rejected one."""
     wins = 0
     for p in pairs:
         prompt = [{"role": "user", "content": p["prompt"]}]
         answer = {side: [{"role": "assistant", "content": p[side]}] for side in ("chosen", "rejected")}
-        ratio = {side: completion_logp(policy, tokenizer, prompt, answer[side])
-                 - completion_logp(base, tokenizer, prompt, answer[side]) for side in ("chosen", "rejected")}
+        ratio = {
+            side: completion_logp(policy, tokenizer, prompt, answer[side])
+            - completion_logp(base, tokenizer, prompt, answer[side])
+            for side in ("chosen", "rejected")
+        }
         wins += ratio["chosen"] > ratio["rejected"]
     return wins / len(pairs)
 
@@ -79,8 +85,9 @@ def heldout_accuracy(result: tuneforge.api.TrainResult, base_dir: Path, held_out
 # ------------------------------------------------------------------------------------------------ outcomes
 
 
-def test_dpo_learns_heldout_preferences(tiny_model: Path, pairs_file: Path, held_out_pairs: list[dict],
-                                        tmp_path: Path) -> None:
+def test_dpo_learns_heldout_preferences(
+    tiny_model: Path, pairs_file: Path, held_out_pairs: list[dict], tmp_path: Path
+) -> None:
     torch.manual_seed(0)
     result = tuneforge.train(dpo_recipe(tiny_model, pairs_file, tmp_path / "run"), progress=False)
     # Step 1: the policy is the reference, so every margin is 0 and the loss is exactly log 2.
@@ -96,15 +103,25 @@ def test_dpo_learns_heldout_preferences(tiny_model: Path, pairs_file: Path, held
     assert result.mix["mix_by"] == "examples"
 
 
-@pytest.mark.parametrize(("loss_type", "adapter", "extra"), [
-    ("ipo", "lora", {}),
-    ("hinge", "lora", {}),
-    ("sigmoid", "full", {"label_smoothing": 0.1}),
-    ("simpo", "full", {"beta": 2.0}),
-    ("orpo", "full", {}),
-])
-def test_dpo_variants_learn(tiny_model: Path, pairs_file: Path, held_out_pairs: list[dict], tmp_path: Path,
-                            loss_type: str, adapter: str, extra: dict) -> None:
+@pytest.mark.parametrize(
+    ("loss_type", "adapter", "extra"),
+    [
+        ("ipo", "lora", {}),
+        ("hinge", "lora", {}),
+        ("sigmoid", "full", {"label_smoothing": 0.1}),
+        ("simpo", "full", {"beta": 2.0}),
+        ("orpo", "full", {}),
+    ],
+)
+def test_dpo_variants_learn(
+    tiny_model: Path,
+    pairs_file: Path,
+    held_out_pairs: list[dict],
+    tmp_path: Path,
+    loss_type: str,
+    adapter: str,
+    extra: dict,
+) -> None:
     recipe = dpo_recipe(tiny_model, pairs_file, tmp_path / "run", loss_type=loss_type, **extra)
     recipe["train"]["max_steps"] = 12
     if adapter == "lora":
@@ -122,6 +139,7 @@ def test_dpo_variants_learn(tiny_model: Path, pairs_file: Path, held_out_pairs: 
 
 def test_reference_modes_give_the_same_training(tiny_model: Path, pairs_file: Path, tmp_path: Path) -> None:
     """Precomputed (cached) reference log-probs, a frozen copy and the adapter-off base all mean the same thing."""
+
     def losses(adapter: str, precompute: bool, name: str) -> list[float]:
         recipe = dpo_recipe(tiny_model, pairs_file, tmp_path / name, precompute_ref=precompute)
         recipe["train"].update(max_steps=4, eval_every=100)
@@ -149,8 +167,9 @@ def test_resume_reproduces_uninterrupted_losses(tiny_model: Path, pairs_file: Pa
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history[4:]], rel=1e-6, abs=0)
 
 
-def test_micro_batches_and_prompt_sharing_do_not_change_gradients(tiny_model: Path, pairs_file: Path,
-                                                                  tmp_path: Path) -> None:
+def test_micro_batches_and_prompt_sharing_do_not_change_gradients(
+    tiny_model: Path, pairs_file: Path, tmp_path: Path
+) -> None:
     """One step's gradient is the same in one micro-batch or four, with the prompt shared or fed twice."""
     from tuneforge.config import load_recipe
     from tuneforge.training.build import build_model, prepare
@@ -186,10 +205,18 @@ def test_completion_logps_match_plain_transformers(tiny_model: Path, tmp_path: P
     from tuneforge.training.pairs import completion_logps, split_pairs
 
     pairs = preference_pairs(4, seed=5)
-    records = [{"prompt": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "apple banana"},
-                           {"role": "user", "content": p["prompt"]}],
-                "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+    records = [
+        {
+            "prompt": [
+                {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "apple banana"},
+                {"role": "user", "content": p["prompt"]},
+            ],
+            "chosen": [{"role": "assistant", "content": p["chosen"]}],
+            "rejected": [{"role": "assistant", "content": p["rejected"]}],
+        }
+        for p in pairs
+    ]
     data = write_jsonl(tmp_path / "multi.jsonl", records)
     recipe = dpo_recipe(tiny_model, data, tmp_path / "run")
     recipe["data"].update(val_fraction=0, max_length=96)
@@ -221,8 +248,10 @@ def test_openai_format_and_weighted_mixing(tiny_model: Path, tmp_path: Path) -> 
     a = write_jsonl(tmp_path / "openai.jsonl", [openai_format(p) for p in preference_pairs(60, seed=2)])
     b = write_jsonl(tmp_path / "plain.jsonl", preference_pairs(60, seed=3))
     recipe = dpo_recipe(tiny_model, a, tmp_path / "run")
-    recipe["data"]["sources"] = [{"path": str(a), "name": "openai", "weight": 3.0},
-                                 {"path": str(b), "name": "plain", "weight": 1.0, "format": "preference"}]
+    recipe["data"]["sources"] = [
+        {"path": str(a), "name": "openai", "weight": 3.0},
+        {"path": str(b), "name": "plain", "weight": 1.0, "format": "preference"},
+    ]
     recipe["train"].update(max_steps=5, eval_every=5)
     result = tuneforge.train(recipe, progress=False)
     assert result.mix["names"] == ["openai", "plain"]

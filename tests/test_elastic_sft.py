@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import tuneforge
+
 from conftest import base_recipe, reverse_task, write_jsonl
 
 pytestmark = pytest.mark.slow

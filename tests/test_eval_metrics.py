@@ -12,7 +12,7 @@ from tuneforge.eval.metrics import accuracy, exact_match, macro_f1, normalize_an
     [
         ("  19. ", "19"),
         ('"Tamsk"', "Tamsk"),
-        ("19.\"", "19"),
+        ('19."', "19"),
         ("\n\n  billing/refunds/double-charge\nUser: next question", "billing/refunds/double-charge"),
         ("m  a\tt", "m a t"),
         ("T A M", "T A M"),  # case is kept: uppercasing is a skill

@@ -111,21 +111,33 @@ def test_metrics_against_hand_computed_values():
     # LCS of fuzzy_match finds only the space: 2 * 1 / (7 + 7).
     disjoint = dict.fromkeys(similarity.METRICS, 0.0) | {"fuzzy_match": 2 * 1 / 14}
     for name in similarity.METRICS:
-        assert similarity.similarity(name, "the same six words in here", "the same six words in here") == pytest.approx(1.0)
+        assert similarity.similarity(name, "the same six words in here", "the same six words in here") == pytest.approx(
+            1.0
+        )
         assert similarity.similarity(name, "xyz uvw", "qrs pno") == pytest.approx(disjoint[name]), name
 
 
 def test_text_similarity_grader_renders_then_scores():
     grader = load_grader(
-        {"type": "text_similarity", "name": "sim", "input": OUT, "reference": "{{item.ref}}", "evaluation_metric": "rouge_l"}
+        {
+            "type": "text_similarity",
+            "name": "sim",
+            "input": OUT,
+            "reference": "{{item.ref}}",
+            "evaluation_metric": "rouge_l",
+        }
     )
     assert grader.grade("a c d e", {"ref": "a b c d"}) == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize("metric, message", [("meteor", "not supported by tuneforge"), ("rouge_6", "did you mean"), ("cosine", "embedding")])
+@pytest.mark.parametrize(
+    "metric, message", [("meteor", "not supported by tuneforge"), ("rouge_6", "did you mean"), ("cosine", "embedding")]
+)
 def test_unsupported_metrics_are_clear_errors(metric, message):
     with pytest.raises(RecipeError) as e:
-        load_grader({"type": "text_similarity", "name": "s", "input": OUT, "reference": OUT, "evaluation_metric": metric})
+        load_grader(
+            {"type": "text_similarity", "name": "s", "input": OUT, "reference": OUT, "evaluation_metric": metric}
+        )
     assert "evaluation_metric" in str(e.value) and message in str(e.value)
 
 
@@ -149,7 +161,13 @@ def _multi(formula: str) -> dict:
         "name": "combined",
         "graders": {
             "exact": check("eq"),
-            "overlap": {"type": "text_similarity", "name": "o", "input": OUT, "reference": "{{item.answer}}", "evaluation_metric": "rouge_1"},
+            "overlap": {
+                "type": "text_similarity",
+                "name": "o",
+                "input": OUT,
+                "reference": "{{item.answer}}",
+                "evaluation_metric": "rouge_1",
+            },
         },
         "calculate_output": formula,
     }
@@ -222,22 +240,35 @@ TYPO_SUB = {"type": "string_check", "input": OUT, "reference": "x", "opration": 
         ({"name": "x"}, "type: required field is missing"),
         ({"type": "string_chek"}, "did you mean 'string_check'"),
         ({**check("eq"), "operation": "equals"}, "operation: unknown operation 'equals'"),
-        ({**check("eq"), "refrence": "x"}, "refrence: unknown field for a string_check grader — did you mean 'reference'"),
+        (
+            {**check("eq"), "refrence": "x"},
+            "refrence: unknown field for a string_check grader — did you mean 'reference'",
+        ),
         ({k: v for k, v in check("eq").items() if k != "reference"}, "reference: required field is missing"),
         ({**check("eq"), "input": 3}, "input: expected a string"),
         ({**check("eq"), "input": "{{sample.output}}"}, "sample has no field 'output'"),
         ({"type": "python", "source": "def grade(s, i):\n  return (\n"}, "source: line 2"),
         ({"type": "python", "source": "def score(s, i):\n  return 1\n"}, "must define a top-level function grade"),
-        ({"type": "python", "source": GRADE_SRC, "limits": {"cpu_second": 1}}, "limits.cpu_second: unknown limit — did you mean"),
-        ({"type": "python", "source": GRADE_SRC, "limits": {"memory_mb": -1}}, "limits.memory_mb: expected a positive number"),
+        (
+            {"type": "python", "source": GRADE_SRC, "limits": {"cpu_second": 1}},
+            "limits.cpu_second: unknown limit — did you mean",
+        ),
+        (
+            {"type": "python", "source": GRADE_SRC, "limits": {"memory_mb": -1}},
+            "limits.memory_mb: expected a positive number",
+        ),
         ({"type": "multi", "graders": {"a": TYPO_SUB}, "calculate_output": "a"}, "graders.a.opration"),
         ({"type": "multi", "graders": {}, "calculate_output": "1"}, "graders: expected at least one grader"),
         ({**JUDGE, "input": USER_X, "range": [1, 0]}, "range: expected [low, high]"),
-        ({**JUDGE, "input": [{"role": "user", "content": [{"type": "input_text", "text": "{{itm.q}}"}]}]},
-         "input[0].content[0].text: template '{{itm.q}}': unknown namespace"),
+        (
+            {**JUDGE, "input": [{"role": "user", "content": [{"type": "input_text", "text": "{{itm.q}}"}]}]},
+            "input[0].content[0].text: template '{{itm.q}}': unknown namespace",
+        ),
         ({**JUDGE, "input": [{"role": "judge", "content": "x"}]}, "input[0].role: unknown role 'judge'"),
-        ({**JUDGE, "input": USER_X, "sampling_params": {"temprature": 0}},
-         "sampling_params.temprature: unknown sampling parameter — did you mean 'temperature'"),
+        (
+            {**JUDGE, "input": USER_X, "sampling_params": {"temprature": 0}},
+            "sampling_params.temprature: unknown sampling parameter — did you mean 'temperature'",
+        ),
         ({**JUDGE, "input": USER_X, "sampling_params": {"seed": 1.5}}, "sampling_params.seed: expected an integer"),
         ({"type": "label_model"}, "not supported by tuneforge"),
     ],
@@ -250,14 +281,26 @@ def test_config_errors_name_the_field(config, message):
 
 def test_judge_without_endpoint_or_key_is_a_load_error(no_ambient_openai):
     with pytest.raises(RecipeError, match="no endpoint is configured"):
-        load_grader({"type": "score_model", "name": "j", "model": "gpt-4o", "input": [{"role": "user", "content": "x"}]})
+        load_grader(
+            {"type": "score_model", "name": "j", "model": "gpt-4o", "input": [{"role": "user", "content": "x"}]}
+        )
     with pytest.raises(RecipeError, match="JUDGE_KEY is not set"):
-        load_grader({"type": "score_model", "name": "j", "model": "gpt-4o", "api_key_env": "JUDGE_KEY", "input": [{"role": "user", "content": "x"}]})
+        load_grader(
+            {
+                "type": "score_model",
+                "name": "j",
+                "model": "gpt-4o",
+                "api_key_env": "JUDGE_KEY",
+                "input": [{"role": "user", "content": "x"}],
+            }
+        )
 
 
 def test_load_from_files_reports_line_and_column(tmp_path):
     good = tmp_path / "grader.yaml"
-    good.write_text("type: string_check\nname: c\ninput: '{{sample.output_text}}'\nreference: '{{item.answer}}'\noperation: eq\n")
+    good.write_text(
+        "type: string_check\nname: c\ninput: '{{sample.output_text}}'\nreference: '{{item.answer}}'\noperation: eq\n"
+    )
     assert load_grader(good).grade("4", {"answer": "4"}) == 1.0
     wrapped = tmp_path / "job.json"
     wrapped.write_text(json.dumps({"grader": check("ilike")}))
@@ -277,7 +320,13 @@ def test_load_from_files_reports_line_and_column(tmp_path):
 
 @pytest.mark.parametrize(
     "reply, score",
-    [("0.8", 0.8), ("Score: 7/10", 7.0), ('{"score": 0.3, "reason": "ok"}', 0.3), ("On a scale of 0 to 1, I give 0.8", 0.8), ("<think>maybe 5</think>Rating: 4", 4.0)],
+    [
+        ("0.8", 0.8),
+        ("Score: 7/10", 7.0),
+        ('{"score": 0.3, "reason": "ok"}', 0.3),
+        ("On a scale of 0 to 1, I give 0.8", 0.8),
+        ("<think>maybe 5</think>Rating: 4", 4.0),
+    ],
 )
 def test_parse_score(reply, score):
     assert parse_score(reply) == score
@@ -294,7 +343,9 @@ class JudgeServer(ChatServer):
             return "Score: 17"
         answer = prompt.split("Answer:")[1].split("\n")[0].strip()
         reference = prompt.split("Reference:")[1].split("\n")[0].strip()
-        return f"The answer {'matches' if answer == reference else 'differs'}. Score: {1 if answer == reference else 0.25}"
+        return (
+            f"The answer {'matches' if answer == reference else 'differs'}. Score: {1 if answer == reference else 0.25}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +362,15 @@ def _judge_config(url: str, **extra) -> dict:
         "base_url": url,
         "input": [
             {"role": "system", "content": "You grade answers. Reply with 'Score: N'."},
-            {"role": "user", "content": [{"type": "input_text", "text": "Question: {{item.question}}\nAnswer: {{sample.output_text}}\nReference: {{item.answer}}"}]},
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "input_text",
+                        "text": "Question: {{item.question}}\nAnswer: {{sample.output_text}}\nReference: {{item.answer}}",
+                    }
+                ],
+            },
         ],
         "range": [0, 1],
         "sampling_params": {"temperature": 0, "max_completions_tokens": 32, "seed": 7},
@@ -323,7 +382,10 @@ def test_score_model_calls_a_real_endpoint_with_the_openai_client(judge_server, 
     monkeypatch.setenv("JUDGE_KEY", "sk-judge-test")
     grader = load_grader(_judge_config(f"http://127.0.0.1:{judge_server.port}/v1", api_key_env="JUDGE_KEY"))
     judge_server.requests.clear()
-    items = [{"question": "2+2?", "answer": "4"}] * 3 + [{"question": "RAMBLE", "answer": "x"}, {"question": "BOAST", "answer": "x"}]
+    items = [{"question": "2+2?", "answer": "4"}] * 3 + [
+        {"question": "RAMBLE", "answer": "x"},
+        {"question": "BOAST", "answer": "x"},
+    ]
     results = grader.evaluate_batch(["4", "5", "4", "?", "?"], items)
     assert [r.score for r in results[:3]] == [1.0, 0.25, 1.0]
     assert results[3].score == 0.0 and "no number" in results[3].error
@@ -331,7 +393,11 @@ def test_score_model_calls_a_real_endpoint_with_the_openai_client(judge_server, 
     assert len(judge_server.requests) == 5
     request = judge_server.requests[0]
     assert request["authorization"] == "Bearer sk-judge-test"
-    assert request["body"]["temperature"] == 0 and request["body"]["max_completion_tokens"] == 32 and request["body"]["seed"] == 7
+    assert (
+        request["body"]["temperature"] == 0
+        and request["body"]["max_completion_tokens"] == 32
+        and request["body"]["seed"] == 7
+    )
     prompts = sorted(r["body"]["messages"][1]["content"] for r in judge_server.requests)
     assert "Question: 2+2?\nAnswer: 5\nReference: 4" in prompts
 
@@ -373,13 +439,27 @@ def _tiny_judge_model(path: Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="</s>",
         chat_template="{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant {% endif %}",
     )
     tokenizer.save_pretrained(path)
-    model = tiny_llama(0, vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, initializer_range=0.02,
-                       tie_word_embeddings=False, pad_token_id=2, eos_token_id=3, bos_token_id=None)
+    model = tiny_llama(
+        0,
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        initializer_range=0.02,
+        tie_word_embeddings=False,
+        pad_token_id=2,
+        eos_token_id=3,
+        bos_token_id=None,
+    )
     with torch.no_grad():
         model.lm_head.weight.zero_()
     model.save_pretrained(path)
@@ -423,7 +503,15 @@ def test_grader_cli(tmp_path, capsys):
 
 def test_grader_cli_python_grader_reports_the_sandbox(tmp_path, capsys):
     path = tmp_path / "py.json"
-    path.write_text(json.dumps({"type": "python", "name": "p", "source": "def grade(sample, item):\n    return len(sample['output_text']) / 10\n"}))
+    path.write_text(
+        json.dumps(
+            {
+                "type": "python",
+                "name": "p",
+                "source": "def grade(sample, item):\n    return len(sample['output_text']) / 10\n",
+            }
+        )
+    )
     assert grader_cli(str(path), "{}", "hello") == 0
     captured = capsys.readouterr()
     assert "score: 0.5" in captured.out and "sandbox: separate isolated interpreter" in captured.err

@@ -16,22 +16,31 @@ import torch
 from safetensors.torch import load_file
 
 import tuneforge
-from conftest import base_recipe, preference_pairs, write_jsonl
-from test_dpo import heldout_accuracy
 from tuneforge.config import load_recipe
 from tuneforge.errors import DataError, RecipeError
 
+from conftest import base_recipe, preference_pairs, write_jsonl
+from test_dpo import heldout_accuracy
+
 
 def unpaired(pairs: list[dict], seed: int = 0) -> list[dict]:
-    out = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
-           for p in pairs for side in ("chosen", "rejected")]
+    out = [
+        {"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+        for p in pairs
+        for side in ("chosen", "rejected")
+    ]
     random.Random(seed).shuffle(out)
     return out
 
 
 def as_chat(example: dict) -> dict:
-    return {"messages": [{"role": "user", "content": example["prompt"]},
-                         {"role": "assistant", "content": example["completion"]}], "label": example["label"]}
+    return {
+        "messages": [
+            {"role": "user", "content": example["prompt"]},
+            {"role": "assistant", "content": example["completion"]},
+        ],
+        "label": example["label"],
+    }
 
 
 def kto_recipe(model: Path, data: Path, out: Path, **kto: object) -> dict:
@@ -47,8 +56,9 @@ def kto_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "kto.jsonl", unpaired(preference_pairs(240, seed=0)))
 
 
-def test_kto_learns_heldout_desirability(tiny_model: Path, kto_file: Path, held_out_pairs: list[dict],
-                                        tmp_path: Path) -> None:
+def test_kto_learns_heldout_desirability(
+    tiny_model: Path, kto_file: Path, held_out_pairs: list[dict], tmp_path: Path
+) -> None:
     torch.manual_seed(0)
     result = tuneforge.train(kto_recipe(tiny_model, kto_file, tmp_path / "run"), progress=False)
     # Step 1: policy == reference, so every implied reward and the reference point are 0: the loss is w·σ(0) = 0.5.
@@ -63,8 +73,7 @@ def test_kto_learns_heldout_desirability(tiny_model: Path, kto_file: Path, held_
     assert info["desirable"] + info["undesirable"] == info["examples"] == info["train"]
 
 
-def test_kto_gradients_do_not_depend_on_the_micro_batch_split(tiny_model: Path, kto_file: Path,
-                                                              tmp_path: Path) -> None:
+def test_kto_gradients_do_not_depend_on_the_micro_batch_split(tiny_model: Path, kto_file: Path, tmp_path: Path) -> None:
     """The reference point is the whole step's, so one micro-batch of 8 and eight of 1 give the same gradient."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -133,8 +142,10 @@ def test_kto_data_errors_name_the_line(tiny_model: Path, tmp_path: Path) -> None
     text = str(err.value)
     assert "bad.jsonl:4: label: is a string (expected true (desirable) or false (undesirable))" in text
     assert "bad.jsonl:8: messages[0].role: conversation ends with 'user'" in text
-    chat = write_jsonl(tmp_path / "plain.jsonl", [{"messages": [{"role": "user", "content": "a"},
-                                                                {"role": "assistant", "content": "b"}]}])
+    chat = write_jsonl(
+        tmp_path / "plain.jsonl",
+        [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}],
+    )
     with pytest.raises(RecipeError, match="plain.jsonl holds messages records, but method kto trains on unpaired"):
         prepare(load_recipe(kto_recipe(tiny_model, chat, tmp_path / "run")))
 
@@ -150,8 +161,9 @@ def _rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["kto", "dpo"])
-def test_pair_and_kto_methods_on_replicas_equal_one_process(method: str, tiny_model: Path, tmp_path: Path,
-                                                            capfd: pytest.CaptureFixture[str]) -> None:
+def test_pair_and_kto_methods_on_replicas_equal_one_process(
+    method: str, tiny_model: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """Two elastic replicas (one killed mid-run) end with the local run's weights and report the same metrics,
     with the same progress lines as a local run plus one for the failure."""
     pairs = preference_pairs(96, seed=0)

@@ -65,19 +65,31 @@ def _trl_kto(env, policy_logps, ref_logps, desirable, policy_kl, ref_kl, *, beta
     policy, ref = _TableLM(policy_table).eval(), _TableLM(torch.cat([ref_logps, ref_kl])).eval()
     trainer = KTOTrainer.__new__(KTOTrainer)
     attributes = dict(
-        model=policy, ref_model=ref, args=env.args, accelerator=env.accelerator, beta=beta, loss_type="kto",
-        desirable_weight=dw, undesirable_weight=uw, calculate_KL=True, precompute_ref_logps=False,
-        aux_loss_enabled=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        _total_train_tokens=0, _tp_size=1,
+        model=policy,
+        ref_model=ref,
+        args=env.args,
+        accelerator=env.accelerator,
+        beta=beta,
+        loss_type="kto",
+        desirable_weight=dw,
+        undesirable_weight=uw,
+        calculate_KL=True,
+        precompute_ref_logps=False,
+        aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
     )
     for name, value in attributes.items():
         setattr(trainer, name, value)
     rows = torch.arange(n)
     ones, completion = torch.ones(n, 2, dtype=torch.long), torch.tensor([[0, 1]] * n)
     batch = {
-        "input_ids": torch.stack([torch.zeros_like(rows), rows], 1), "attention_mask": ones,
+        "input_ids": torch.stack([torch.zeros_like(rows), rows], 1),
+        "attention_mask": ones,
         "completion_mask": completion,
-        "KL_input_ids": torch.stack([torch.zeros_like(rows), rows + n], 1), "KL_attention_mask": ones,
+        "KL_input_ids": torch.stack([torch.zeros_like(rows), rows + n], 1),
+        "KL_attention_mask": ones,
         "KL_completion_mask": completion,
         "label": desirable.clone(),
     }
@@ -107,8 +119,9 @@ LABELS = {
 @pytest.mark.parametrize("kl_shift", [2.0, -4.0])  # z0 > 0, and a negative mean clamped to 0
 def test_kto_matches_trl_compute_loss(accelerator, labels, beta, dw, uw, kl_shift):
     policy, ref, desirable, policy_kl, ref_kl = _inputs(7, torch.tensor(LABELS[labels]), kl_shift)
-    trl_loss, trl_grad, logged = _trl_kto(accelerator, policy, ref, desirable, policy_kl, ref_kl,
-                                          beta=beta, dw=dw, uw=uw)
+    trl_loss, trl_grad, logged = _trl_kto(
+        accelerator, policy, ref, desirable, policy_kl, ref_kl, beta=beta, dw=dw, uw=uw
+    )
 
     z0 = kto_reference_point(policy_kl, ref_kl)
     assert z0.item() == pytest.approx(logged["kl"][-1], abs=1e-12)
@@ -135,8 +148,11 @@ def _trl_add_kl_completion_ids():
     """The nested ``add_kl_completion_ids`` of ``KTOTrainer._prepare_dataset``, rebuilt from its code object."""
     from trl import KTOTrainer
 
-    codes = [c for c in KTOTrainer._prepare_dataset.__code__.co_consts if getattr(c, "co_name", None)
-             == "add_kl_completion_ids"]
+    codes = [
+        c
+        for c in KTOTrainer._prepare_dataset.__code__.co_consts
+        if getattr(c, "co_name", None) == "add_kl_completion_ids"
+    ]
     assert len(codes) == 1 and not codes[0].co_freevars, "TRL changed how it builds the KL completions"
     return types.FunctionType(codes[0], {})
 
@@ -178,8 +194,10 @@ def test_sum_over_split_equals_whole_with_shared_reference_point():
     kwargs = dict(beta=0.3, desirable_weight=1.2, undesirable_weight=0.8)
     whole, whole_metrics = kto_loss(policy, ref, desirable, z0, **kwargs)
     for cut in (1, 5, 9):
-        parts = [kto_loss(p, r, d, z0, **kwargs) for p, r, d in ((policy[:cut], ref[:cut], desirable[:cut]),
-                                                                  (policy[cut:], ref[cut:], desirable[cut:]))]
+        parts = [
+            kto_loss(p, r, d, z0, **kwargs)
+            for p, r, d in ((policy[:cut], ref[:cut], desirable[:cut]), (policy[cut:], ref[cut:], desirable[cut:]))
+        ]
         torch.testing.assert_close(parts[0][0] + parts[1][0], whole, rtol=1e-12, atol=1e-12)
         for name, value in whole_metrics.items():
             if name != "kl":

@@ -233,8 +233,14 @@ def test_dpo_loss_matches_trl_dpo_trainer(trl_env, loss_type):
     _assert_grads_close(_grads(policy), trl_grads, rel=1e-4)
     if loss_type != "ipo":  # TRL logs IPO rewards from summed log-probs; ours saw averaged ones
         logged = trainer._metrics["eval"]
-        for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                     "logps/chosen", "logps/rejected"):
+        for name in (
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ):
             assert metrics[name].item() == pytest.approx(logged[name][-1], rel=2e-5, abs=2e-6), name
     # the share of pairs whose implicit reward favours the chosen answer, on a batch with wins and losses
     wins = ((chosen - ref_chosen) > (rejected - ref_rejected)).tolist()
@@ -296,10 +302,10 @@ def test_dpo_loss_hand_reference(loss_type, eps):
     assert loss.item() == pytest.approx(statistics.fmean(per_pair), rel=1e-10)
     assert metrics["rewards/chosen"].item() == pytest.approx(statistics.fmean(rewards_w), rel=1e-10)
     assert metrics["rewards/margins"].item() == pytest.approx(
-        statistics.fmean(w - l for w, l in zip(rewards_w, rewards_l)), rel=1e-10, abs=1e-12
+        statistics.fmean(w - lo for w, lo in zip(rewards_w, rewards_l)), rel=1e-10, abs=1e-12
     )
     assert metrics["rewards/accuracies"].item() == pytest.approx(
-        sum(w > l for w, l in zip(rewards_w, rewards_l)) / len(rewards_w)
+        sum(w > lo for w, lo in zip(rewards_w, rewards_l)) / len(rewards_w)
     )
 
 
@@ -320,8 +326,8 @@ def test_simpo_loss_matches_trl_cpo_simpo_and_hand_reference(eps):
         return -math.log1p(math.exp(-x))
 
     expected = statistics.fmean(
-        -(1 - eps) * log_sigmoid(beta * w - beta * l - gamma) - eps * log_sigmoid(-(beta * w - beta * l - gamma))
-        for w, l in zip(chosen.tolist(), rejected.tolist())
+        -(1 - eps) * log_sigmoid(beta * w - beta * r - gamma) - eps * log_sigmoid(-(beta * w - beta * r - gamma))
+        for w, r in zip(chosen.tolist(), rejected.tolist())
     )
     assert loss.item() == pytest.approx(expected, rel=1e-10)
 
@@ -352,8 +358,8 @@ def test_orpo_loss_matches_trl_odds_ratio_loss_and_hand_reference():
 
     loss, _ = orpo_loss(nll, chosen, rejected, beta=beta)  # float64 against the textbook odds
     terms = []
-    for w, l in zip(chosen.tolist(), rejected.tolist()):
-        pw, pl = math.exp(w), math.exp(l)
+    for w, r in zip(chosen.tolist(), rejected.tolist()):
+        pw, pl = math.exp(w), math.exp(r)
         log_or = math.log(pw / (1 - pw)) - math.log(pl / (1 - pl))
         terms.append(math.log(1 / (1 + math.exp(-log_or))))
     assert loss.item() == pytest.approx(1.7 - beta * statistics.fmean(terms), rel=1e-9)
@@ -394,8 +400,13 @@ def test_reward_loss_matches_trl_reward_trainer(trl_env, use_margin, center):
     torch.testing.assert_close(loss, trl_loss, rtol=1e-6, atol=1e-7)
     _assert_grads_close(_grads(model), trl_grads, rel=1e-5)
     logged = trainer._metrics["eval"]
-    for ours_name, trl_name in [("accuracy", "accuracy"), ("margin", "margin"), ("mean_reward", "mean_reward"),
-                                ("min_reward", "min_reward"), ("max_reward", "max_reward")]:
+    for ours_name, trl_name in [
+        ("accuracy", "accuracy"),
+        ("margin", "margin"),
+        ("mean_reward", "mean_reward"),
+        ("min_reward", "min_reward"),
+        ("max_reward", "max_reward"),
+    ]:
         assert metrics[ours_name].item() == pytest.approx(logged[trl_name][-1], rel=1e-6, abs=1e-7), ours_name
 
 
@@ -403,8 +414,8 @@ def test_reward_loss_hand_reference_and_ties():
     w_list, l_list, m_list = [1.0, 0.5, -0.2, 2.0], [0.0, 0.5, 0.3, -1.0], [0.2, 0.0, 0.1, 1.0]
     chosen, rejected, margin = (torch.tensor(v, **F64) for v in (w_list, l_list, m_list))
     loss, metrics = reward_loss(chosen, rejected, margin=margin, center_coeff=0.05)
-    bt = statistics.fmean(math.log1p(math.exp(-(w - l - m))) for w, l, m in zip(w_list, l_list, m_list))
-    center = statistics.fmean((w + l) ** 2 for w, l in zip(w_list, l_list))
+    bt = statistics.fmean(math.log1p(math.exp(-(w - r - m))) for w, r, m in zip(w_list, l_list, m_list))
+    center = statistics.fmean((w + r) ** 2 for w, r in zip(w_list, l_list))
     assert loss.item() == pytest.approx(bt + 0.05 * center, rel=1e-12)
     assert pairwise_accuracy(chosen, rejected).item() == 0.5  # the tie at 0.5 counts as wrong
     assert metrics["accuracy"].item() == 0.5
@@ -422,7 +433,7 @@ def test_group_advantages_hand_reference(scale):
     got = group_advantages(rewards, group_size=4, scale=scale)
     expected = []
     for g in range(3):
-        group = rewards[4 * g: 4 * g + 4].tolist()
+        group = rewards[4 * g : 4 * g + 4].tolist()
         mean, std = statistics.fmean(group), statistics.stdev(group)
         expected += [(r - mean) / (std + 1e-4) if scale == "std" else r - mean for r in group]
     torch.testing.assert_close(got, torch.tensor(expected, **F64), **TIGHT)
@@ -463,7 +474,7 @@ def test_grpo_loss_matches_trl_grpo_trainer(trl_env, loss_type, beta, kl_correct
 
     model = tiny_llama(42, vocab_size=VOCAB)
     logits = model(input_ids=input_ids, attention_mask=attention).logits
-    logps = token_logprobs(logits[:, prompt_len - 1: -1], batch["completion_ids"]) * mask
+    logps = token_logprobs(logits[:, prompt_len - 1 : -1], batch["completion_ids"]) * mask
     # old and reference policies a noisy step away, so both clip sides fire and the KL is non-zero
     old_logps = (logps.detach() + 0.3 * torch.randn(logps.shape, generator=gen)) * mask
     ref_logps = (logps.detach() + 0.2 * torch.randn(logps.shape, generator=gen)) * mask
@@ -498,9 +509,17 @@ def test_grpo_loss_matches_trl_grpo_trainer(trl_env, loss_type, beta, kl_correct
     trl_grads = _grads(trl_model)
 
     loss, metrics = grpo_loss(
-        logps, old_logps, ref_logps, batch["advantages"], mask,
-        clip_eps_low=eps_low, clip_eps_high=eps_high, beta=beta, kl_ratio_correction=kl_correction,
-        loss_type=loss_type, max_completion_length=max_completion_length,
+        logps,
+        old_logps,
+        ref_logps,
+        batch["advantages"],
+        mask,
+        clip_eps_low=eps_low,
+        clip_eps_high=eps_high,
+        beta=beta,
+        kl_ratio_correction=kl_correction,
+        loss_type=loss_type,
+        max_completion_length=max_completion_length,
         num_items_in_batch=num_items if loss_type == "dapo" else None,
     )
     loss.backward()
@@ -508,8 +527,11 @@ def test_grpo_loss_matches_trl_grpo_trainer(trl_env, loss_type, beta, kl_correct
     _assert_grads_close(_grads(model), trl_grads, rel=1e-4)
 
     logged = trainer._metrics["eval"]
-    for ours_name, trl_name in [("clip_ratio/low", "clip_ratio/low_mean"), ("clip_ratio/high", "clip_ratio/high_mean"),
-                                ("clip_ratio/region", "clip_ratio/region_mean")] + ([("kl", "kl")] if beta else []):
+    for ours_name, trl_name in [
+        ("clip_ratio/low", "clip_ratio/low_mean"),
+        ("clip_ratio/high", "clip_ratio/high_mean"),
+        ("clip_ratio/region", "clip_ratio/region_mean"),
+    ] + ([("kl", "kl")] if beta else []):
         assert metrics[ours_name].item() == pytest.approx(logged[trl_name][-1], rel=1e-4, abs=1e-6), ours_name
     assert metrics["clip_ratio/low"].item() > 0 and metrics["clip_ratio/high"].item() > 0
     assert completion_len < max_completion_length
@@ -524,8 +546,18 @@ def test_grpo_loss_hand_reference(loss_type):
     old = logps + 0.4 * torch.randn(rows, cols, generator=gen, **F64)
     ref = logps + 0.3 * torch.randn(rows, cols, generator=gen, **F64)
     adv = torch.randn(rows, generator=gen, **F64)
-    loss, metrics = grpo_loss(logps, old, ref, adv, mask, clip_eps_low=eps_low, clip_eps_high=eps_high, beta=beta,
-                              loss_type=loss_type, max_completion_length=budget)
+    loss, metrics = grpo_loss(
+        logps,
+        old,
+        ref,
+        adv,
+        mask,
+        clip_eps_low=eps_low,
+        clip_eps_high=eps_high,
+        beta=beta,
+        loss_type=loss_type,
+        max_completion_length=budget,
+    )
 
     per_seq_means, token_terms, kls = [], [], []
     for i in range(rows):
@@ -643,8 +675,11 @@ def test_masked_whiten_hand_reference():
     mean, std = statistics.fmean(kept), statistics.stdev(kept)
     whitened = masked_whiten(x, mask, eps=0.0)
     torch.testing.assert_close(whitened[mask.bool()], torch.tensor([(v - mean) / std for v in kept], **F64), **TIGHT)
-    torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False, eps=0.0)[mask.bool()],
-                               torch.tensor([(v - mean) / std + mean for v in kept], **F64), **TIGHT)
+    torch.testing.assert_close(
+        masked_whiten(x, mask, shift_mean=False, eps=0.0)[mask.bool()],
+        torch.tensor([(v - mean) / std + mean for v in kept], **F64),
+        **TIGHT,
+    )
 
 
 def test_ppo_rejects_masks_with_holes():
@@ -669,8 +704,9 @@ def test_distill_loss_matches_trl_gkd_generalized_jsd(kind, beta, temperature):
     mask = _right_padded_mask(gen, 3, 6)
     labels = torch.where(mask.bool(), 1, -100)  # TRL marks ignored positions with -100
     theirs = GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=temperature)
-    ours, metrics = distill_loss(student, teacher, mask, kind=kind, beta=beta if kind == "jsd" else 0.5,
-                                 temperature=temperature)
+    ours, metrics = distill_loss(
+        student, teacher, mask, kind=kind, beta=beta if kind == "jsd" else 0.5, temperature=temperature
+    )
     torch.testing.assert_close(ours, theirs, **TIGHT)
     assert not metrics["distill/divergence"].requires_grad
     # a global token count (gradient accumulation) as the divisor, as TRL's num_items_in_batch
@@ -678,8 +714,15 @@ def test_distill_loss_matches_trl_gkd_generalized_jsd(kind, beta, temperature):
     theirs = GKDTrainer.generalized_jsd_loss(
         student, teacher, labels=labels, beta=beta, temperature=temperature, num_items_in_batch=global_count
     )
-    ours, _ = distill_loss(student, teacher, mask, kind=kind, beta=beta if kind == "jsd" else 0.5,
-                           temperature=temperature, num_items_in_batch=global_count)
+    ours, _ = distill_loss(
+        student,
+        teacher,
+        mask,
+        kind=kind,
+        beta=beta if kind == "jsd" else 0.5,
+        temperature=temperature,
+        num_items_in_batch=global_count,
+    )
     torch.testing.assert_close(ours, theirs, **TIGHT)
 
 
@@ -752,12 +795,16 @@ def _objective_cases():
     wc, wr = torch.randn(rows, 1, generator=gen).requires_grad_(), torch.randn(rows, 1, generator=gen).requires_grad_()
     yield "reward", lambda: reward_loss(wc, wr, center_coeff=0.01), [wc, wr]
     logps = leaf(rows, cols)
-    old = (logps.detach() + 0.2 * torch.randn(rows, cols, generator=gen))
+    old = logps.detach() + 0.2 * torch.randn(rows, cols, generator=gen)
     adv = group_advantages(torch.rand(rows, generator=gen), group_size=2)
     for loss_type in ("grpo", "bnpo", "dapo", "dr_grpo"):
-        yield loss_type, lambda lt=loss_type: grpo_loss(
-            logps, old, old, adv, mask, beta=0.04, loss_type=lt, max_completion_length=8
-        ), [logps]
+        yield (
+            loss_type,
+            lambda lt=loss_type: grpo_loss(
+                logps, old, old, adv, mask, beta=0.04, loss_type=lt, max_completion_length=8
+            ),
+            [logps],
+        )
     values = torch.randn(rows, cols, generator=gen).requires_grad_()
     advantages, returns = gae(torch.randn(rows, cols, generator=gen), values.detach(), mask, 1.0, 0.95)
     yield "ppo_policy", lambda: ppo_policy_loss(logps, old, masked_whiten(advantages, mask), mask, 0.2), [logps]

@@ -20,13 +20,20 @@ from tuneforge.errors import DataError, RecipeError, TuneforgeError
 
 from conftest import WORDS, ChatServer, base_recipe, greedy_answers, reverse_task, write_jsonl
 
-KEYWORD_GRADER = {"type": "string_check", "name": "mentions", "input": "{{sample.output_text}}",
-                  "reference": "{{item.keyword}}", "operation": "like"}
+KEYWORD_GRADER = {
+    "type": "string_check",
+    "name": "mentions",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.keyword}}",
+    "operation": "like",
+}
 
 
 def prompt_records(n: int, seed: int) -> list[dict]:
-    return [{"messages": r["messages"][:1], "keyword": "apple", "answer": r["messages"][1]["content"]}
-            for r in reverse_task(n, seed)]
+    return [
+        {"messages": r["messages"][:1], "keyword": "apple", "answer": r["messages"][1]["content"]}
+        for r in reverse_task(n, seed)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +88,7 @@ def _one_step_grads(prepared, model, micro: int, rows: range) -> dict[str, torch
     weight = task.loss_tokens(rows)
     first = list(rows)[: len(rows) // 2]  # two calls, as two replicas (or accumulation rounds) would make
     task.forward_backward(model, first, 1.0 / weight)
-    task.forward_backward(model, list(rows)[len(first):], 1.0 / weight)
+    task.forward_backward(model, list(rows)[len(first) :], 1.0 / weight)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -94,7 +101,7 @@ def test_grpo_gradient_does_not_depend_on_the_split(policy: Path, tmp_path: Path
     recipe = load_recipe(online_recipe(policy, data, tmp_path / "run", loss_type=loss_type, beta=0.05))
     prepared = prepare(recipe)
     model = build_model(recipe, torch.device("cpu"))
-    rows = range(0, 4)
+    rows = range(4)
     whole = _one_step_grads(prepared, model, 64, rows)
     split = _one_step_grads(prepared, model, 3, rows)
     assert whole and whole.keys() == split.keys()
@@ -134,9 +141,12 @@ def test_grpo_reuses_each_batch_for_num_iterations_steps_with_the_clipped_ratio(
 
 def test_a_crashing_grader_scores_zero_and_the_run_goes_on(policy: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(40, seed=11))
-    grader = {"type": "python", "name": "fragile",
-              "source": "def grade(sample, item):\n    if 'apple' in sample['output_text']:\n        raise ValueError('no')\n"
-                        "    return 0.5 if len(sample['output_text']) > 3 else 0.0\n"}
+    grader = {
+        "type": "python",
+        "name": "fragile",
+        "source": "def grade(sample, item):\n    if 'apple' in sample['output_text']:\n        raise ValueError('no')\n"
+        "    return 0.5 if len(sample['output_text']) > 3 else 0.0\n",
+    }
     rec = online_recipe(policy, data, tmp_path / "run", graders=grader, group_size=4)
     rec["train"]["max_steps"] = 3
     result = tuneforge.train(rec, progress=False)
@@ -166,16 +176,30 @@ class KeywordJudge(ChatServer):
         return f"Score: {1 if 'apple' in answer else 0}"
 
 
-def test_rlaif_grpo_with_a_judge_behind_an_openai_compatible_endpoint(policy: Path, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rlaif_grpo_with_a_judge_behind_an_openai_compatible_endpoint(
+    policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(80, seed=13))
-    judge = {"type": "score_model", "name": "judge", "model": "keyword-judge", "range": [0, 1],
-             "input": [{"role": "user", "content": "Question: {{item.messages}}\nAnswer: {{sample.output_text}}"}],
-             "sampling_params": {"temperature": 0}, "max_concurrency": 4}
+    judge = {
+        "type": "score_model",
+        "name": "judge",
+        "model": "keyword-judge",
+        "range": [0, 1],
+        "input": [{"role": "user", "content": "Question: {{item.messages}}\nAnswer: {{sample.output_text}}"}],
+        "sampling_params": {"temperature": 0},
+        "max_concurrency": 4,
+    }
     monkeypatch.setenv("JUDGE_KEY", "sk-test")
     with KeywordJudge() as server:
-        rec = online_recipe(policy, data, tmp_path / "run", graders=judge, judge_base_url=server.url,
-                            judge_api_key_env="JUDGE_KEY", group_size=4)
+        rec = online_recipe(
+            policy,
+            data,
+            tmp_path / "run",
+            graders=judge,
+            judge_base_url=server.url,
+            judge_api_key_env="JUDGE_KEY",
+            group_size=4,
+        )
         rec["train"]["max_steps"] = 4
         result = tuneforge.train(rec, progress=False)
     # the held-out prompts are judged before and after training; every sampled completion in between
@@ -185,7 +209,7 @@ def test_rlaif_grpo_with_a_judge_behind_an_openai_compatible_endpoint(policy: Pa
     sampled = server.answers[held_out : held_out + trained]
     rewards = [h["reward"] for h in result.history]
     assert all(h["grader_errors"] == 0 for h in result.history)
-    expected = [sum("apple" in a for a in sampled[i * 32:(i + 1) * 32]) / 32 for i in range(4)]
+    expected = [sum("apple" in a for a in sampled[i * 32 : (i + 1) * 32]) / 32 for i in range(4)]
     assert rewards == pytest.approx(expected)
 
 
@@ -227,8 +251,9 @@ def test_ppo_raises_reward_model_score_with_bounded_kl(policy: Path, reward_mode
         return float(score_conversations(rm, rm_tokenizer, convs).mean())
 
     before = score(policy)
-    rec = online_recipe(policy, data, tmp_path / "run", method="ppo", reward_model=str(reward_model), kl_coef=0.05,
-                        epochs=2)
+    rec = online_recipe(
+        policy, data, tmp_path / "run", method="ppo", reward_model=str(reward_model), kl_coef=0.05, epochs=2
+    )
     rec["train"].update(max_steps=40, lr=3e-3, global_batch_size=32)
     result = tuneforge.train(rec, progress=False)
     after = score(result.output_dir)
@@ -282,7 +307,9 @@ def test_recipe_errors_for_online_methods(policy: Path, tmp_path: Path) -> None:
     json.dumps(rec)  # recipes stay plain data
 
 
-def test_data_validate_checks_prompt_records_and_keeps_grader_keys(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_data_validate_checks_prompt_records_and_keeps_grader_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from tuneforge.cli import main
 
     records = prompt_records(3, seed=1)

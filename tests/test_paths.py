@@ -32,8 +32,7 @@ def before_any_test() -> dict[str, Path]:
     return {"fixture": paths.state_dir(), "subprocess": Path(child.stdout.strip())}
 
 
-def test_state_dir_is_never_the_real_home_during_tests(before_any_test: dict[str, Path],
-                                                       _isolated_home: Path) -> None:
+def test_state_dir_is_never_the_real_home_during_tests(before_any_test: dict[str, Path], _isolated_home: Path) -> None:
     assert paths.state_dir().resolve() == _isolated_home.resolve()  # this test's own, fresh one
     child = subprocess.run([sys.executable, "-c", _SUBPROCESS], capture_output=True, text=True, check=True)
     seen = {"test": paths.state_dir(), "test subprocess": Path(child.stdout.strip()), **before_any_test}

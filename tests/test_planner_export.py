@@ -21,8 +21,9 @@ from conftest import base_recipe, preference_pairs, write_jsonl
 
 def _load(tmp_path: Path, method: str, max_length: int = 256, global_batch: int = 8, **sections: dict):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
-    raw = base_recipe(tmp_path / "model", data, tmp_path / "out", global_batch_size=global_batch,
-                      micro_batch_size="auto")
+    raw = base_recipe(
+        tmp_path / "model", data, tmp_path / "out", global_batch_size=global_batch, micro_batch_size="auto"
+    )
     raw["method"] = method
     raw["data"]["max_length"] = max_length
     raw.update(sections)
@@ -49,16 +50,20 @@ def test_auto_micro_batch_counts_a_pair_as_two_sequences(tmp_path: Path) -> None
     assert _spp(tmp_path, "grpo", grpo={"graders": "g.json", "group_size": 8}) == 8
 
 
-@pytest.mark.parametrize(("method", "max_length", "global_batch", "replicas", "expected"), [
-    ("sft", 1024, 30, 1, 6),  # budget 8 -> steps down to 6, which divides 30
-    ("dpo", 1024, 30, 1, 3),  # budget 4 -> 3 divides 30
-    ("reward", 1024, 20, 1, 4),
-    ("dpo", 1024, 28, 2, 2),  # per replica 14: budget 4 -> 2
-    ("dpo", 8192, 16, 1, 1),  # one pair overflows the budget: still one pair per micro-batch
-    ("dpo", 128, 8, 1, 8),  # never more than the per-replica batch
-])
-def test_auto_micro_batch_divides_the_per_replica_batch(tmp_path: Path, method: str, max_length: int,
-                                                       global_batch: int, replicas: int, expected: int) -> None:
+@pytest.mark.parametrize(
+    ("method", "max_length", "global_batch", "replicas", "expected"),
+    [
+        ("sft", 1024, 30, 1, 6),  # budget 8 -> steps down to 6, which divides 30
+        ("dpo", 1024, 30, 1, 3),  # budget 4 -> 3 divides 30
+        ("reward", 1024, 20, 1, 4),
+        ("dpo", 1024, 28, 2, 2),  # per replica 14: budget 4 -> 2
+        ("dpo", 8192, 16, 1, 1),  # one pair overflows the budget: still one pair per micro-batch
+        ("dpo", 128, 8, 1, 8),  # never more than the per-replica batch
+    ],
+)
+def test_auto_micro_batch_divides_the_per_replica_batch(
+    tmp_path: Path, method: str, max_length: int, global_batch: int, replicas: int, expected: int
+) -> None:
     m = _recipe(tmp_path, method, max_length, global_batch, replicas)
     assert m == expected
     assert (global_batch // replicas) % m == 0
@@ -85,9 +90,11 @@ def lora_reward_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def _conversations() -> list[list[dict]]:
     # different lengths, so batched scoring pads and the merged model must find each row's last token itself
-    return [[{"role": "user", "content": p["prompt"] + " please" * (i % 3)},
-             {"role": "assistant", "content": p[side]}]
-            for i, p in enumerate(preference_pairs(12, seed=0)) for side in ("chosen", "rejected")]
+    return [
+        [{"role": "user", "content": p["prompt"] + " please" * (i % 3)}, {"role": "assistant", "content": p[side]}]
+        for i, p in enumerate(preference_pairs(12, seed=0))
+        for side in ("chosen", "rejected")
+    ]
 
 
 def test_merged_reward_model_scores_as_the_adapter(lora_reward_run, tmp_path: Path) -> None:

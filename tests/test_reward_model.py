@@ -38,8 +38,9 @@ def ranking_accuracy(model: torch.nn.Module, tokenizer: object, pairs: list[dict
     return float((chosen > rejected).float().mean())
 
 
-def test_reward_model_ranks_heldout_pairs(tiny_model: Path, pairs_file: Path, held_out_pairs: list[dict],
-                                          tmp_path: Path) -> None:
+def test_reward_model_ranks_heldout_pairs(
+    tiny_model: Path, pairs_file: Path, held_out_pairs: list[dict], tmp_path: Path
+) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     result = tuneforge.train(reward_recipe(tiny_model, pairs_file, tmp_path / "run"), progress=False)
@@ -63,8 +64,8 @@ def test_training_rewards_match_transformers_pooling(tiny_model: Path, pairs_fil
     """The rewards trained on (prompt shared, head read at each answer's end) are what plain transformers scores."""
     from tuneforge.config import load_recipe
     from tuneforge.data.preference import collate_pairs
-    from tuneforge.training.build import build_model, prepare
     from tuneforge.models.reward import score_conversations
+    from tuneforge.training.build import build_model, prepare
     from tuneforge.training.reward import sequence_rewards
 
     recipe = load_recipe(reward_recipe(tiny_model, pairs_file, tmp_path / "run"))
@@ -73,8 +74,9 @@ def test_training_rewards_match_transformers_pooling(tiny_model: Path, pairs_fil
     task = prepared.make_task(model, 4, "fp32", torch.device("cpu"))
     assert task.spec.share_prompt
     with torch.no_grad():
-        ours = sequence_rewards(model, collate_pairs([(0, 0), (0, 1)], task.sources, prepared.tokenizer.pad_token_id,
-                                                     share_prompt=True))
+        ours = sequence_rewards(
+            model, collate_pairs([(0, 0), (0, 1)], task.sources, prepared.tokenizer.pad_token_id, share_prompt=True)
+        )
     # the same four conversations (chosen 0, chosen 1, rejected 0, rejected 1), found by their rendered text
     texts = [prepared.tokenizer.decode(task.sources[0].seqs.example(k)[0]) for k in (0, 2, 1, 3)]
     by_text = {}
@@ -86,8 +88,9 @@ def test_training_rewards_match_transformers_pooling(tiny_model: Path, pairs_fil
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_reward_model_saves_its_head_and_loads(tiny_model: Path, pairs_file: Path, held_out_pairs: list[dict],
-                                                    tmp_path: Path) -> None:
+def test_lora_reward_model_saves_its_head_and_loads(
+    tiny_model: Path, pairs_file: Path, held_out_pairs: list[dict], tmp_path: Path
+) -> None:
     from safetensors.torch import load_file
 
     from tuneforge.models.reward import load_reward_model
@@ -105,8 +108,9 @@ def test_lora_reward_model_saves_its_head_and_loads(tiny_model: Path, pairs_file
 
 
 def test_resume_reproduces_uninterrupted_losses(tiny_model: Path, pairs_file: Path, tmp_path: Path) -> None:
-    recipe = reward_recipe(tiny_model, pairs_file, tmp_path / "a", max_steps=8, checkpoint_every=4,
-                           keep_checkpoints=3, eval_every=100)
+    recipe = reward_recipe(
+        tiny_model, pairs_file, tmp_path / "a", max_steps=8, checkpoint_every=4, keep_checkpoints=3, eval_every=100
+    )
     recipe["reward"] = {"center_coeff": 0.01}
     full = tuneforge.train(recipe, progress=False)
     recipe["output"]["dir"] = str(tmp_path / "b")

@@ -130,7 +130,9 @@ def test_environment_secrets_are_invisible(monkeypatch):
     """
     outcome = grade_one(source)
     assert outcome.error is None and outcome.score == 0.0
-    parent = grade_one("import os\ndef grade(s, i):\n    return len(open('/proc/%d/environ' % os.getppid(), 'rb').read())\n")
+    parent = grade_one(
+        "import os\ndef grade(s, i):\n    return len(open('/proc/%d/environ' % os.getppid(), 'rb').read())\n"
+    )
     assert parent.score is None
 
 
@@ -145,7 +147,9 @@ def test_infinite_loop_hits_the_cpu_limit_and_the_batch_goes_on():
                 pass
         return 0.5 * len(calls)
     """
-    looping, fine = run_graders(textwrap.dedent(source), [({}, {"loop": True}), ({}, {"loop": False})], Limits(cpu_seconds=0.5))
+    looping, fine = run_graders(
+        textwrap.dedent(source), [({}, {"loop": True}), ({}, {"loop": False})], Limits(cpu_seconds=0.5)
+    )
     assert looping.score is None and looping.error == "CPU time limit of 0.5s exceeded"  # the child's own timer
     assert fine.score == 1.0  # 0.5 * 2 calls: the same child went on to the next pair after the interrupted loop
 
@@ -169,7 +173,9 @@ def test_wall_clock_limit_kills_a_sleeping_grader_and_a_fresh_child_grades_the_r
 
 
 def test_too_much_memory_is_an_error():
-    outcome = grade_one("def grade(sample, item):\n    return len(bytearray(2 * 1024**3))\n", limits=Limits(memory_mb=256))
+    outcome = grade_one(
+        "def grade(sample, item):\n    return len(bytearray(2 * 1024**3))\n", limits=Limits(memory_mb=256)
+    )
     assert outcome.score is None and "MemoryError" in outcome.error
 
 
@@ -177,7 +183,10 @@ def test_too_much_memory_is_an_error():
     "body, expected",
     [
         ("import os\n    os._exit(3)", "status 3"),
-        ("import sys\n    sys.setrecursionlimit(10**8)\n    x = []\n    for _ in range(200000): x = [x]\n    repr(x)", "SIGSEGV"),
+        (
+            "import sys\n    sys.setrecursionlimit(10**8)\n    x = []\n    for _ in range(200000): x = [x]\n    repr(x)",
+            "SIGSEGV",
+        ),
         ("raise ValueError('bad answer format')", "ValueError: bad answer format (grader line 3)"),
         ("return 'high'", "expected a number"),
         ("return float('nan')", "finite"),

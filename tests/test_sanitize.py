@@ -19,8 +19,11 @@ def test_sanitize_counts_each_reason_and_keeps_first_in_order():
         qa(0),  # duplicate of the first
         {"text": "   \n"},  # whitespace only
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},  # no loss
-        {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": " "}],
-         "rejected": [{"role": "assistant", "content": "r"}]},  # empty chosen side
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": " "}],
+            "rejected": [{"role": "assistant", "content": "r"}],
+        },  # empty chosen side
         {"text": "x" * 50},  # too long
         {"text": "doc"},  # duplicate
         qa(1),

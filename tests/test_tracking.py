@@ -23,8 +23,7 @@ from conftest import free_port
 RECIPE = {
     "name": "support-bot",
     "model": {"path": "/models/tiny-llama"},
-    "data": {"sources": [{"path": "a.jsonl", "weight": 2.0}, {"path": "b.jsonl", "weight": 1.0}],
-             "max_length": 512},
+    "data": {"sources": [{"path": "a.jsonl", "weight": 2.0}, {"path": "b.jsonl", "weight": 1.0}], "max_length": 512},
     "train": {"lr": 3e-4, "betas": [0.9, 0.95], "max_steps": 100, "num_threads": None},
     "adapter": {"kind": "lora", "target_modules": ["q_proj", "v_proj"], "extra": {}},
     "system_prompt": "x" * 7000,
@@ -44,8 +43,14 @@ def _client(uri: str):
 
 
 def _start(store: str, experiment: str, **kw) -> Tracker:
-    return Tracker.start(experiment=experiment, run_name="run-1", params=kw.pop("params", RECIPE),
-                         tags=kw.pop("tags", {"tuneforge.recipe_hash": "abc123"}), tracking_uri=store, **kw)
+    return Tracker.start(
+        experiment=experiment,
+        run_name="run-1",
+        params=kw.pop("params", RECIPE),
+        tags=kw.pop("tags", {"tuneforge.recipe_hash": "abc123"}),
+        tracking_uri=store,
+        **kw,
+    )
 
 
 def test_flatten_params_dotted_keys_and_length_limit() -> None:
@@ -87,8 +92,16 @@ def test_params_tags_and_experiment_location(store: str) -> None:
 def test_metrics_history_per_step(store: str) -> None:
     with _start(store, "metrics", flush_every=7) as tracker:
         for step in range(1, 26):
-            tracker.log_metrics({"loss": 10.0 / step, "lr": 1e-3 * step, "grad_norm": 0.5,
-                                 "tokens_per_s": 100.0 * step, "mix/web@2024": 0.25}, step=step)
+            tracker.log_metrics(
+                {
+                    "loss": 10.0 / step,
+                    "lr": 1e-3 * step,
+                    "grad_norm": 0.5,
+                    "tokens_per_s": 100.0 * step,
+                    "mix/web@2024": 0.25,
+                },
+                step=step,
+            )
     client = _client(store)
     loss = sorted(client.get_metric_history(tracker.run_id, "loss"), key=lambda m: m.step)
     assert [m.step for m in loss] == list(range(1, 26))
@@ -132,7 +145,9 @@ def test_artifacts_listed(store: str, tmp_path: Path) -> None:
     top = {f.path for f in client.list_artifacts(tracker.run_id)}
     assert top == {"recipe.yaml", "copies", "adapter", "final", "notes"}
     assert {f.path for f in client.list_artifacts(tracker.run_id, "adapter")} == {
-        "adapter/adapter_config.json", "adapter/sub"}
+        "adapter/adapter_config.json",
+        "adapter/sub",
+    }
     assert [f.path for f in client.list_artifacts(tracker.run_id, "final/sub")] == ["final/sub/tokenizer.json"]
     assert [f.path for f in client.list_artifacts(tracker.run_id, "copies")] == ["copies/recipe.yaml"]
 
@@ -159,8 +174,10 @@ def test_register_model_version_with_tags_and_files(store: str, tmp_path: Path) 
     source = Path(local_file_uri_to_path(version.source))
     assert (source / "adapter_config.json").read_text() == '{"r": 8}'
     assert (source / "adapter_model.safetensors").stat().st_size == 64
-    assert client.get_model_version_download_uri("support.bot", second) == client.get_model_version(
-        "support.bot", second).source
+    assert (
+        client.get_model_version_download_uri("support.bot", second)
+        == client.get_model_version("support.bot", second).source
+    )
     run = client.get_run(tracker.run_id)
     outputs = run.outputs.model_outputs
     assert len(outputs) == 2 and {o.step for o in outputs} == {12}
@@ -173,10 +190,9 @@ def test_register_model_version_with_tags_and_files(store: str, tmp_path: Path) 
 
 
 def test_failed_status_when_block_raises(store: str) -> None:
-    with pytest.raises(ValueError, match="boom"):
-        with _start(store, "failing") as tracker:
-            tracker.log_metrics({"loss": 2.0}, step=1)
-            raise ValueError("boom")
+    with pytest.raises(ValueError, match="boom"), _start(store, "failing") as tracker:
+        tracker.log_metrics({"loss": 2.0}, step=1)
+        raise ValueError("boom")
     client = _client(store)
     assert client.get_run(tracker.run_id).info.status == "FAILED"
     assert [m.value for m in client.get_metric_history(tracker.run_id, "loss")] == [2.0]  # flushed anyway
@@ -256,8 +272,9 @@ def test_ui_serves_the_store_on_localhost(store: str, tmp_path: Path) -> None:
         pass
     port = free_port()
     log = (tmp_path / "ui.log").open("wb")
-    proc = subprocess.Popen(ui_command(store, port=port), env=ui_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ui_command(store, port=port), env=ui_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline, status = time.monotonic() + 120, None
@@ -271,8 +288,9 @@ def test_ui_serves_the_store_on_localhost(store: str, tmp_path: Path) -> None:
             time.sleep(0.5)
         assert status == 200, (tmp_path / "ui.log").read_text()[-3000:]
         assert httpx.get(f"{base}/", timeout=10).status_code == 200
-        found = httpx.get(f"{base}/api/2.0/mlflow/experiments/get-by-name",
-                          params={"experiment_name": "ui-check"}, timeout=10)
+        found = httpx.get(
+            f"{base}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": "ui-check"}, timeout=10
+        )
         assert found.status_code == 200 and found.json()["experiment"]["name"] == "ui-check"
     finally:
         proc.terminate()  # SIGTERM to the PID; `mlflow server` forwards it to its uvicorn child

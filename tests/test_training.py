@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tuneforge
+
 from conftest import base_recipe, reverse_task, write_jsonl
 
 
@@ -98,8 +99,13 @@ def test_other_adapters_train_and_save(kind: str, tiny_model: Path, data: Path, 
     result = tuneforge.train(recipe, progress=False)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(result.output_dir))
-    out = loaded.generate(input_ids=torch.tensor([[1, 5, 9]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
-                          max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    out = loaded.generate(
+        input_ids=torch.tensor([[1, 5, 9]]),
+        attention_mask=torch.ones(1, 3, dtype=torch.long),
+        max_new_tokens=2,
+        min_new_tokens=2,
+        do_sample=False,
+    )
     assert out[0, :3].tolist() == [1, 5, 9] and out.shape[-1] == 5  # the prompt, then two generated tokens
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["train", "export", "load_recipe", "TrainResult", "__version__"]
+__all__ = ["TrainResult", "__version__", "export", "load_recipe", "train"]
 
 if TYPE_CHECKING:
     from tuneforge.api import TrainResult, export, train

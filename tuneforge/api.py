@@ -58,9 +58,16 @@ def _run_dir(recipe: Recipe) -> Path:
     return path
 
 
-def train(recipe: str | Path | dict[str, Any] | Recipe, *, resume: str | Path | None = None,
-          progress: bool | None = None, set: list[str] | None = None, replicas: str | None = None,
-          fault_plan: str | None = None, **overrides: Any) -> TrainResult:
+def train(
+    recipe: str | Path | dict[str, Any] | Recipe,
+    *,
+    resume: str | Path | None = None,
+    progress: bool | None = None,
+    set: list[str] | None = None,
+    replicas: str | None = None,
+    fault_plan: str | None = None,
+    **overrides: Any,
+) -> TrainResult:
     """Train a recipe (path, dict or :class:`Recipe`); returns paths and measured metrics.
 
     ``resume`` continues from a checkpoint (or the newest in a run directory) exactly where it stopped.
@@ -75,15 +82,24 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, *, resume: str | Path | 
         if overrides:
             recipe = load_recipe(recipe.to_dict(), _overrides(overrides))
     show = progress if progress is not None else os.isatty(2)
-    if replicas or fault_plan or int(recipe.resilience.get("max_replicas", 1)) > 1 or recipe.resilience.get("lighthouse"):
+    if (
+        replicas
+        or fault_plan
+        or int(recipe.resilience.get("max_replicas", 1)) > 1
+        or recipe.resilience.get("lighthouse")
+    ):
         spec = method_spec(recipe.method)
         if not spec.elastic:
             elastic = ", ".join(m.name for m in METHODS.values() if m.elastic)
-            raise TuneforgeError(f"method {recipe.method}: elastic replicas (--replicas, resilience) run {elastic}; "
-                                 f"{recipe.method} trains in one process for now")
+            raise TuneforgeError(
+                f"method {recipe.method}: elastic replicas (--replicas, resilience) run {elastic}; "
+                f"{recipe.method} trains in one process for now"
+            )
         if resume is not None:
-            raise TuneforgeError("--resume applies to single-process runs; an elastic run restarts from its "
-                                 "own disk checkpoints automatically when every replica has died")
+            raise TuneforgeError(
+                "--resume applies to single-process runs; an elastic run restarts from its "
+                "own disk checkpoints automatically when every replica has died"
+            )
         return _train_elastic(recipe, replicas=replicas, fault_plan=fault_plan, show=show)
     return _train(recipe, resume=resume, show=show)
 
@@ -108,26 +124,51 @@ def _train_elastic(recipe: Recipe, *, replicas: str | None, fault_plan: str | No
         tracker.log_metrics(prepared.mix_metrics(), step=0)
         bar.note(_describe(recipe, res, prepared, run_dir))
         with RunWatcher(run_dir, bar, log_every=recipe.train.log_every):
-            report, out_dir, final_eval = run_elastic(recipe, run_dir, replicas=replicas, fault_plan=fault_plan,
-                                                      micro_batch_size=res.micro_batch_size,
-                                                      num_steps=prepared.num_steps)
-        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-            if (run_dir / "metrics.jsonl").exists() else []
+            report, out_dir, final_eval = run_elastic(
+                recipe,
+                run_dir,
+                replicas=replicas,
+                fault_plan=fault_plan,
+                micro_batch_size=res.micro_batch_size,
+                num_steps=prepared.num_steps,
+            )
+        history = (
+            [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            if (run_dir / "metrics.jsonl").exists()
+            else []
+        )
         for row in history:  # the same train/* series a local run logs while it trains
             tracker.log_metrics({f"train/{k}": float(v) for k, v in row.items() if k != "step"}, step=row["step"])
         for i, event in enumerate(report.failures):  # one point per failure, in order
-            tracker.log_metrics({f"recovery/{k}": float(v) for k, v in vars(event).items()
-                                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "t_fault"},
-                                step=i)
+            tracker.log_metrics(
+                {
+                    f"recovery/{k}": float(v)
+                    for k, v in vars(event).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "t_fault"
+                },
+                step=i,
+            )
         evals = [{"step": prepared.num_steps, **final_eval}] if final_eval else []
         if final_eval:
             tracker.log_metrics(final_eval, step=prepared.num_steps)
         train_seconds = sum(float(r.get("step_s", 0.0)) for r in history)
         tokens = sum(int(r.get("tokens", 0)) for r in history)
-        metrics = {**report.summary(), **_final_metrics(history, evals, train_seconds, tokens, prepared.num_steps,
-                                                        wall0)}
-        result = _finish(recipe, prepared, res, run_dir, out_dir, tracker, metrics, history, evals,
-                         extra={"report": report.to_dict()})
+        metrics = {
+            **report.summary(),
+            **_final_metrics(history, evals, train_seconds, tokens, prepared.num_steps, wall0),
+        }
+        result = _finish(
+            recipe,
+            prepared,
+            res,
+            run_dir,
+            out_dir,
+            tracker,
+            metrics,
+            history,
+            evals,
+            extra={"report": report.to_dict()},
+        )
     bar.note(prepared.mix_summary())
     result.extra["report"] = report
     return result
@@ -166,8 +207,10 @@ def _train(recipe: Recipe, *, resume: str | Path | None, show: bool) -> TrainRes
         ckpt = find_checkpoint(resume)
         meta = load_checkpoint(ckpt, model, optimizer, scheduler)
         if meta.get("recipe_hash") not in (None, _train_hash(recipe)):
-            raise TuneforgeError(f"--resume {resume}: the checkpoint was made with a different recipe "
-                                 "(data, model or training settings changed); resume needs the same recipe")
+            raise TuneforgeError(
+                f"--resume {resume}: the checkpoint was made with a different recipe "
+                "(data, model or training settings changed); resume needs the same recipe"
+            )
         start_step = int(meta["step"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
@@ -175,8 +218,12 @@ def _train(recipe: Recipe, *, resume: str | Path | None, show: bool) -> TrainRes
     tracker = _start_tracker(recipe, res, prepared.data_hashes, run_dir)
     task = prepared.make_task(model, res.micro_batch_size, res.precision, device)
     settings = LoopSettings(
-        total_steps=res.total_steps, global_batch_size=recipe.train.global_batch_size, grad_clip=recipe.train.grad_clip,
-        log_every=recipe.train.log_every, eval_every=res.eval_every, checkpoint_every=res.checkpoint_every,
+        total_steps=res.total_steps,
+        global_batch_size=recipe.train.global_batch_size,
+        grad_clip=recipe.train.grad_clip,
+        log_every=recipe.train.log_every,
+        eval_every=res.eval_every,
+        checkpoint_every=res.checkpoint_every,
         keep_checkpoints=recipe.train.keep_checkpoints,
     )
     bar = Progress(res.total_steps, start_step, enabled=show)
@@ -184,22 +231,38 @@ def _train(recipe: Recipe, *, resume: str | Path | None, show: bool) -> TrainRes
     with tracker:
         tracker.log_metrics(prepared.mix_metrics(), step=0)
         loop = train_loop(
-            model, optimizer, scheduler, task, settings, start_step=start_step, run_dir=run_dir,
-            progress=bar, log_fn=tracker.log_metrics, checkpoint_meta={"recipe_hash": _train_hash(recipe)},
+            model,
+            optimizer,
+            scheduler,
+            task,
+            settings,
+            start_step=start_step,
+            run_dir=run_dir,
+            progress=bar,
+            log_fn=tracker.log_metrics,
+            checkpoint_meta={"recipe_hash": _train_hash(recipe)},
         )
         prepared.finish(model, run_dir)  # e.g. PPO's value head: kept next to the result, not in it
         out_dir = save_result(model, prepared.tokenizer, run_dir / ("adapter" if is_peft(model) else "model"))
-        metrics = _final_metrics(loop.history, loop.evals, loop.train_seconds, loop.tokens, prepared.num_steps,
-                                 wall0)
+        metrics = _final_metrics(loop.history, loop.evals, loop.train_seconds, loop.tokens, prepared.num_steps, wall0)
         result = _finish(recipe, prepared, res, run_dir, out_dir, tracker, metrics, loop.history, loop.evals)
     bar.note(prepared.mix_summary())
     bar.note(f"saved {result.output_dir}" + (f" and {result.merged_dir}" if result.merged_dir else ""))
     return result
 
 
-def _finish(recipe: Recipe, prepared: Any, res: Any, run_dir: Path, out_dir: Path, tracker: Any,
-            metrics: dict[str, float], history: list[dict[str, float]], evals: list[dict[str, float]],
-            extra: dict[str, Any] | None = None) -> TrainResult:
+def _finish(
+    recipe: Recipe,
+    prepared: Any,
+    res: Any,
+    run_dir: Path,
+    out_dir: Path,
+    tracker: Any,
+    metrics: dict[str, float],
+    history: list[dict[str, float]],
+    evals: list[dict[str, float]],
+    extra: dict[str, Any] | None = None,
+) -> TrainResult:
     """What every run does at the end, local or elastic: merge, result.json, final metrics, artifacts, registry."""
     from tuneforge.models.adapters import is_peft_dir
     from tuneforge.models.export import merge_adapter
@@ -207,9 +270,20 @@ def _finish(recipe: Recipe, prepared: Any, res: Any, run_dir: Path, out_dir: Pat
     merged = None
     if recipe.output.merge and is_peft_dir(out_dir) and recipe.adapter.kind not in PROMPT_LEARNING:
         merged = merge_adapter(out_dir, run_dir / "merged", base=recipe.model.path)
-    atomic_write(run_dir / "result.json", json.dumps(
-        {"metrics": metrics, "mix": prepared.mix_dict(), "resolved": res.as_dict(), "data": prepared.data_info,
-         **(extra or {})}, indent=2, default=str))
+    atomic_write(
+        run_dir / "result.json",
+        json.dumps(
+            {
+                "metrics": metrics,
+                "mix": prepared.mix_dict(),
+                "resolved": res.as_dict(),
+                "data": prepared.data_info,
+                **(extra or {}),
+            },
+            indent=2,
+            default=str,
+        ),
+    )
     tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=res.total_steps)
     for name in ("recipe.yaml", "result.json", "metrics.jsonl"):
         if (run_dir / name).exists():
@@ -219,13 +293,29 @@ def _finish(recipe: Recipe, prepared: Any, res: Any, run_dir: Path, out_dir: Pat
         tracker.log_artifact(out_dir, out_dir.name)
     else:
         version = tracker.register_model(
-            merged or out_dir, recipe.tracking.register_as,
-            tags={"base_model": recipe.model.path, "recipe_hash": recipe.hash(), "method": recipe.method,
-                  "adapter": recipe.adapter.kind, **{f"data_hash.{k}": v for k, v in prepared.data_hashes.items()}},
+            merged or out_dir,
+            recipe.tracking.register_as,
+            tags={
+                "base_model": recipe.model.path,
+                "recipe_hash": recipe.hash(),
+                "method": recipe.method,
+                "adapter": recipe.adapter.kind,
+                **{f"data_hash.{k}": v for k, v in prepared.data_hashes.items()},
+            },
         )
-    return TrainResult(run_dir=run_dir, output_dir=out_dir, merged_dir=merged, metrics=metrics, history=history,
-                       evals=evals, mix=prepared.mix_dict(), resolved=res.as_dict(), data=prepared.data_info,
-                       tracking_run_id=getattr(tracker, "run_id", None), model_version=version)
+    return TrainResult(
+        run_dir=run_dir,
+        output_dir=out_dir,
+        merged_dir=merged,
+        metrics=metrics,
+        history=history,
+        evals=evals,
+        mix=prepared.mix_dict(),
+        resolved=res.as_dict(),
+        data=prepared.data_info,
+        tracking_run_id=getattr(tracker, "run_id", None),
+        model_version=version,
+    )
 
 
 def _train_hash(recipe: Recipe) -> str:
@@ -245,11 +335,17 @@ def _hash_dict(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _final_metrics(history: list[dict[str, float]], evals: list[dict[str, float]], train_seconds: float,
-                   tokens: int, num_steps: int, wall0: float) -> dict[str, float]:
+def _final_metrics(
+    history: list[dict[str, float]],
+    evals: list[dict[str, float]],
+    train_seconds: float,
+    tokens: int,
+    num_steps: int,
+    wall0: float,
+) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if history:
-        tail = history[-max(1, min(10, len(history))):]
+        tail = history[-max(1, min(10, len(history))) :]
         metrics["train_loss"] = sum(h["loss"] for h in tail) / len(tail)
         metrics["first_loss"] = history[0]["loss"]
     if evals:
@@ -265,11 +361,14 @@ def _final_metrics(history: list[dict[str, float]], evals: list[dict[str, float]
 
 
 def _describe(recipe: Recipe, res: Any, prepared: Any, run_dir: Path) -> str:
-    src = ", ".join(f"{name} ({st['train']} ex{', cached' if st['cache_hit'] else ''})"
-                    for name, st in prepared.data_info.items())
-    return (f"tuneforge {recipe.method} · {recipe.adapter.kind} · {res.device}/{res.precision} · "
-            f"{res.total_steps} steps × {recipe.train.global_batch_size} rows "
-            f"(micro {res.micro_batch_size} × accum {res.grad_accumulation}) · data: {src}\nrun dir: {run_dir}")
+    src = ", ".join(
+        f"{name} ({st['train']} ex{', cached' if st['cache_hit'] else ''})" for name, st in prepared.data_info.items()
+    )
+    return (
+        f"tuneforge {recipe.method} · {recipe.adapter.kind} · {res.device}/{res.precision} · "
+        f"{res.total_steps} steps × {recipe.train.global_batch_size} rows "
+        f"(micro {res.micro_batch_size} × accum {res.grad_accumulation}) · data: {src}\nrun dir: {run_dir}"
+    )
 
 
 def _start_tracker(recipe: Recipe, res: Any, data_hashes: dict[str, str], run_dir: Path) -> Any:
@@ -278,11 +377,20 @@ def _start_tracker(recipe: Recipe, res: Any, data_hashes: dict[str, str], run_di
     if not recipe.tracking.enabled:
         return NullTracker()
     params = {"recipe": recipe.to_dict(), "resolved": res.as_dict()}
-    tags = {"tuneforge.method": recipe.method, "tuneforge.base_model": recipe.model.path,
-            "tuneforge.recipe_hash": recipe.hash(), "tuneforge.run_dir": str(run_dir),
-            **{f"tuneforge.data_hash.{k}": v for k, v in data_hashes.items()}}
-    return Tracker.start(experiment=recipe.tracking.experiment, run_name=recipe.tracking.run_name or run_dir.name,
-                         params=params, tags=tags, tracking_uri=recipe.tracking.uri)
+    tags = {
+        "tuneforge.method": recipe.method,
+        "tuneforge.base_model": recipe.model.path,
+        "tuneforge.recipe_hash": recipe.hash(),
+        "tuneforge.run_dir": str(run_dir),
+        **{f"tuneforge.data_hash.{k}": v for k, v in data_hashes.items()},
+    }
+    return Tracker.start(
+        experiment=recipe.tracking.experiment,
+        run_name=recipe.tracking.run_name or run_dir.name,
+        params=params,
+        tags=tags,
+        tracking_uri=recipe.tracking.uri,
+    )
 
 
 def export(run_or_adapter: str | Path, out_dir: str | Path, *, merge: bool = True, base: str | None = None) -> Path:

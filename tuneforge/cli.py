@@ -53,8 +53,10 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     """The method registry as a table: what each method trains on, its recipe section, where it runs."""
     from tuneforge.methods import METHODS
 
-    rows = [(m.name, " / ".join(m.formats), m.section or "-", "yes" if m.elastic else "no", m.summary)
-            for m in METHODS.values()]
+    rows = [
+        (m.name, " / ".join(m.formats), m.section or "-", "yes" if m.elastic else "no", m.summary)
+        for m in METHODS.values()
+    ]
     head = ("method", "data formats", "section", "elastic", "")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
     for r in [head, *rows]:
@@ -68,8 +70,9 @@ def _cmd_data_validate(args: argparse.Namespace) -> int:
     token_length = None
     if args.model:
         token_length = _token_length_fn(args.model, args.chat_template)
-    report = validate_file(args.file, args.format, token_length=token_length,
-                           max_tokens=args.max_length if args.model else None)
+    report = validate_file(
+        args.file, args.format, token_length=token_length, max_tokens=args.max_length if args.model else None
+    )
     for issue in report.issues:
         print(issue)
     print(report.summary(), file=sys.stderr if report.issues else sys.stdout)
@@ -125,20 +128,37 @@ def _cmd_constitutional(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tuneforge.rewards.constitutional import (
-        Settings, build_model_client, load_principles, read_prompts, run_constitutional,
+        Settings,
+        build_model_client,
+        load_principles,
+        read_prompts,
+        run_constitutional,
     )
 
     # Cheap checks first (constitution, flags, every prompt record), so a typo costs no model load.
     principles = load_principles(args.principles)
-    settings = Settings(revisions=args.revisions, seed=args.seed, temperature=args.temperature,
-                        max_tokens=args.max_tokens, concurrency=args.concurrency)
+    settings = Settings(
+        revisions=args.revisions,
+        seed=args.seed,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        concurrency=args.concurrency,
+    )
     settings.check(len(principles))
     prompts = read_prompts(args.prompts)
     client = build_model_client(args.model, base_url=args.base_url, api_key_env=args.api_key_env)
     source = Path(args.prompts)
     out = args.out or str(source.with_name(f"{source.stem}.pairs.jsonl"))
-    summary = run_constitutional(prompts, out, client, principles, settings, critiques=args.critiques,
-                                 overwrite=args.overwrite, source=args.prompts)
+    summary = run_constitutional(
+        prompts,
+        out,
+        client,
+        principles,
+        settings,
+        critiques=args.critiques,
+        overwrite=args.overwrite,
+        source=args.prompts,
+    )
     print(summary.render())
     return 0 if summary.written + summary.resumed or not summary.prompts else 1
 
@@ -159,14 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a recipe")
     p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.lr=1e-4")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_OR_CHECKPOINT",
-                   help="continue exactly from the newest checkpoint (of output.dir, or of the given path)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.lr=1e-4"
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="RUN_OR_CHECKPOINT",
+        help="continue exactly from the newest checkpoint (of output.dir, or of the given path)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--replicas", metavar="MIN:MAX", default=None,
-                   help="elastic, fault-tolerant data-parallel replicas (torchft), e.g. 2:8")
-    p.add_argument("--fault-plan", default=None, metavar="PLAN",
-                   help="inject failures: 'kill:1@10' (replica 1 at step 10), 'hang:0@25s', a JSON/YAML file…")
+    p.add_argument(
+        "--replicas",
+        metavar="MIN:MAX",
+        default=None,
+        help="elastic, fault-tolerant data-parallel replicas (torchft), e.g. 2:8",
+    )
+    p.add_argument(
+        "--fault-plan",
+        default=None,
+        metavar="PLAN",
+        help="inject failures: 'kill:1@10' (replica 1 at step 10), 'hang:0@25s', a JSON/YAML file…",
+    )
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser("scale", help="change the number of replicas of a running elastic job")
@@ -226,27 +262,53 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sample", required=True, help="sample JSON (or plain output text), or @file")
     q.set_defaults(fn=_cmd_grader_run)
 
-    p = sub.add_parser("constitutional",
-                       help="Constitutional AI: the model answers, critiques and revises; write (revised, original) DPO pairs")
-    p.add_argument("prompts", metavar="PROMPTS", help="prompt records (messages ending with a user turn, a chat "
-                   "whose last answer is dropped, or {prompt, completion})")
+    p = sub.add_parser(
+        "constitutional",
+        help="Constitutional AI: the model answers, critiques and revises; write (revised, original) DPO pairs",
+    )
+    p.add_argument(
+        "prompts",
+        metavar="PROMPTS",
+        help="prompt records (messages ending with a user turn, a chat "
+        "whose last answer is dropped, or {prompt, completion})",
+    )
     p.add_argument("--model", required=True, help="local Hugging Face model directory, or a model name at the endpoint")
     p.add_argument("--base-url", default=None, help="any OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--api-key-env", default=None, metavar="VAR",
-                   help="environment variable holding the API key (default: $OPENAI_API_KEY; none for a local endpoint)")
-    p.add_argument("--principles", default=None, metavar="FILE",
-                   help="constitution YAML/JSON (default: the shipped tuneforge/rewards/constitution.yaml)")
+    p.add_argument(
+        "--api-key-env",
+        default=None,
+        metavar="VAR",
+        help="environment variable holding the API key (default: $OPENAI_API_KEY; none for a local endpoint)",
+    )
+    p.add_argument(
+        "--principles",
+        default=None,
+        metavar="FILE",
+        help="constitution YAML/JSON (default: the shipped tuneforge/rewards/constitution.yaml)",
+    )
     p.add_argument("--out", default=None, help="output JSONL of DPO pairs (default: PROMPTS' name + .pairs.jsonl)")
-    p.add_argument("--revisions", type=_revisions, default=1, metavar="K",
-                   help="principles per prompt, drawn with --seed; 'all' for every principle in order (default 1)")
+    p.add_argument(
+        "--revisions",
+        type=_revisions,
+        default=1,
+        metavar="K",
+        help="principles per prompt, drawn with --seed; 'all' for every principle in order (default 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=512, help="per model reply")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--concurrency", type=int, default=8, help="endpoint requests in flight (a local model uses 1)")
-    p.add_argument("--critiques", default=None, metavar="FILE",
-                   help="also write every exchange (critiques, revisions, skip reasons) as JSONL for inspection")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh instead of skipping prompts whose pair is already in --out")
+    p.add_argument(
+        "--critiques",
+        default=None,
+        metavar="FILE",
+        help="also write every exchange (critiques, revisions, skip reasons) as JSONL for inspection",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh instead of skipping prompts whose pair is already in --out",
+    )
     p.set_defaults(fn=_cmd_constitutional)
     return parser
 

@@ -113,8 +113,9 @@ class DPOConfig(_Section):
     )
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin.")
     precompute_ref: bool | None = Field(
-        None, description="Compute reference log-probs once before training (cached with the token cache). "
-        "Default: yes for full fine-tuning, no for adapters (the base with the adapter disabled is the reference)."
+        None,
+        description="Compute reference log-probs once before training (cached with the token cache). "
+        "Default: yes for full fine-tuning, no for adapters (the base with the adapter disabled is the reference).",
     )
 
     @model_validator(mode="after")
@@ -138,8 +139,11 @@ class KTOConfig(_Section):
     beta: float = Field(0.1, gt=0, description="Strength of the implicit reward (as DPO's beta).")
     desirable_weight: float = Field(1.0, gt=0, description="Weight of desirable examples' losses (λ_D).")
     undesirable_weight: float = Field(
-        1.0, gt=0, description="Weight of undesirable examples' losses (λ_U); the paper keeps "
-        "λ_D·n_D / (λ_U·n_U) between 1 and 4/3.")
+        1.0,
+        gt=0,
+        description="Weight of undesirable examples' losses (λ_U); the paper keeps "
+        "λ_D·n_D / (λ_U·n_U) between 1 and 4/3.",
+    )
 
 
 class GenerationConfig(_Section):
@@ -158,18 +162,26 @@ class GRPOConfig(_Section):
 
     graders: str | dict[str, Any] = Field(
         description="Grader config in OpenAI's reinforcement fine-tuning shape: a .json/.yaml file or an inline "
-        "mapping (string_check, text_similarity, python, score_model, multi).")
+        "mapping (string_check, text_similarity, python, score_model, multi)."
+    )
     group_size: int = Field(8, ge=2, description="Completions sampled per prompt (the group).")
     loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = Field(
-        "dapo", description="Token averaging: grpo (per sequence), dapo/bnpo (per token over the whole step), "
-        "dr_grpo (constant divisor, no length bias).")
+        "dapo",
+        description="Token averaging: grpo (per sequence), dapo/bnpo (per token over the whole step), "
+        "dr_grpo (constant divisor, no length bias).",
+    )
     scale_rewards: Literal["std", "none"] = Field(
-        "std", description="Divide advantages by the group's std (GRPO) or only centre them (Dr. GRPO).")
+        "std", description="Divide advantages by the group's std (GRPO) or only centre them (Dr. GRPO)."
+    )
     beta: float = Field(0.0, ge=0, description="KL penalty to the reference policy (k3 estimator); 0 = off.")
     clip_eps: float = Field(0.2, gt=0, lt=1)
     clip_eps_high: float | None = Field(None, gt=0, description="DAPO's clip-higher; default: clip_eps.")
-    num_iterations: int = Field(1, gt=0, description="Optimizer steps on each batch of completions (> 1: the clipped "
-                                "ratio to the sampling policy bounds each update).")
+    num_iterations: int = Field(
+        1,
+        gt=0,
+        description="Optimizer steps on each batch of completions (> 1: the clipped "
+        "ratio to the sampling policy bounds each update).",
+    )
     judge_base_url: str | None = Field(None, description="Default OpenAI-compatible endpoint for score_model graders.")
     judge_api_key_env: str | None = Field(None, description="Environment variable holding the judge's API key.")
     eval_prompts: int = Field(64, gt=0, description="Held-out prompts scored (greedy) at each evaluation.")
@@ -185,12 +197,18 @@ class PPOConfig(_Section):
     clip_eps: float = Field(0.2, gt=0, lt=1)
     value_clip: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
-    epochs: int = Field(1, gt=0, description="Optimizer steps on each batch of rollouts (PPO epochs; the clipped "
-                        "ratio to the rollout policy bounds each update).")
-    whiten_rewards: bool = Field(False, description="Scale the per-token rewards to unit variance over the step "
-                                 "before GAE.")
+    epochs: int = Field(
+        1,
+        gt=0,
+        description="Optimizer steps on each batch of rollouts (PPO epochs; the clipped "
+        "ratio to the rollout policy bounds each update).",
+    )
+    whiten_rewards: bool = Field(
+        False, description="Scale the per-token rewards to unit variance over the step before GAE."
+    )
     missing_eos_penalty: float | None = Field(
-        None, description="Subtracted from the score of completions that hit the length budget without EOS.")
+        None, description="Subtracted from the score of completions that hit the length budget without EOS."
+    )
     eval_prompts: int = Field(64, gt=0, description="Held-out prompts scored (greedy) at each evaluation.")
 
 
@@ -199,14 +217,21 @@ class DistillConfig(_Section):
 
     teacher: str = Field(description="Teacher model directory (or hub id when online).")
     mode: Literal["auto", "logits", "sequence"] = Field(
-        "auto", description="logits: match the teacher's token distributions (needs the same tokenizer); "
+        "auto",
+        description="logits: match the teacher's token distributions (needs the same tokenizer); "
         "sequence: the teacher writes the answers and the student learns them with SFT. auto: logits when the "
-        "vocabularies agree.")
+        "vocabularies agree.",
+    )
     kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = Field(0.5, gt=0, lt=1, description="JSD interpolation (kind: jsd).")
     temperature: float = Field(1.0, gt=0)
-    alpha: float = Field(0.0, ge=0, le=1, description="Weight of the plain cross-entropy on the data's own "
-                         "answers; (1 - alpha) goes to the distillation term.")
+    alpha: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Weight of the plain cross-entropy on the data's own "
+        "answers; (1 - alpha) goes to the distillation term.",
+    )
 
 
 class TrackingConfig(_Section):
@@ -272,8 +297,9 @@ class Recipe(_Section):
             self.data.loss_on = "all"
         if not spec.prompt_learning and self.adapter.kind in PROMPT_LEARNING:
             head = "a value head on the policy's hidden states" if spec.value_head else "a scalar head"
-            raise ValueError(f"adapter.kind: method {self.method} trains {head}; use lora, dora or full, "
-                             f"not {self.adapter.kind}")
+            raise ValueError(
+                f"adapter.kind: method {self.method} trains {head}; use lora, dora or full, not {self.adapter.kind}"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -382,7 +408,7 @@ def _resolve_relative_paths(recipe: Recipe, base_dir: Path) -> None:
         if p.startswith("$TUNEFORGE_HOME"):  # recipes shipped with tuneforge point into the state directory
             from tuneforge.paths import state_dir
 
-            p = str(state_dir()) + p[len("$TUNEFORGE_HOME"):]
+            p = str(state_dir()) + p[len("$TUNEFORGE_HOME") :]
         candidate = Path(p).expanduser()
         if candidate.is_absolute():
             return str(candidate)

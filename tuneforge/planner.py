@@ -55,7 +55,9 @@ def resolve_micro_batch(recipe: Recipe, device: torch.device, data_parallel: int
     """
     g = recipe.train.global_batch_size
     if g % data_parallel:
-        raise RecipeError(f"train.global_batch_size={g} must be divisible by the {data_parallel} data-parallel replicas")
+        raise RecipeError(
+            f"train.global_batch_size={g} must be divisible by the {data_parallel} data-parallel replicas"
+        )
     per_replica = g // data_parallel
     m = recipe.train.micro_batch_size
     if m == "auto":

@@ -29,12 +29,17 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         nb = str(device) != "cpu"
-        return Batch(self.input_ids.to(device, non_blocking=nb), self.position_ids.to(device, non_blocking=nb),
-                     self.labels.to(device, non_blocking=nb), self.num_tokens)
+        return Batch(
+            self.input_ids.to(device, non_blocking=nb),
+            self.position_ids.to(device, non_blocking=nb),
+            self.labels.to(device, non_blocking=nb),
+            self.num_tokens,
+        )
 
 
-def collate(rows: Sequence[np.ndarray], sources: Sequence[TokenizedSource], pad_id: int,
-            pad_to: int | None = None) -> Batch:
+def collate(
+    rows: Sequence[np.ndarray], sources: Sequence[TokenizedSource], pad_id: int, pad_to: int | None = None
+) -> Batch:
     """Build a batch from rows of ``(source, example)`` refs; pads to `pad_to` or the longest row."""
     docs = [[sources[s].example(i) for s, i in row] for row in rows]
     row_lens = [sum(len(ids) for ids, _ in row) for row in docs]

@@ -176,8 +176,11 @@ def to_canonical(value: dict, fmt: str) -> dict:
     elif shape == "text":
         out = {"text": value["text"]}
     elif shape == "unpaired":
-        out = {"prompt": _as_messages(value["prompt"], "user"),
-               "completion": _as_messages(value["completion"], "assistant"), "label": value["label"]}
+        out = {
+            "prompt": _as_messages(value["prompt"], "user"),
+            "completion": _as_messages(value["completion"], "assistant"),
+            "label": value["label"],
+        }
     elif shape == "unpaired_chat":
         msgs = [_canonical_message(m) for m in value["messages"]]
         cut = len(msgs)
@@ -311,9 +314,7 @@ def _check_tool_calls(calls: Any, where: str, issues: list[Issue]) -> bool:
     for i, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            issues.append(
-                (f"{where}[{i}]", "has no function name", '{"function": {"name": …, "arguments": …}}')
-            )
+            issues.append((f"{where}[{i}]", "has no function name", '{"function": {"name": …, "arguments": …}}'))
             ok = False
         elif "arguments" in fn and not isinstance(fn["arguments"], (str, dict)):
             got = f"is {_json_type(fn['arguments'])}"
@@ -400,8 +401,13 @@ def _check_unpaired(value: dict, shape: str, issues: list[Issue]) -> None:
         if "messages" in value:
             roles = _check_sequence(value["messages"], "messages", issues, allow_weight=False)
             if roles and roles[-1] is not None and roles[-1] != "assistant":
-                issues.append((f"messages[{len(roles) - 1}].role", f"conversation ends with {roles[-1]!r}",
-                               "the labelled assistant answer last"))
+                issues.append(
+                    (
+                        f"messages[{len(roles) - 1}].role",
+                        f"conversation ends with {roles[-1]!r}",
+                        "the labelled assistant answer last",
+                    )
+                )
             elif roles and all(r == "assistant" for r in roles):
                 issues.append(("messages", "has no prompt", "user (or system) messages before the labelled answer"))
         if "tools" in value:

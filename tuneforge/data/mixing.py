@@ -74,6 +74,12 @@ class MixReport:
         for name, tgt, real, tok, ex, passes in zip(
             self.names, self.target, self.realised(), self.tokens, self.examples, self.passes
         ):
-            note = f", {passes:.2f} passes — repeated, reshuffled each pass" if passes > 1.001 else f", {passes:.2f} passes"
-            lines.append(f"  {name}: target {tgt:.1%}, realised {real:.1%} ({tok} supervised tokens, {ex} examples{note})")
+            note = (
+                f", {passes:.2f} passes — repeated, reshuffled each pass"
+                if passes > 1.001
+                else f", {passes:.2f} passes"
+            )
+            lines.append(
+                f"  {name}: target {tgt:.1%}, realised {real:.1%} ({tok} supervised tokens, {ex} examples{note})"
+            )
         return "\n".join(lines)

@@ -52,8 +52,9 @@ def record_key(example: dict) -> str:
     return json.dumps(example, sort_keys=True, ensure_ascii=False)
 
 
-def load_sources(recipe: Recipe, *, default_format: str | None = None,
-                 allow_extra: Collection[str] = ()) -> list[SourceExamples]:
+def load_sources(
+    recipe: Recipe, *, default_format: str | None = None, allow_extra: Collection[str] = ()
+) -> list[SourceExamples]:
     """Validate every source (all errors of all files at once), then sanitise and split each.
 
     ``default_format`` replaces ``auto`` (online RL reads prompts, which look like chats); ``allow_extra``
@@ -95,15 +96,22 @@ def _clean_and_split(cfg: SourceConfig, report: Any, recipe: Recipe, names: set[
     for line, ex in report.examples:
         lines.setdefault(record_key(ex), line)
     s = recipe.data.sanitize
-    examples, stats = sanitize([ex for _, ex in report.examples], dedup=s.dedup, drop_empty=s.drop_empty,
-                               max_chars=s.max_chars)
+    examples, stats = sanitize(
+        [ex for _, ex in report.examples], dedup=s.dedup, drop_empty=s.drop_empty, max_chars=s.max_chars
+    )
     if not examples:
         raise DataError([DataIssue(cfg.path, 0, "", "no usable records after sanitising", "at least one")])
     val_fraction = 0.0 if recipe.data.validation else recipe.data.val_fraction
     train, val = split(examples, val_fraction, recipe.train.seed)
     fmt = report.format
     return SourceExamples(
-        name=name, path=cfg.path, weight=cfg.weight, format=fmt, train=train, val=val, lines=lines,
+        name=name,
+        path=cfg.path,
+        weight=cfg.weight,
+        format=fmt,
+        train=train,
+        val=val,
+        lines=lines,
         data_hash=content_hash(examples),
         stats={"records": report.n_records, **_stats_dict(stats), "train": len(train), "val": len(val)},
     )
@@ -132,12 +140,23 @@ def _encode(examples: list[dict], fmt: str, tokenizer: Any, template: str | None
     return encoded, too_long
 
 
-def _tokenize_split(name: str, examples: list[dict], src: SourceExamples, tokenizer: Any, template: str | None,
-                    recipe: Recipe, split_name: str) -> TokenizedSource:
+def _tokenize_split(
+    name: str,
+    examples: list[dict],
+    src: SourceExamples,
+    tokenizer: Any,
+    template: str | None,
+    recipe: Recipe,
+    split_name: str,
+) -> TokenizedSource:
     key = token_cache.cache_key(
-        data_hash=content_hash(examples) if examples else "empty", tokenizer_hash=token_cache.tokenizer_fingerprint(tokenizer),
-        template=template if src.format != "text" else None, max_length=recipe.data.max_length, kind=src.format,
-        loss_on=recipe.data.loss_on, on_overlong=recipe.data.on_overlong,  # the schema sets `all` for cpt
+        data_hash=content_hash(examples) if examples else "empty",
+        tokenizer_hash=token_cache.tokenizer_fingerprint(tokenizer),
+        template=template if src.format != "text" else None,
+        max_length=recipe.data.max_length,
+        kind=src.format,
+        loss_on=recipe.data.loss_on,
+        on_overlong=recipe.data.on_overlong,  # the schema sets `all` for cpt
     )
     root = cache_dir("tokens")
     if recipe.data.cache:
@@ -147,28 +166,45 @@ def _tokenize_split(name: str, examples: list[dict], src: SourceExamples, tokeni
     encoded, too_long = _encode(examples, src.format, tokenizer, template, recipe)
     if too_long and recipe.data.on_overlong == "error":
         issues = [
-            DataIssue(src.path, src.lines.get(record_key(examples[i]), 0), "messages",
-                      f"too long after tokenization: {n} tokens",
-                      f"at most data.max_length={recipe.data.max_length}, or set data.on_overlong: truncate|drop")
+            DataIssue(
+                src.path,
+                src.lines.get(record_key(examples[i]), 0),
+                "messages",
+                f"too long after tokenization: {n} tokens",
+                f"at most data.max_length={recipe.data.max_length}, or set data.on_overlong: truncate|drop",
+            )
             for i, n in too_long
         ]
         raise DataError(sorted(issues, key=lambda x: x.line), f"{src.path}: {len(issues)} record(s) too long")
     if not encoded:
-        raise DataError([DataIssue(src.path, 0, "", f"no {split_name} examples with supervised tokens",
-                                   "at least one assistant message with weight 1")])
+        raise DataError(
+            [
+                DataIssue(
+                    src.path,
+                    0,
+                    "",
+                    f"no {split_name} examples with supervised tokens",
+                    "at least one assistant message with weight 1",
+                )
+            ]
+        )
     source = token_cache.pack_arrays(name, encoded)
     source.cache_key = key
     return token_cache.store(root, key, source) if recipe.data.cache else source
 
 
-def tokenize_sources(loaded: list[SourceExamples], tokenizer: Any, template: str | None,
-                     recipe: Recipe) -> list[SourceTokens]:
+def tokenize_sources(
+    loaded: list[SourceExamples], tokenizer: Any, template: str | None, recipe: Recipe
+) -> list[SourceTokens]:
     out = []
     for src in loaded:
         train = _tokenize_split(src.name, src.train, src, tokenizer, template, recipe, "training")
         val = _tokenize_split(src.name, src.val, src, tokenizer, template, recipe, "validation") if src.val else None
-        stats = dict(src.stats, cache_hit=train.cache_hit, train_tokens=int(len(train.ids)),
-                     supervised_tokens=int(train.supervised_counts().sum()))
+        stats = dict(
+            src.stats,
+            cache_hit=train.cache_hit,
+            train_tokens=len(train.ids),
+            supervised_tokens=int(train.supervised_counts().sum()),
+        )
         out.append(SourceTokens(src.name, src.weight, train, val, stats))
     return out
-

@@ -98,8 +98,9 @@ def encode_pairs(tokenizer: Any, examples: Sequence[dict], template: str | None)
     return encode_chats(tokenizer, conversations, template, "assistant")
 
 
-def fit_pairs(encoded: list[tuple[np.ndarray, np.ndarray]], max_length: int,
-              on_overlong: str) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[int, str, int]], int]:
+def fit_pairs(
+    encoded: list[tuple[np.ndarray, np.ndarray]], max_length: int, on_overlong: str
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[int, str, int]], int]:
     """Apply the length policy to interleaved pairs.
 
     Returns the kept sequences (still interleaved), the over-long sides ``(pair, side, tokens)`` and how many pairs
@@ -124,14 +125,28 @@ def fit_pairs(encoded: list[tuple[np.ndarray, np.ndarray]], max_length: int,
     return kept, too_long, dropped
 
 
-def tokenize_pair_split(name: str, examples: list[dict], *, path: str, lines: dict[str, int], tokenizer: Any,
-                        template: str | None, max_length: int, on_overlong: str, use_cache: bool,
-                        split_name: str) -> tuple[PairSource, int]:
+def tokenize_pair_split(
+    name: str,
+    examples: list[dict],
+    *,
+    path: str,
+    lines: dict[str, int],
+    tokenizer: Any,
+    template: str | None,
+    max_length: int,
+    on_overlong: str,
+    use_cache: bool,
+    split_name: str,
+) -> tuple[PairSource, int]:
     """Tokenize one split of one source through the token cache; returns the pairs and how many were dropped."""
     key = token_cache.cache_key(
         data_hash=content_hash(examples) if examples else "empty",
-        tokenizer_hash=token_cache.tokenizer_fingerprint(tokenizer), template=template, max_length=max_length,
-        kind="preference", loss_on="completion", on_overlong=on_overlong,
+        tokenizer_hash=token_cache.tokenizer_fingerprint(tokenizer),
+        template=template,
+        max_length=max_length,
+        kind="preference",
+        loss_on="completion",
+        on_overlong=on_overlong,
     )
     root = cache_dir("tokens")
     if use_cache:
@@ -141,15 +156,28 @@ def tokenize_pair_split(name: str, examples: list[dict], *, path: str, lines: di
     kept, too_long, dropped = fit_pairs(encode_pairs(tokenizer, examples, template), max_length, on_overlong)
     if too_long and on_overlong == "error":
         issues = [
-            DataIssue(path, lines.get(_record_key(examples[p]), 0), side, f"too long after tokenization: prompt + "
-                      f"{side} is {n} tokens", f"at most data.max_length={max_length}, or set data.on_overlong: "
-                      "truncate|drop")
+            DataIssue(
+                path,
+                lines.get(_record_key(examples[p]), 0),
+                side,
+                f"too long after tokenization: prompt + {side} is {n} tokens",
+                f"at most data.max_length={max_length}, or set data.on_overlong: truncate|drop",
+            )
             for p, side, n in too_long
         ]
         raise DataError(sorted(issues, key=lambda x: x.line), f"{path}: {len(issues)} response(s) too long")
     if not kept:
-        raise DataError([DataIssue(path, 0, "", f"no {split_name} pairs left with a response to compare",
-                                   f"prompts shorter than data.max_length={max_length}")])
+        raise DataError(
+            [
+                DataIssue(
+                    path,
+                    0,
+                    "",
+                    f"no {split_name} pairs left with a response to compare",
+                    f"prompts shorter than data.max_length={max_length}",
+                )
+            ]
+        )
     seqs = token_cache.pack_arrays(name, kept)
     seqs.cache_key = key
     if use_cache:
@@ -157,21 +185,34 @@ def tokenize_pair_split(name: str, examples: list[dict], *, path: str, lines: di
     return PairSource(name, seqs), dropped
 
 
-def tokenize_preference_sources(loaded: Sequence[Any], tokenizer: Any, template: str | None,
-                                recipe: Any) -> list[PairTokens]:
+def tokenize_preference_sources(
+    loaded: Sequence[Any], tokenizer: Any, template: str | None, recipe: Any
+) -> list[PairTokens]:
     """Tokenize every loaded source (``pipeline.SourceExamples`` of preference records) and its validation split."""
     out = []
     d = recipe.data
     for src in loaded:
-        common = dict(path=src.path, lines=src.lines, tokenizer=tokenizer, template=template, max_length=d.max_length,
-                      on_overlong=d.on_overlong, use_cache=d.cache)
+        common = dict(
+            path=src.path,
+            lines=src.lines,
+            tokenizer=tokenizer,
+            template=template,
+            max_length=d.max_length,
+            on_overlong=d.on_overlong,
+            use_cache=d.cache,
+        )
         train, dropped = tokenize_pair_split(src.name, src.train, split_name="training", **common)
         val = None
         if src.val:
             val, _ = tokenize_pair_split(src.name, src.val, split_name="validation", **common)
-        stats = dict(src.stats, pairs=len(train), dropped_pairs=dropped, cache_hit=train.cache_hit,
-                     train_tokens=int(len(train.seqs.ids)),
-                     completion_tokens=int(train.completion_tokens.sum()))
+        stats = dict(
+            src.stats,
+            pairs=len(train),
+            dropped_pairs=dropped,
+            cache_hit=train.cache_hit,
+            train_tokens=len(train.seqs.ids),
+            completion_tokens=int(train.completion_tokens.sum()),
+        )
         out.append(PairTokens(src.name, src.weight, train, val, stats))
     return out
 
@@ -201,8 +242,10 @@ class PairBatch:
     def to(self, device: torch.device | str) -> PairBatch:
         nb = str(device) != "cpu"
         mask = None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=nb)
-        ids, pos, at, tgt, seq, last = (t.to(device, non_blocking=nb) for t in (
-            self.input_ids, self.position_ids, self.positions, self.targets, self.seq, self.last))
+        ids, pos, at, tgt, seq, last = (
+            t.to(device, non_blocking=nb)
+            for t in (self.input_ids, self.position_ids, self.positions, self.targets, self.seq, self.last)
+        )
         return PairBatch(ids, pos, mask, at, tgt, seq, last, self.pairs, self.num_tokens)
 
 
@@ -216,8 +259,9 @@ def shared_prefix_length(chosen: tuple[np.ndarray, np.ndarray], rejected: tuple[
     return int(np.argmax(differ)) if differ.any() else n
 
 
-def collate_pairs(refs: Sequence[tuple[int, int]], sources: Sequence[PairSource], pad_id: int, *,
-                  share_prompt: bool) -> PairBatch:
+def collate_pairs(
+    refs: Sequence[tuple[int, int]], sources: Sequence[PairSource], pad_id: int, *, share_prompt: bool
+) -> PairBatch:
     """Pairs ``(source, pair)`` → one batch; with `share_prompt`, one row per pair and the prompt computed once.
 
     Shared layout: ``prompt · chosen-rest · rejected-rest`` in one row. The rejected tokens see the prompt and
@@ -276,8 +320,13 @@ def collate_pairs(refs: Sequence[tuple[int, int]], sources: Sequence[PairSource]
             masks[r, 0] = allowed
         attention = torch.from_numpy(masks)
     return PairBatch(
-        input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(position_ids), attention_mask=attention,
-        positions=torch.from_numpy(np.concatenate(positions)), targets=torch.from_numpy(np.concatenate(targets)),
-        seq=torch.from_numpy(np.concatenate(seq)), last=torch.from_numpy(last), pairs=n_pairs,
+        input_ids=torch.from_numpy(input_ids),
+        position_ids=torch.from_numpy(position_ids),
+        attention_mask=attention,
+        positions=torch.from_numpy(np.concatenate(positions)),
+        targets=torch.from_numpy(np.concatenate(targets)),
+        seq=torch.from_numpy(np.concatenate(seq)),
+        last=torch.from_numpy(last),
+        pairs=n_pairs,
         num_tokens=int(sum(len(ids) for ids, _ in rows)),
     )

@@ -34,8 +34,12 @@ class PromptSet:
         """The prompts as a token source for the planner (one sample each; nothing is supervised)."""
         lengths = np.array([len(x) for x in self.ids], dtype=np.int64)
         flat = np.concatenate([np.asarray(x, dtype=np.int32) for x in self.ids]) if len(self) else np.zeros(0, np.int32)
-        return TokenizedSource(self.name, flat, np.zeros(len(flat), dtype=np.uint8),
-                               np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        return TokenizedSource(
+            self.name,
+            flat,
+            np.zeros(len(flat), dtype=np.uint8),
+            np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        )
 
 
 @dataclass
@@ -47,8 +51,15 @@ class PromptSource:
     stats: dict[str, Any]
 
 
-def encode_prompts(src: SourceExamples, records: list[dict], tokenizer: Any, template: str | None, budget: int,
-                   on_overlong: str, issues: list[DataIssue]) -> tuple[PromptSet, int]:
+def encode_prompts(
+    src: SourceExamples,
+    records: list[dict],
+    tokenizer: Any,
+    template: str | None,
+    budget: int,
+    on_overlong: str,
+    issues: list[DataIssue],
+) -> tuple[PromptSet, int]:
     """Tokenize the prompts of `records`; over-long ones become issues (with their line), are dropped or cut.
 
     Returns the prompt set and how many were dropped.
@@ -61,8 +72,15 @@ def encode_prompts(src: SourceExamples, records: list[dict], tokenizer: Any, tem
     for rec, tokens in zip(records, encoded):
         if len(tokens) > budget:
             if on_overlong == "error":
-                issues.append(DataIssue(src.path, src.lines.get(record_key(rec), 0), "messages",
-                                        f"prompt is {len(tokens)} tokens", f"at most {budget} tokens"))
+                issues.append(
+                    DataIssue(
+                        src.path,
+                        src.lines.get(record_key(rec), 0),
+                        "messages",
+                        f"prompt is {len(tokens)} tokens",
+                        f"at most {budget} tokens",
+                    )
+                )
                 continue
             if on_overlong == "drop":
                 dropped += 1
@@ -73,8 +91,9 @@ def encode_prompts(src: SourceExamples, records: list[dict], tokenizer: Any, tem
     return PromptSet(src.name, kept, ids), dropped
 
 
-def prompt_sources(loaded: list[SourceExamples], tokenizer: Any, template: str | None, budget: int,
-                   on_overlong: str) -> tuple[list[PromptSource], list[DataIssue]]:
+def prompt_sources(
+    loaded: list[SourceExamples], tokenizer: Any, template: str | None, budget: int, on_overlong: str
+) -> tuple[list[PromptSource], list[DataIssue]]:
     """Every source's train and validation prompts, and every problem found (the caller raises them together)."""
     sources: list[PromptSource] = []
     issues: list[DataIssue] = []
@@ -82,9 +101,20 @@ def prompt_sources(loaded: list[SourceExamples], tokenizer: Any, template: str |
         train, dropped = encode_prompts(src, src.train, tokenizer, template, budget, on_overlong, issues)
         val, _ = encode_prompts(src, src.val, tokenizer, template, budget, on_overlong, issues)
         if not len(train) and not issues:
-            issues.append(DataIssue(src.path, 0, "", "no prompt fits data.max_length - generation.max_new_tokens",
-                                    f"prompts of at most {budget} tokens"))
-        stats = {**src.stats, "dropped_overlong": dropped, "cache_hit": False,
-                 "prompt_tokens_mean": float(np.mean([len(x) for x in train.ids])) if len(train) else 0.0}
+            issues.append(
+                DataIssue(
+                    src.path,
+                    0,
+                    "",
+                    "no prompt fits data.max_length - generation.max_new_tokens",
+                    f"prompts of at most {budget} tokens",
+                )
+            )
+        stats = {
+            **src.stats,
+            "dropped_overlong": dropped,
+            "cache_hit": False,
+            "prompt_tokens_mean": float(np.mean([len(x) for x in train.ids])) if len(train) else 0.0,
+        }
         sources.append(PromptSource(src.name, src.weight, train, val if len(val) else None, stats))
     return sources, issues

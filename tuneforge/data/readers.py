@@ -113,7 +113,9 @@ def _read_csv(p: Path) -> Iterator[RawRecord]:
             if not row:
                 continue  # blank line
             if len(row) != len(header):
-                yield RawRecord(name, start, None, f"wrong number of CSV fields: {len(row)}, the header has {len(header)}")
+                yield RawRecord(
+                    name, start, None, f"wrong number of CSV fields: {len(row)}, the header has {len(header)}"
+                )
                 continue
             yield _decode_json_columns(name, start, dict(zip(header, row)))
 

@@ -44,18 +44,32 @@ class Plan:
         return int(self.row_tokens[: self.num_steps * self.global_batch_size].sum())
 
 
-def build_plan(sources: Sequence[TokenizedSource], weights: Sequence[float], *, mix_by: str, seed: int,
-               max_length: int, packing: bool, global_batch_size: int, epochs: float,
-               max_steps: int | None) -> Plan:
+def build_plan(
+    sources: Sequence[TokenizedSource],
+    weights: Sequence[float],
+    *,
+    mix_by: str,
+    seed: int,
+    max_length: int,
+    packing: bool,
+    global_batch_size: int,
+    epochs: float,
+    max_steps: int | None,
+) -> Plan:
     """Stream the mixture, pack it into rows, and stop after `max_steps` steps or `epochs` passes of source 0."""
     supervised = [s.supervised_counts() for s in sources]
     lengths = [s.lengths for s in sources]
     costs = supervised if mix_by == "tokens" else [np.ones(len(s), dtype=np.int64) for s in sources]
     g = global_batch_size
     need_rows = max_steps * g if max_steps else None
-    primary_quota = max(1, int(round(epochs * len(sources[0]))))
-    mix = MixReport(names=[s.name for s in sources], target=(np.asarray(weights) / np.sum(weights)).tolist(),
-                    mix_by=mix_by, tokens=[0] * len(sources), examples=[0] * len(sources))
+    primary_quota = max(1, round(epochs * len(sources[0])))
+    mix = MixReport(
+        names=[s.name for s in sources],
+        target=(np.asarray(weights) / np.sum(weights)).tolist(),
+        mix_by=mix_by,
+        tokens=[0] * len(sources),
+        examples=[0] * len(sources),
+    )
 
     refs: list[tuple[int, int]] = []
     row_offsets = [0]
@@ -83,5 +97,11 @@ def build_plan(sources: Sequence[TokenizedSource], weights: Sequence[float], *, 
         row_tokens.append(cur_tok)
     assert need_rows is not None and len(row_tokens) == need_rows
     mix.passes = [ex / max(len(src), 1) for ex, src in zip(mix.examples, sources)]
-    return Plan(np.asarray(refs, dtype=np.int64).reshape(-1, 2), np.asarray(row_offsets, dtype=np.int64),
-                np.asarray(row_tokens, dtype=np.int64), g, need_rows // g, mix)
+    return Plan(
+        np.asarray(refs, dtype=np.int64).reshape(-1, 2),
+        np.asarray(row_offsets, dtype=np.int64),
+        np.asarray(row_tokens, dtype=np.int64),
+        g,
+        need_rows // g,
+        mix,
+    )

@@ -16,8 +16,9 @@ import numpy as np
 from tuneforge.errors import TuneforgeError
 
 
-def render_chat(tokenizer: Any, messages: Sequence[dict], template: str | None,
-                add_generation_prompt: bool = False) -> str:
+def render_chat(
+    tokenizer: Any, messages: Sequence[dict], template: str | None, add_generation_prompt: bool = False
+) -> str:
     """Render messages to text with `template` (or the tokenizer's own) — the one path used for train and serve."""
     clean = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
     return tokenizer.apply_chat_template(
@@ -25,8 +26,9 @@ def render_chat(tokenizer: Any, messages: Sequence[dict], template: str | None,
     )
 
 
-def assistant_spans(tokenizer: Any, messages: Sequence[dict], template: str | None,
-                    loss_on: str = "assistant") -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer: Any, messages: Sequence[dict], template: str | None, loss_on: str = "assistant"
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans that carry loss.
 
     An assistant turn's span runs from the end of the prompt that precedes it (rendered with the generation
@@ -68,8 +70,9 @@ def mask_from_offsets(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.n
     return mask
 
 
-def encode_chats(tokenizer: Any, conversations: Sequence[Sequence[dict]], template: str | None,
-                 loss_on: str = "assistant") -> list[tuple[np.ndarray, np.ndarray]]:
+def encode_chats(
+    tokenizer: Any, conversations: Sequence[Sequence[dict]], template: str | None, loss_on: str = "assistant"
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Token ids and loss masks for many conversations (one batched call into the Rust tokenizer)."""
     rendered = [assistant_spans(tokenizer, conv, template, loss_on) for conv in conversations]
     enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)

@@ -61,11 +61,27 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(*, data_hash: str, tokenizer_hash: str, template: str | None, max_length: int,
-              kind: str, loss_on: str, on_overlong: str) -> str:
+def cache_key(
+    *,
+    data_hash: str,
+    tokenizer_hash: str,
+    template: str | None,
+    max_length: int,
+    kind: str,
+    loss_on: str,
+    on_overlong: str,
+) -> str:
     blob = json.dumps(
-        dict(v=CACHE_VERSION, data=data_hash, tok=tokenizer_hash, template=template, max_length=max_length,
-             kind=kind, loss_on=loss_on, on_overlong=on_overlong),
+        dict(
+            v=CACHE_VERSION,
+            data=data_hash,
+            tok=tokenizer_hash,
+            template=template,
+            max_length=max_length,
+            kind=kind,
+            loss_on=loss_on,
+            on_overlong=on_overlong,
+        ),
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -95,7 +111,7 @@ def store(root: Path, key: str, source: TokenizedSource) -> TokenizedSource:
     try:
         for k in ("ids", "mask", "offsets"):
             np.save(tmp / f"{k}.npy", getattr(source, k))
-        (tmp / "done").write_text(json.dumps({"examples": len(source), "tokens": int(len(source.ids))}))
+        (tmp / "done").write_text(json.dumps({"examples": len(source), "tokens": len(source.ids)}))
         try:
             os.rename(tmp, root / key)
         except OSError:  # another process won the race; its entry is identical

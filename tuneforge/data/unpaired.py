@@ -76,14 +76,28 @@ def _conversation(example: dict) -> list[dict]:
     return prompt + [dict(m, weight=1) for m in example["completion"]]
 
 
-def tokenize_labelled_split(name: str, examples: list[dict], *, path: str, lines: dict[str, int], tokenizer: Any,
-                            template: str | None, max_length: int, on_overlong: str, use_cache: bool,
-                            split_name: str) -> tuple[LabelledSource, int]:
+def tokenize_labelled_split(
+    name: str,
+    examples: list[dict],
+    *,
+    path: str,
+    lines: dict[str, int],
+    tokenizer: Any,
+    template: str | None,
+    max_length: int,
+    on_overlong: str,
+    use_cache: bool,
+    split_name: str,
+) -> tuple[LabelledSource, int]:
     """One split through the token cache; returns the examples and how many were dropped."""
     key = token_cache.cache_key(
         data_hash=content_hash(examples) if examples else "empty",
-        tokenizer_hash=token_cache.tokenizer_fingerprint(tokenizer), template=template, max_length=max_length,
-        kind="unpaired", loss_on="completion", on_overlong=on_overlong,
+        tokenizer_hash=token_cache.tokenizer_fingerprint(tokenizer),
+        template=template,
+        max_length=max_length,
+        kind="unpaired",
+        loss_on="completion",
+        on_overlong=on_overlong,
     )
     root = cache_dir("tokens")
     if use_cache:
@@ -96,10 +110,15 @@ def tokenize_labelled_split(name: str, examples: list[dict], *, path: str, lines
     for ex, (ids, mask) in zip(examples, encoded):
         if len(ids) > max_length:
             if on_overlong == "error":
-                issues.append(DataIssue(path, lines.get(record_key(ex), 0), "completion",
-                                        f"too long after tokenization: prompt + completion is {len(ids)} tokens",
-                                        f"at most data.max_length={max_length}, or set data.on_overlong: "
-                                        "truncate|drop"))
+                issues.append(
+                    DataIssue(
+                        path,
+                        lines.get(record_key(ex), 0),
+                        "completion",
+                        f"too long after tokenization: prompt + completion is {len(ids)} tokens",
+                        f"at most data.max_length={max_length}, or set data.on_overlong: truncate|drop",
+                    )
+                )
                 continue
             if on_overlong == "drop":
                 dropped += 1
@@ -113,8 +132,17 @@ def tokenize_labelled_split(name: str, examples: list[dict], *, path: str, lines
     if issues:
         raise DataError(sorted(issues, key=lambda x: x.line), f"{path}: {len(issues)} example(s) too long")
     if not kept:
-        raise DataError([DataIssue(path, 0, "", f"no {split_name} examples left with a completion to score",
-                                   f"prompts shorter than data.max_length={max_length}")])
+        raise DataError(
+            [
+                DataIssue(
+                    path,
+                    0,
+                    "",
+                    f"no {split_name} examples left with a completion to score",
+                    f"prompts shorter than data.max_length={max_length}",
+                )
+            ]
+        )
     seqs = token_cache.pack_arrays(name, kept)
     seqs.cache_key = key
     label_array = np.asarray(labels, dtype=bool)
@@ -125,8 +153,9 @@ def tokenize_labelled_split(name: str, examples: list[dict], *, path: str, lines
     return LabelledSource(name, seqs, label_array), dropped
 
 
-def tokenize_labelled_sources(loaded: Sequence[Any], tokenizer: Any, template: str | None,
-                              recipe: Any) -> list[LabelledTokens]:
+def tokenize_labelled_sources(
+    loaded: Sequence[Any], tokenizer: Any, template: str | None, recipe: Any
+) -> list[LabelledTokens]:
     """Tokenize every loaded source of unpaired records and its validation split."""
     out = []
     d = recipe.data
@@ -134,14 +163,28 @@ def tokenize_labelled_sources(loaded: Sequence[Any], tokenizer: Any, template: s
         train_ex, val_ex, lines = src.train, src.val, src.lines
         if src.format == "preference":  # each pair becomes two labelled examples; errors still name the pair's line
             train_ex, val_ex = unpair(src.train), unpair(src.val)
-            lines = {record_key(u): src.lines.get(record_key(p), 0)
-                     for p in [*src.train, *src.val] for u in unpair([p])}
-        common = dict(path=src.path, lines=lines, tokenizer=tokenizer, template=template,
-                      max_length=d.max_length, on_overlong=d.on_overlong, use_cache=d.cache)
+            lines = {
+                record_key(u): src.lines.get(record_key(p), 0) for p in [*src.train, *src.val] for u in unpair([p])
+            }
+        common = dict(
+            path=src.path,
+            lines=lines,
+            tokenizer=tokenizer,
+            template=template,
+            max_length=d.max_length,
+            on_overlong=d.on_overlong,
+            use_cache=d.cache,
+        )
         train, dropped = tokenize_labelled_split(src.name, train_ex, split_name="training", **common)
         val = tokenize_labelled_split(src.name, val_ex, split_name="validation", **common)[0] if val_ex else None
-        stats = dict(src.stats, examples=len(train), desirable=int(train.labels.sum()),
-                     undesirable=int((~train.labels).sum()), dropped=dropped, cache_hit=train.seqs.cache_hit,
-                     train_tokens=int(len(train.seqs.ids)))
+        stats = dict(
+            src.stats,
+            examples=len(train),
+            desirable=int(train.labels.sum()),
+            undesirable=int((~train.labels).sum()),
+            dropped=dropped,
+            cache_hit=train.seqs.cache_hit,
+            train_tokens=len(train.seqs.ids),
+        )
         out.append(LabelledTokens(src.name, src.weight, train, val, stats))
     return out

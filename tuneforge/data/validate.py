@@ -89,7 +89,9 @@ def validate_records(
         else:
             found = detect_format(rec.value) if fmt == "auto" else None
             if found is not None and found != fixed:
-                problems = [("", f"wrong format: a {found} record", f"{fixed} records, the format found at line {first_line}")]
+                problems = [
+                    ("", f"wrong format: a {found} record", f"{fixed} records, the format found at line {first_line}")
+                ]
             else:
                 problems = check_record(rec.value, fixed, allow_extra=allow)
         if not problems:

@@ -31,7 +31,7 @@ def _json_arg(text: str | None, what: str) -> dict[str, Any]:
             import yaml
 
             data = yaml.safe_load(source)
-    except Exception as exc:  # noqa: BLE001 - reported with the option name
+    except Exception as exc:
         raise RecipeError(f"{what}: cannot parse ({exc})") from exc
     if not isinstance(data, dict):
         raise RecipeError(f"{what}: expected a mapping")

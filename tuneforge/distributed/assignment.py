@@ -16,9 +16,10 @@ Nothing here touches processes or the network, so it is tested exhaustively and 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, Sequence
+from typing import Literal
 
 from tuneforge.errors import RecipeError
 

@@ -9,13 +9,14 @@ The recipe schema maps its ``resilience:`` section onto :class:`ResilienceConfig
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from tuneforge.distributed.network import host_problem, is_wildcard, lighthouse_url, node_problem
-from tuneforge.files import atomic_write
 from tuneforge.errors import RecipeError, suggest
+from tuneforge.files import atomic_write
 
 
 def parse_replicas(text: str) -> tuple[int, int]:
@@ -75,7 +76,7 @@ class ResilienceConfig:
     advertise_host: str | None = None  # name peers connect to; default bind_host (host name if 0.0.0.0)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "resilience") -> "ResilienceConfig":
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "resilience") -> ResilienceConfig:
         data = dict(data or {})
         _check_keys(cls, data, where)
         if type(data.get("node")) is int:  # `--set resilience.node=7` arrives as a YAML int
@@ -172,7 +173,7 @@ class JobSpec:
         except TypeError as exc:
             raise RecipeError(f"task_config: must be JSON-serialisable ({exc})") from exc
 
-    def batch_policy(self) -> "Any":
+    def batch_policy(self) -> Any:
         from tuneforge.distributed.assignment import BatchPolicy
 
         r = self.resilience
@@ -192,7 +193,7 @@ class JobSpec:
         atomic_write(path, json.dumps(self.to_dict(), indent=1), fsync=False)
 
     @classmethod
-    def load(cls, path: Path) -> "JobSpec":
+    def load(cls, path: Path) -> JobSpec:
         data = json.loads(Path(path).read_text())
         data["resilience"] = ResilienceConfig.from_dict(data.get("resilience"))
         return cls(**data)

@@ -59,7 +59,7 @@ class FaultPlan:
         return {"seed": self.seed, "faults": [asdict(f) for f in self.faults]}
 
     @classmethod
-    def parse(cls, source: Any) -> "FaultPlan":
+    def parse(cls, source: Any) -> FaultPlan:
         """From None, a dict/list, JSON or YAML text, a file path, or the compact string form."""
         if source is None or source == "":
             return cls([])

@@ -20,8 +20,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tuneforge.distributed.network import advertised_host, format_host, host_problem, split_host_port
 from tuneforge.errors import RecipeError, TuneforgeError
@@ -37,7 +37,11 @@ def lighthouse_command() -> list[str]:
     found = shutil.which("torchft_lighthouse")
     if found:
         return [found]
-    return [sys.executable, "-c", "import sys; from torchft._torchft import lighthouse_main; sys.exit(lighthouse_main())"]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from torchft._torchft import lighthouse_main; sys.exit(lighthouse_main())",
+    ]
 
 
 class Lighthouse:
@@ -73,7 +77,8 @@ class Lighthouse:
     def launch(self, port: int = 0) -> None:
         """Start the process; :meth:`wait_ready` returns its address once it listens."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = lighthouse_command() + [
+        cmd = [
+            *lighthouse_command(),
             "--bind", f"{format_host(self.host)}:{port}",
             "--min_replicas", str(self.min_replicas),
             "--join_timeout_ms", str(self.join_timeout_ms),
@@ -189,16 +194,32 @@ def serve(
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``python -m tuneforge.distributed lighthouse`` (and ``tuneforge lighthouse``)."""
-    parser.add_argument("--bind", default="0.0.0.0:29510", metavar="HOST:PORT",
-                        help="address to listen on (default 0.0.0.0:29510; port 0 = any free port)")
-    parser.add_argument("--min-replicas", type=int, required=True,
-                        help="replicas (over all nodes) a quorum needs before the job trains")
-    parser.add_argument("--advertise", metavar="HOST", help="name the nodes use to reach it (default: the bind "
-                        "address, or this host name for 0.0.0.0)")
-    parser.add_argument("--heartbeat-timeout-ms", type=int, default=1000,
-                        help="a replica silent this long is dead (failure detection time)")
-    parser.add_argument("--join-timeout-ms", type=int, default=500,
-                        help="after the first replica asks for a quorum, wait this long for the other live ones")
+    parser.add_argument(
+        "--bind",
+        default="0.0.0.0:29510",
+        metavar="HOST:PORT",
+        help="address to listen on (default 0.0.0.0:29510; port 0 = any free port)",
+    )
+    parser.add_argument(
+        "--min-replicas", type=int, required=True, help="replicas (over all nodes) a quorum needs before the job trains"
+    )
+    parser.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="name the nodes use to reach it (default: the bind address, or this host name for 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--heartbeat-timeout-ms",
+        type=int,
+        default=1000,
+        help="a replica silent this long is dead (failure detection time)",
+    )
+    parser.add_argument(
+        "--join-timeout-ms",
+        type=int,
+        default=500,
+        help="after the first replica asks for a quorum, wait this long for the other live ones",
+    )
     parser.add_argument("--quorum-tick-ms", type=int, default=50)
     parser.add_argument("--log", type=Path, help="torchft's log (default $TUNEFORGE_HOME/logs/lighthouse.log)")
     parser.add_argument("--address-file", type=Path, help="also write the address here once it listens")
@@ -209,10 +230,15 @@ def serve_from_args(args: argparse.Namespace) -> int:
 
     def announce(address: str, pid: int) -> None:
         hostport = address.removeprefix("http://")
-        print(f"lighthouse listening on {address} (bind {args.bind}, min_replicas {args.min_replicas}, pid {pid})",
-              flush=True)
-        print(f"on every node: tuneforge train RECIPE --replicas MIN:MAX --set resilience.lighthouse={hostport} "
-              "--set resilience.node=$(hostname) --set resilience.bind_host=<this node's IP>", flush=True)
+        print(
+            f"lighthouse listening on {address} (bind {args.bind}, min_replicas {args.min_replicas}, pid {pid})",
+            flush=True,
+        )
+        print(
+            f"on every node: tuneforge train RECIPE --replicas MIN:MAX --set resilience.lighthouse={hostport} "
+            "--set resilience.node=$(hostname) --set resilience.bind_host=<this node's IP>",
+            flush=True,
+        )
 
     return serve(args.bind, args.min_replicas, advertise=args.advertise,
                  heartbeat_timeout_ms=args.heartbeat_timeout_ms, join_timeout_ms=args.join_timeout_ms,

@@ -82,7 +82,9 @@ def lighthouse_url(text: str, what: str = "resilience.lighthouse") -> str:
     if "://" in raw:
         scheme, _, rest = raw.partition("://")
         if scheme != "http":
-            raise RecipeError(f"{what}: got {text!r}, expected http://HOST:PORT or HOST:PORT (torchft speaks plain http)")
+            raise RecipeError(
+                f"{what}: got {text!r}, expected http://HOST:PORT or HOST:PORT (torchft speaks plain http)"
+            )
         rest = rest.rstrip("/")
     host, port = split_host_port(rest, what)
     if port == 0 or is_wildcard(host):

@@ -33,7 +33,6 @@ from tuneforge.distributed.assignment import plan_step, start_position
 from tuneforge.distributed.config import JobSpec
 from tuneforge.distributed.metrics import EventLog
 from tuneforge.distributed.network import advertised_host, replica_id
-from tuneforge.files import atomic_path
 from tuneforge.distributed.runfiles import (
     EXIT_DONE,
     EXIT_LEFT,
@@ -42,6 +41,8 @@ from tuneforge.distributed.runfiles import (
     wait_for_lighthouse,
     write_status,
 )
+from tuneforge.files import atomic_path
+
 
 class Replica:
     """The training loop of one replica; see the module docstring."""
@@ -233,7 +234,9 @@ class Replica:
         world = manager.num_participants()
         assert rank is not None, "synchronous quorum: every member participates"
         start = start_position(self.policy, step, self.position)
-        plan = plan_step(self.policy, step, start, rank, world, self.task.num_samples(), self.spec.seed, self.spec.shuffle)
+        plan = plan_step(
+            self.policy, step, start, rank, world, self.task.num_samples(), self.spec.seed, self.spec.shuffle
+        )
         scale = 1.0 / max(1, self.task.loss_tokens(plan.global_indices))
 
         self.optimizer.zero_grad(set_to_none=False)
@@ -313,7 +316,9 @@ class Replica:
             self.scheduler.step()
 
     def _inject(self, fault: Any, step: int) -> None:
-        self.log.log("fault", desc=fault.describe(), action=fault.action, target=self.slot, target_inc=self.inc, step=step)
+        self.log.log(
+            "fault", desc=fault.describe(), action=fault.action, target=self.slot, target_inc=self.inc, step=step
+        )
         if fault.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         fault_lib.hang_forever()
@@ -358,7 +363,9 @@ class Replica:
         t0 = time.time()
         try:
             snapshot = tree_map_only(
-                torch.Tensor, lambda t: t.detach().to("cpu", copy=True), {"user": self._state_dict(), "torchft": manager_state}
+                torch.Tensor,
+                lambda t: t.detach().to("cpu", copy=True),
+                {"user": self._state_dict(), "torchft": manager_state},
             )
         finally:
             self._staged.set()

@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, IO
+from typing import IO, Any
 
 from tuneforge.distributed import faults as fault_lib
 from tuneforge.distributed.config import JobSpec
@@ -480,14 +480,30 @@ class Supervisor:
             p = ready[0]
             self.spares.remove(p)
             assert p.stdin is not None
-            p.stdin.write((json.dumps({"slot": slot, "inc": inc, "mode": mode, "min_step": min_step, "start_barrier": barrier}) + "\n").encode())
+            p.stdin.write(
+                (
+                    json.dumps({"slot": slot, "inc": inc, "mode": mode, "min_step": min_step, "start_barrier": barrier})
+                    + "\n"
+                ).encode()
+            )
             p.stdin.flush()
             p.slot, p.inc, p.mode, p.started = slot, inc, mode, time.time()
             self.procs[slot] = p
             self.log.log("activate", replica=slot, inc=inc, pid=p.pid, spare=p.spare_id, mode=mode)
             return
         popen = self._popen(
-            ["--slot", str(slot), "--inc", str(inc), "--mode", mode, "--min-step", str(min_step), "--start-barrier", str(barrier)],
+            [
+                "--slot",
+                str(slot),
+                "--inc",
+                str(inc),
+                "--mode",
+                mode,
+                "--min-step",
+                str(min_step),
+                "--start-barrier",
+                str(barrier),
+            ],
             self._log_path(slot, inc),
             subprocess.DEVNULL,
         )
@@ -499,7 +515,9 @@ class Supervisor:
         sid = str(self.spare_seq)
         self.spare_seq += 1
         popen = self._popen(["--spare", sid], self.run_dir / "logs" / f"spare_{sid}.log", subprocess.PIPE)
-        self.spares.append(_Proc(popen=popen, slot=None, inc=-1, mode="spare", started=time.time(), spare_id=sid, stdin=popen.stdin))
+        self.spares.append(
+            _Proc(popen=popen, slot=None, inc=-1, mode="spare", started=time.time(), spare_id=sid, stdin=popen.stdin)
+        )
         self.log.log("spare_spawn", spare=sid, pid=popen.pid)
 
 
@@ -511,7 +529,7 @@ class _SigtermExit:
         self.armed = False
         self.previous: Any = None
 
-    def __enter__(self) -> "_SigtermExit":
+    def __enter__(self) -> _SigtermExit:
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, self._handle)
             self.armed = True
@@ -547,7 +565,9 @@ def run(spec: JobSpec, run_dir: Path | None = None, timeout_s: float | None = No
     return Supervisor(spec, run_dir or new_run_dir()).run(timeout_s=timeout_s)
 
 
-def start_background(spec: JobSpec, run_dir: Path | None = None, timeout_s: float | None = None) -> tuple[Supervisor, threading.Thread]:
+def start_background(
+    spec: JobSpec, run_dir: Path | None = None, timeout_s: float | None = None
+) -> tuple[Supervisor, threading.Thread]:
     """Run the supervisor in a thread (for notebooks and tests); ``scale`` it while it runs."""
     sup = Supervisor(spec, run_dir or new_run_dir())
     sup.start()

@@ -18,7 +18,8 @@ global-batch mean whatever the split, so membership changes do not change the re
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from tuneforge.errors import RecipeError
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # keep replica start-up lean: torch is imported by whoever bu
 class ReplicaTask(Protocol):
     """What a trainable job provides to the engine (one instance per replica process)."""
 
-    def build(self, seed: int) -> tuple["torch.nn.Module", "torch.optim.Optimizer", Any]:
+    def build(self, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
         """Model, optimizer and LR scheduler (or None), identical in every replica for a seed."""
         ...
 
@@ -42,9 +43,7 @@ class ReplicaTask(Protocol):
         """How many loss-bearing tokens the samples ``indices`` hold (the normaliser of the batch loss)."""
         ...
 
-    def forward_backward(
-        self, model: "torch.nn.Module", indices: Sequence[int], scale: float
-    ) -> Mapping[str, float]:
+    def forward_backward(self, model: torch.nn.Module, indices: Sequence[int], scale: float) -> Mapping[str, float]:
         """Run forward + backward on ``indices``; gradients accumulate ``scale * loss_sum``.
 
         The returned numbers are *summed* over micro-batches and replicas by the engine, so return

@@ -11,7 +11,8 @@ Factory string: ``"tuneforge.distributed.toy:make_task"``.
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -37,8 +37,13 @@ def peft_config(cfg: AdapterConfig, task_type: str = "CAUSAL_LM") -> Any:
     common = dict(task_type=peft.TaskType[task_type])
     if cfg.kind in ("lora", "dora", "qlora"):
         return peft.LoraConfig(
-            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-            use_dora=cfg.kind == "dora", bias="none", **common,
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=cfg.target_modules,
+            use_dora=cfg.kind == "dora",
+            bias="none",
+            **common,
         )
     if cfg.kind == "prompt_tuning":
         return peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)

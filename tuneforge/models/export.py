@@ -33,7 +33,7 @@ def saved_head_rows(adapter_dir: Path, head: str = "score") -> int | None:
     if not weights.exists():
         raise ModelError(f"{adapter_dir}: no adapter_model.safetensors (tuneforge saves adapters as safetensors)")
     with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             parts = key.split(".")
             if head in parts and parts[-1] == "weight" and "lora_A" not in parts and "lora_B" not in parts:
                 return int(f.get_slice(key).get_shape()[0])
@@ -49,8 +49,10 @@ def _load_base(adapter_dir: Path, base: str, task_type: str, tokenizer: Any) -> 
         return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     rows = saved_head_rows(adapter_dir)
     if rows is None:
-        raise ModelError(f"{adapter_dir}: a sequence-classification adapter without its 'score' head; merging "
-                         "it would give an untrained head (train it with tuneforge, which saves the head)")
+        raise ModelError(
+            f"{adapter_dir}: a sequence-classification adapter without its 'score' head; merging "
+            "it would give an untrained head (train it with tuneforge, which saves the head)"
+        )
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=rows, dtype=torch.float32)
     if model.config.pad_token_id is None:  # the merged model must find each row's last token on its own
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -78,8 +80,10 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
         raise ModelError(f"{adapter_dir}: {config.peft_type} adapters have no weights to merge; serve them with PEFT")
     task_type = str(getattr(config.task_type, "value", config.task_type) or _CAUSAL_LM)
     if task_type not in (_CAUSAL_LM, _SEQ_CLS):
-        raise ModelError(f"{adapter_dir}: adapter_config.json task_type {task_type!r} cannot be merged; expected "
-                         f"{_CAUSAL_LM} (language model) or {_SEQ_CLS} (reward model)")
+        raise ModelError(
+            f"{adapter_dir}: adapter_config.json task_type {task_type!r} cannot be merged; expected "
+            f"{_CAUSAL_LM} (language model) or {_SEQ_CLS} (reward model)"
+        )
     base_name = base or config.base_model_name_or_path
     check_model_path(base_name)
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))

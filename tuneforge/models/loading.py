@@ -59,8 +59,14 @@ def load_tokenizer(name: str, chat_template: str | None = None, trust_remote_cod
     return tokenizer
 
 
-def load_model(name: str, *, dtype: Any = None, device: Any = "cpu", attn_implementation: str = "sdpa",
-               trust_remote_code: bool = False) -> Any:
+def load_model(
+    name: str,
+    *,
+    dtype: Any = None,
+    device: Any = "cpu",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+) -> Any:
     """A causal LM in `dtype` on `device`; errors name the path and what was expected."""
     from transformers import AutoModelForCausalLM
 
@@ -75,8 +81,14 @@ def load_model(name: str, *, dtype: Any = None, device: Any = "cpu", attn_implem
     return model.to(device)
 
 
-def load_frozen(name: str, device: Any, *, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
-                field: str | None = None) -> Any:
+def load_frozen(
+    name: str,
+    device: Any,
+    *,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    field: str | None = None,
+) -> Any:
     """A causal LM in fp32, frozen and in eval mode: a reference policy or a teacher (no dropout in its targets).
 
     ``field`` names the recipe field the path came from, so a load error points at it.
@@ -84,8 +96,13 @@ def load_frozen(name: str, device: Any, *, attn_implementation: str = "sdpa", tr
     import torch
 
     try:
-        model = load_model(name, dtype=torch.float32, device=device, attn_implementation=attn_implementation,
-                           trust_remote_code=trust_remote_code)
+        model = load_model(
+            name,
+            dtype=torch.float32,
+            device=device,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
     except ModelError as e:
         raise ModelError(f"{field}: {e}" if field else str(e)) from None
     model.eval().requires_grad_(False)

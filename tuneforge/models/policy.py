@@ -18,13 +18,22 @@ def build_model(recipe: Recipe, spec: MethodSpec, device: torch.device) -> torch
     torch.manual_seed(recipe.train.seed)
     m = recipe.model
     if spec.model == "sequence_classifier":  # a scalar head instead of the LM head; PEFT trains and saves it
-        model = load_scalar_head_model(m.path, device, tokenizer=m.tokenizer or m.path,
-                                       attn_implementation=m.attn_implementation,
-                                       trust_remote_code=m.trust_remote_code)
+        model = load_scalar_head_model(
+            m.path,
+            device,
+            tokenizer=m.tokenizer or m.path,
+            attn_implementation=m.attn_implementation,
+            trust_remote_code=m.trust_remote_code,
+        )
         model = apply_adapter(model, recipe.adapter, task_type="SEQ_CLS")
     else:
-        model = load_model(m.path, dtype=torch.float32, device=device, attn_implementation=m.attn_implementation,
-                           trust_remote_code=m.trust_remote_code)
+        model = load_model(
+            m.path,
+            dtype=torch.float32,
+            device=device,
+            attn_implementation=m.attn_implementation,
+            trust_remote_code=m.trust_remote_code,
+        )
         model = apply_adapter(model, recipe.adapter)
     if spec.value_head:  # shares the policy's trunk and trains with it
         attach_value_head(model)

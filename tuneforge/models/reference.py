@@ -37,8 +37,14 @@ class Reference:
         """
         if is_peft(policy):
             return cls(None)
-        return cls(load_frozen(base.path, device, attn_implementation=base.attn_implementation,
-                               trust_remote_code=base.trust_remote_code))
+        return cls(
+            load_frozen(
+                base.path,
+                device,
+                attn_implementation=base.attn_implementation,
+                trust_remote_code=base.trust_remote_code,
+            )
+        )
 
     @contextlib.contextmanager
     def use(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -47,7 +53,7 @@ class Reference:
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), (adapter_disabled(model) if self.frozen is None else contextlib.nullcontext()):
+            with torch.no_grad(), adapter_disabled(model) if self.frozen is None else contextlib.nullcontext():
                 yield model
         finally:
             model.train(was_training)

@@ -20,8 +20,14 @@ from tuneforge.models.adapters import peft_quietly, unwrap
 from tuneforge.models.loading import check_model_path, load_tokenizer, quiet_transformers
 
 
-def load_scalar_head_model(path: str, device: torch.device, *, tokenizer: str | None = None,
-                           attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> Any:
+def load_scalar_head_model(
+    path: str,
+    device: torch.device,
+    *,
+    tokenizer: str | None = None,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+) -> Any:
     """The base with a fresh scalar head (``num_labels=1``) in fp32 on `device`."""
     from transformers import AutoModelForSequenceClassification
 
@@ -29,8 +35,12 @@ def load_scalar_head_model(path: str, device: torch.device, *, tokenizer: str | 
     quiet_transformers()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch.float32, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code)
+            path,
+            num_labels=1,
+            dtype=torch.float32,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load {path} with a scalar (sequence-classification) head: {e}") from None
     if model.config.pad_token_id is None:  # HF pooling finds the last real token by the pad id
@@ -49,8 +59,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> t
         from peft import AutoPeftModelForSequenceClassification
 
         with peft_quietly():
-            model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1,
-                                                                           dtype=torch.float32)
+            model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
     if model.config.pad_token_id is None:
@@ -67,8 +76,9 @@ def reward_model_parts(model: Any) -> tuple[Any, Any] | None:
 
 
 @torch.no_grad()
-def score_conversations(model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict]],
-                        batch_size: int = 16) -> torch.Tensor:
+def score_conversations(
+    model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict]], batch_size: int = 16
+) -> torch.Tensor:
     """Rewards of whole conversations (prompt + response), rendered with the reward model's own chat template."""
     device = next(model.parameters()).device
     out = []

@@ -34,8 +34,13 @@ def load_teacher_tokenizer(teacher: str, trust_remote_code: bool = False) -> Any
 def load_teacher(recipe: Recipe, device: torch.device) -> torch.nn.Module:
     """The teacher in fp32 on `device`, frozen and in eval mode (no dropout: its targets must not be noisy)."""
     assert recipe.distill is not None
-    return load_frozen(recipe.distill.teacher, device, attn_implementation=recipe.model.attn_implementation,
-                       trust_remote_code=recipe.model.trust_remote_code, field=FIELD)
+    return load_frozen(
+        recipe.distill.teacher,
+        device,
+        attn_implementation=recipe.model.attn_implementation,
+        trust_remote_code=recipe.model.trust_remote_code,
+        field=FIELD,
+    )
 
 
 def same_vocabulary(a: Any, b: Any) -> bool:

@@ -81,8 +81,9 @@ def build_model(tokenizer, spec: TinySpec = TinySpec(), seed: int = 0):
     return model
 
 
-def build_tiny(out_dir: str | Path, texts: Iterable[str], *, vocab_size: int = 1024,
-               spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
+def build_tiny(
+    out_dir: str | Path, texts: Iterable[str], *, vocab_size: int = 1024, spec: TinySpec = TinySpec(), seed: int = 0
+) -> Path:
     """Train a tokenizer on `texts`, build a fresh tiny model and save both to `out_dir` (safetensors)."""
     from tuneforge.models.loading import quiet_transformers
 

@@ -34,8 +34,8 @@ import yaml
 
 from tuneforge.data.formats import check_record
 from tuneforge.data.readers import read_records
-from tuneforge.files import atomic_path
 from tuneforge.errors import DataError, DataIssue, RecipeError, TuneforgeError, suggest
+from tuneforge.files import atomic_path
 from tuneforge.rewards.judge import Judge, LocalJudge, OpenAIJudge
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,11 @@ def load_principles(path: str | Path | None = None) -> list[Principle]:
     """Principles from a YAML or JSON file (default: the shipped ``tuneforge/rewards/constitution.yaml``)."""
     p = Path(path).expanduser() if path is not None else DEFAULT_PRINCIPLES
     if not p.is_file():
-        hint = "" if path is not None else " (the default ships as tuneforge/rewards/constitution.yaml; pass --principles FILE)"
+        hint = (
+            ""
+            if path is not None
+            else " (the default ships as tuneforge/rewards/constitution.yaml; pass --principles FILE)"
+        )
         raise RecipeError(f"principles file not found: {p}{hint}")
     text = p.read_text(encoding="utf-8")
     try:
@@ -218,8 +222,13 @@ def _prompt_from_record(value: Any, line: int) -> tuple[Prompt | None, list[tupl
         if isinstance(last, dict) and last.get("role") == "assistant":
             problems = check_record(value, "messages", allow_extra="*")
             if not problems and (len(msgs) < 2 or msgs[-2].get("role") not in ("user", "tool")):
-                problems = [(f"messages[{len(msgs) - 1}]", "dropping the final assistant answer leaves no user turn "
-                             "before it", "a chat ending with a user message, optionally followed by one answer")]
+                problems = [
+                    (
+                        f"messages[{len(msgs) - 1}]",
+                        "dropping the final assistant answer leaves no user turn before it",
+                        "a chat ending with a user message, optionally followed by one answer",
+                    )
+                ]
             context = msgs[:-1]
         else:
             problems = check_record(value, "prompt", allow_extra="*")
@@ -239,8 +248,13 @@ def _prompt_from_record(value: Any, line: int) -> tuple[Prompt | None, list[tupl
             return None, problems
         return Prompt(line, [{"role": "user", "content": text}]), []
     keys = ", ".join(map(str, value)) or "none"
-    return None, [("", f"no prompt in the record (keys: {keys})",
-                   'a "messages" array ending with a user message, or a "prompt" string')]
+    return None, [
+        (
+            "",
+            f"no prompt in the record (keys: {keys})",
+            'a "messages" array ending with a user message, or a "prompt" string',
+        )
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ backend
@@ -266,8 +280,10 @@ def build_model_client(
         from tuneforge.models.loading import load_tokenizer
 
         if not load_tokenizer(local).chat_template:  # fail once here, not once per prompt
-            raise TuneforgeError(f"--model {model}: the tokenizer has no chat template, so it cannot hold a "
-                                 "conversation (add one to tokenizer_config.json)")
+            raise TuneforgeError(
+                f"--model {model}: the tokenizer has no chat template, so it cannot hold a "
+                "conversation (add one to tokenizer_config.json)"
+            )
         return LocalJudge(local)
     key = api_key
     if key is None and api_key_env:
@@ -301,8 +317,10 @@ class Settings:
     def check(self, n_principles: int) -> None:
         """Reject settings that cannot work, naming the flag, before any model call."""
         if self.revisions is not None and not 1 <= self.revisions <= n_principles:
-            raise TuneforgeError(f"--revisions: {self.revisions} is not between 1 and the {n_principles} "
-                                 "principle(s) in the constitution (or 'all')")
+            raise TuneforgeError(
+                f"--revisions: {self.revisions} is not between 1 and the {n_principles} "
+                "principle(s) in the constitution (or 'all')"
+            )
         if self.max_tokens < 1:
             raise TuneforgeError(f"--max-tokens: must be at least 1, got {self.max_tokens}")
         if self.temperature < 0:
@@ -340,9 +358,16 @@ class Outcome:
 
     def inspection(self) -> dict[str, Any]:
         """The whole exchange, for the ``--critiques`` side file (DPO records allow no extra keys)."""
-        return {"line": self.prompt.line, "input": self.prompt.input, "principles": self.principles,
-                "original": self.original, "steps": self.steps, "revised": self.revised,
-                "skipped": self.skipped, "error": self.error}
+        return {
+            "line": self.prompt.line,
+            "input": self.prompt.input,
+            "principles": self.principles,
+            "original": self.original,
+            "steps": self.steps,
+            "revised": self.revised,
+            "skipped": self.skipped,
+            "error": self.error,
+        }
 
 
 def clean_reply(text: str, *, revision: bool = False) -> str:
@@ -351,8 +376,9 @@ def clean_reply(text: str, *, revision: bool = False) -> str:
     return _REVISION_LABEL.sub("", text, count=1).strip() if revision else text
 
 
-def critique_and_revise(judge: Judge, prompt: Prompt, principles: Sequence[Principle],
-                        params: dict[str, Any]) -> Outcome:
+def critique_and_revise(
+    judge: Judge, prompt: Prompt, principles: Sequence[Principle], params: dict[str, Any]
+) -> Outcome:
     """Answer ``prompt``, then critique and revise the answer once per principle; never raises for a call."""
     out = Outcome(prompt, [p.name for p in principles])
     stage = "answer"
@@ -364,8 +390,11 @@ def critique_and_revise(judge: Judge, prompt: Prompt, principles: Sequence[Princ
         current = original
         for p in principles:
             stage = f"critique ({p.name})"
-            talk = [*prompt.messages, {"role": "assistant", "content": current},
-                    {"role": "user", "content": p.critique_request}]
+            talk = [
+                *prompt.messages,
+                {"role": "assistant", "content": current},
+                {"role": "user", "content": p.critique_request},
+            ]
             critique = clean_reply(judge.reply(talk, params))
             if not critique:
                 out.steps.append({"principle": p.name, "critique": critique, "revision": ""})
@@ -394,9 +423,11 @@ def _skip(out: Outcome, reason: str, error: str) -> Outcome:
     return out
 
 
-def generate(prompts: Sequence[Prompt], judge: Judge, principles: Sequence[Principle],
-             settings: Settings) -> Iterator[Outcome]:
+def generate(
+    prompts: Sequence[Prompt], judge: Judge, principles: Sequence[Principle], settings: Settings
+) -> Iterator[Outcome]:
     """Outcomes as they finish; endpoint calls run on a bounded thread pool, a local model on one thread."""
+
     def one(prompt: Prompt) -> Outcome:
         seed = prompt_seed(settings.seed, prompt.key)
         chosen = choose_principles(principles, settings.revisions, settings.seed, prompt.key)
@@ -429,7 +460,7 @@ class Summary:
 
     def render(self) -> str:
         total = self.written + self.resumed
-        head = (f"wrote {self.written} pair(s) to {self.out}" if total else f"no pairs made; {self.out} not written")
+        head = f"wrote {self.written} pair(s) to {self.out}" if total else f"no pairs made; {self.out} not written"
         if self.resumed:
             head += f" ({self.resumed} prompt(s) already done there, {total} pair(s) in all)"
         lines = [f"{head} in {self.seconds:.1f} s"]
@@ -496,8 +527,10 @@ def run_constitutional(
                 if len(summary.errors) < 20:
                     summary.errors.append(message)
                 if not made and summary.skipped["call_failed"] >= ABORT_AFTER_FAILURES:
-                    raise TuneforgeError(f"the model failed on {ABORT_AFTER_FAILURES} prompts before any succeeded, so "
-                                         f"the run stopped (nothing written); last problem: {outcome.error}")
+                    raise TuneforgeError(
+                        f"the model failed on {ABORT_AFTER_FAILURES} prompts before any succeeded, so "
+                        f"the run stopped (nothing written); last problem: {outcome.error}"
+                    )
     finally:
         progress.close()
 
@@ -546,8 +579,10 @@ def _read_existing(out: Path) -> list[dict[str, Any]]:
         if problems:
             field_, problem, _ = problems[0]
             where = f"{field_}: " if field_ else ""
-            raise TuneforgeError(f"{out}:{rec.line}: {where}{problem} — the output file holds something other than "
-                                 "pairs from this command; choose another --out, or pass --overwrite to replace it")
+            raise TuneforgeError(
+                f"{out}:{rec.line}: {where}{problem} — the output file holds something other than "
+                "pairs from this command; choose another --out, or pass --overwrite to replace it"
+            )
         records.append(rec.value)
     return records
 

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import operator
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,7 +28,7 @@ import yaml
 
 from tuneforge.errors import RecipeError, suggest
 from tuneforge.rewards import similarity, templates
-from tuneforge.rewards.base import GradeResult, Grader, Sample, as_sample
+from tuneforge.rewards.base import Grader, GradeResult
 from tuneforge.rewards.judge import build_score_model
 from tuneforge.rewards.sandbox import Limits, run_graders
 
@@ -143,7 +142,7 @@ _FUNCTIONS: dict[str, tuple[Callable[..., float], int, int]] = {
 def parse_formula(text: str, names: Sequence[str], where: str) -> ast.expr:
     """Parse ``calculate_output`` and check it uses only numbers, grader names, + - * / ** and min/max/abs."""
     if not isinstance(text, str) or not text.strip():
-        raise RecipeError(f"{where}: expected a formula such as \"0.5 * a + 0.5 * b\"")
+        raise RecipeError(f'{where}: expected a formula such as "0.5 * a + 0.5 * b"')
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as e:
@@ -172,9 +171,7 @@ def parse_formula(text: str, names: Sequence[str], where: str) -> ast.expr:
                 check(arg)
             return
         shown = ast.get_source_segment(text.strip(), node) or type(node).__name__
-        raise RecipeError(
-            f"{where}: {shown!r} is not allowed; use numbers, grader names, + - * / ** and min, max, abs"
-        )
+        raise RecipeError(f"{where}: {shown!r} is not allowed; use numbers, grader names, + - * / ** and min, max, abs")
 
     check(tree.body)
     return tree.body
@@ -298,7 +295,10 @@ class _Loader:
     def build(self, raw: Any, path: str, default_name: str) -> Grader:
         if not isinstance(raw, dict):
             raise self.error(path, f"expected a grader mapping with a 'type', got {type(raw).__name__}")
-        at = (lambda key: f"{path}.{key}" if path else key)
+
+        def at(key: str) -> str:
+            return f"{path}.{key}" if path else key
+
         kind = raw.get("type")
         if kind not in _FIELDS:
             if kind is None:

@@ -13,13 +13,14 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from tuneforge.errors import RecipeError, suggest
 from tuneforge.rewards import templates
-from tuneforge.rewards.base import GradeResult, Grader
+from tuneforge.rewards.base import Grader, GradeResult
 
 # OpenAI's score_model sampling_params (note the plural "completions" in its token limit's name).
 SAMPLING_PARAMS = {

@@ -348,7 +348,7 @@ def namespace_prefix() -> tuple[str, ...]:
 
 def _limit_resources(limits: Limits, n_pairs: int) -> None:
     """Runs in the child between fork and exec (``preexec_fn``): only async-signal-safe-ish calls."""
-    cpu = int(math.ceil(limits.cpu_seconds * n_pairs + STARTUP_SECONDS))
+    cpu = math.ceil(limits.cpu_seconds * n_pairs + STARTUP_SECONDS)
     mem = int(limits.memory_mb) * 1024 * 1024
     for kind, value in (
         (resource.RLIMIT_CPU, cpu),
@@ -434,8 +434,10 @@ def _run_once(source: str, pairs: list[tuple[Any, Any]], limits: Limits, layers:
             while sel.get_map():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    what = f"wall-clock limit of {limits.wall_seconds:g}s exceeded" if run.ready else (
-                        f"the grader process did not start within {STARTUP_SECONDS + limits.wall_seconds:g}s"
+                    what = (
+                        f"wall-clock limit of {limits.wall_seconds:g}s exceeded"
+                        if run.ready
+                        else (f"the grader process did not start within {STARTUP_SECONDS + limits.wall_seconds:g}s")
                     )
                     run.failure = what
                     _kill(proc)

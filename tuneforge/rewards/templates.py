@@ -98,9 +98,7 @@ def lookup(expr: str, sample: dict[str, Any], item: dict[str, Any]) -> Any:
                 keys = [str(k) for k in value]
                 hint = suggest(str(key), keys)
                 shown = ", ".join(keys[:20]) or "none"
-                raise TemplateError(
-                    f"template '{{{{{expr}}}}}': {where} has no key {str(key)!r}{hint} (keys: {shown})"
-                )
+                raise TemplateError(f"template '{{{{{expr}}}}}': {where} has no key {str(key)!r}{hint} (keys: {shown})")
             value = value[str(key)]
         elif isinstance(value, list):
             if not isinstance(key, int) or not -len(value) <= key < len(value):

@@ -56,7 +56,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     if "://" not in uri and uri.endswith((".db", ".sqlite", ".sqlite3")):
         return f"sqlite:///{Path(uri).expanduser().resolve()}"
     if uri.startswith("sqlite:///"):
-        path, sep, query = uri[len("sqlite:///"):].partition("?")
+        path, sep, query = uri[len("sqlite:///") :].partition("?")
         if path and not path.startswith("/"):
             return f"sqlite:///{Path(path).resolve()}{sep}{query}"
     return uri
@@ -68,7 +68,7 @@ def artifact_root_for(uri: str) -> Path | None:
     databases, whose server or MLflow default decides."""
     if not uri.startswith("sqlite:"):
         return None
-    path = uri[len("sqlite:///"):].partition("?")[0] if uri.startswith("sqlite:///") else ""
+    path = uri[len("sqlite:///") :].partition("?")[0] if uri.startswith("sqlite:///") else ""
     if not path or path == ":memory:":
         from tuneforge.paths import default_artifact_root
 
@@ -147,8 +147,10 @@ def _import_mlflow() -> None:
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     _LIMITS.update(
-        param_value=validation.MAX_PARAM_VAL_LENGTH, key=validation.MAX_ENTITY_KEY_LENGTH,
-        tag_value=validation.MAX_TAG_VAL_LENGTH, params_per_batch=validation.MAX_PARAMS_TAGS_PER_BATCH,
+        param_value=validation.MAX_PARAM_VAL_LENGTH,
+        key=validation.MAX_ENTITY_KEY_LENGTH,
+        tag_value=validation.MAX_TAG_VAL_LENGTH,
+        params_per_batch=validation.MAX_PARAMS_TAGS_PER_BATCH,
         metrics_per_batch=validation.MAX_METRICS_PER_BATCH,
     )
 
@@ -163,8 +165,10 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((parts.hostname, port), timeout=timeout).close()
     except OSError as e:
-        raise TuneforgeError(f"tracking.uri {uri!r}: cannot reach the MLflow server ({e}); start it, fix the "
-                             "URI, or remove tracking.uri to use the embedded SQLite store") from e
+        raise TuneforgeError(
+            f"tracking.uri {uri!r}: cannot reach the MLflow server ({e}); start it, fix the "
+            "URI, or remove tracking.uri to use the embedded SQLite store"
+        ) from e
 
 
 def _experiment_id(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
@@ -192,8 +196,16 @@ class Tracker:
     """An MLflow run. Use ``Tracker.start(...)``; as a context manager it ends the run FINISHED, or FAILED
     (KILLED on Ctrl-C) when the block raises."""
 
-    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str, tracking_uri: str, *,
-                 flush_every: int = 50, flush_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        experiment_id: str,
+        tracking_uri: str,
+        *,
+        flush_every: int = 50,
+        flush_seconds: float = 5.0,
+    ) -> None:
         self.client = client
         self.run_id = run_id
         self.experiment_id = experiment_id
@@ -213,8 +225,17 @@ class Tracker:
         self._thread.start()
 
     @classmethod
-    def start(cls, *, experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any],
-              tracking_uri: str | None = None, flush_every: int = 50, flush_seconds: float = 5.0) -> Tracker:
+    def start(
+        cls,
+        *,
+        experiment: str,
+        run_name: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, Any],
+        tracking_uri: str | None = None,
+        flush_every: int = 50,
+        flush_seconds: float = 5.0,
+    ) -> Tracker:
         """Open (or create) ``experiment`` and start a run with ``params`` flattened to dotted keys."""
         uri = resolve_tracking_uri(tracking_uri)
         _check_reachable(uri)
@@ -233,13 +254,12 @@ class Tracker:
             raise TuneforgeError(f"tracking.uri {uri!r}: MLflow cannot use this store: {e.message}") from e
         except ImportError as e:  # e.g. postgresql:// without a driver installed
             raise TuneforgeError(f"tracking.uri {uri!r} needs a package that is not installed: {e}") from e
-        tracker = cls(client, run.info.run_id, experiment_id, uri, flush_every=flush_every,
-                      flush_seconds=flush_seconds)
+        tracker = cls(client, run.info.run_id, experiment_id, uri, flush_every=flush_every, flush_seconds=flush_seconds)
         try:
             flat = [Param(k, v) for k, v in flatten_params(params).items()]
             step = _LIMITS["params_per_batch"]
             for i in range(0, len(flat), step):
-                client.log_batch(tracker.run_id, params=flat[i:i + step], synchronous=True)
+                client.log_batch(tracker.run_id, params=flat[i : i + step], synchronous=True)
         except BaseException:
             tracker.finish("FAILED")
             raise
@@ -318,8 +338,11 @@ class Tracker:
         clean = _clean_tags(tags, _LIMITS["tag_value"])
         try:
             model = self.client.create_logged_model(
-                self.experiment_id, name=re.sub(r"[/:.%\"']", "-", name), source_run_id=self.run_id,
-                tags=clean, model_type="peft-adapter" if (local_dir / "adapter_config.json").exists() else "hf-model",
+                self.experiment_id,
+                name=re.sub(r"[/:.%\"']", "-", name),
+                source_run_id=self.run_id,
+                tags=clean,
+                model_type="peft-adapter" if (local_dir / "adapter_config.json").exists() else "hf-model",
             )
         except MlflowException as e:
             raise TuneforgeError(f"tracking.register_as {name!r}: {e.message}") from e
@@ -338,13 +361,17 @@ class Tracker:
         # The source is the logged model's folder, not ``models:/<id>``: the SQLite registry resolves that
         # form through MLflow's *global* tracking URI (see SqlAlchemyStore.create_model_version).
         version = self.client.create_model_version(
-            name, source=model.artifact_location, run_id=self.run_id, tags=clean, model_id=model.model_id,
+            name,
+            source=model.artifact_location,
+            run_id=self.run_id,
+            tags=clean,
+            model_id=model.model_id,
             await_creation_for=120,
         )
         linked = json.loads(self.client.get_logged_model(model.model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
         entry = {"name": version.name, "version": version.version}
         if entry not in linked:  # what mlflow.register_model records so the UI links model ↔ version
-            self.client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked + [entry])})
+            self.client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
         return str(version.version)
 
     # ---------------------------------------------------------------------------------------- end
@@ -367,8 +394,9 @@ class Tracker:
     def __enter__(self) -> Tracker:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is None:
             self.finish("FINISHED")
             return

@@ -29,13 +29,19 @@ FORMAT_HELP = {
     "prompt_completion": '{"prompt", "completion"}',
     "text": '{"text"}',
     "preference": '{"prompt", "chosen", "rejected"} or OpenAI\'s DPO {"input", "preferred_output", '
-                  '"non_preferred_output"}',
+    '"non_preferred_output"}',
     "prompt": '{"messages": [... ending with a user message], ...keys for the graders}',
     "unpaired": '{"prompt", "completion", "label": true|false} or {"messages": [..., assistant], "label": …}',
 }
 
-FORMAT_NOUNS = {"messages": "chats", "prompt_completion": "prompt/completion pairs", "text": "plain text",
-                "preference": "preference pairs", "prompt": "prompts", "unpaired": "labelled completions"}
+FORMAT_NOUNS = {
+    "messages": "chats",
+    "prompt_completion": "prompt/completion pairs",
+    "text": "plain text",
+    "preference": "preference pairs",
+    "prompt": "prompts",
+    "unpaired": "labelled completions",
+}
 
 
 @dataclass
@@ -64,8 +70,9 @@ def load_tokenizer_for(recipe: Recipe, needs_template: bool) -> tuple[Any, str |
     tokenizer = load_tokenizer(name, recipe.model.chat_template, recipe.model.trust_remote_code)
     template = resolve_template(recipe.model.chat_template) if recipe.model.chat_template else tokenizer.chat_template
     if template is None and needs_template:
-        raise TuneforgeError(f"{name}: the tokenizer has no chat template; set model.chat_template "
-                             "(e.g. 'chatml') to train on chat data")
+        raise TuneforgeError(
+            f"{name}: the tokenizer has no chat template; set model.chat_template (e.g. 'chatml') to train on chat data"
+        )
     return tokenizer, template
 
 
@@ -76,10 +83,18 @@ def check_formats(spec: MethodSpec, loaded: list[SourceExamples], formats: tuple
         if src.format not in allowed:
             expected = " or ".join(FORMAT_HELP.get(f, f) for f in allowed)
             others = [m.name for m in METHODS.values() if src.format in m.formats]
-            hint = (f"; it holds {FORMAT_NOUNS.get(src.format, src.format)}: train them with method: "
-                    + " or method: ".join(others)) if others else ""
-            raise RecipeError(f"data.sources[{i}]: {src.path} holds {src.format} records, but method {spec.name} "
-                              f"trains on {' / '.join(allowed)} records (expected {expected}){hint}")
+            hint = (
+                (
+                    f"; it holds {FORMAT_NOUNS.get(src.format, src.format)}: train them with method: "
+                    + " or method: ".join(others)
+                )
+                if others
+                else ""
+            )
+            raise RecipeError(
+                f"data.sources[{i}]: {src.path} holds {src.format} records, but method {spec.name} "
+                f"trains on {' / '.join(allowed)} records (expected {expected}){hint}"
+            )
 
 
 def load_inputs(recipe: Recipe, *, loaded: list[SourceExamples] | None = None) -> Inputs:
@@ -89,8 +104,9 @@ def load_inputs(recipe: Recipe, *, loaded: list[SourceExamples] | None = None) -
     """
     spec = method_spec(recipe.method)
     if loaded is None:
-        loaded = load_sources(recipe, default_format=spec.default_format,
-                              allow_extra="*" if spec.allow_extra_keys else ())
+        loaded = load_sources(
+            recipe, default_format=spec.default_format, allow_extra="*" if spec.allow_extra_keys else ()
+        )
     check_formats(spec, loaded)
     check_model_path(recipe.model.path)
     if recipe.adapter.kind == "qlora":

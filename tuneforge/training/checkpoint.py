@@ -38,8 +38,16 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(directory: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, meta: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    directory: Path,
+    *,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    meta: dict[str, Any],
+    keep: int,
+) -> Path:
     """Write ``step-N`` atomically and prune all but the newest `keep` checkpoints."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:07d}"
@@ -48,8 +56,13 @@ def save_checkpoint(directory: Path, *, step: int, model: torch.nn.Module, optim
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "rng": rng_state(), "meta": meta},
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "meta": meta,
+        },
         tmp / "state.pt",
     )
     shutil.rmtree(final, ignore_errors=True)
@@ -77,7 +90,9 @@ def find_checkpoint(path: str | Path) -> Path:
     raise TuneforgeError(f"--resume {path}: no checkpoint found (expected a run directory with checkpoints/step-N)")
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
     """Restore states in place; returns the saved metadata (with ``step``)."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())

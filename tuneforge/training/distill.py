@@ -75,8 +75,7 @@ class DistillPrepared(SFTPrepared):
     mode: str = "logits"
     teacher: str = ""
 
-    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str,
-                  device: torch.device) -> SFTTask:
+    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str, device: torch.device) -> SFTTask:
         sft = super().make_task(model, micro_batch_size, precision, device)
         if self.mode == "sequence":  # the teacher's answers are the data: plain SFT from here on
             return sft
@@ -84,13 +83,24 @@ class DistillPrepared(SFTPrepared):
         assert recipe.distill is not None
         teacher = load_teacher(recipe, device)
         vocab = len(self.tokenizer)
-        for field_name, name, m in (("distill.teacher", recipe.distill.teacher, teacher),
-                                    ("model.path", recipe.model.path, model)):
+        for field_name, name, m in (
+            ("distill.teacher", recipe.distill.teacher, teacher),
+            ("model.path", recipe.model.path, model),
+        ):
             if head_width(m) < vocab:
-                raise ModelError(f"{field_name}: {name} predicts {head_width(m)} tokens, fewer than the {vocab} of "
-                                 "the shared tokenizer, so its distribution cannot be compared in logits mode")
-        return DistillTask(sft.plan, sft.sources, sft.val_sources, sft.shape, teacher=Reference(teacher),
-                           cfg=recipe.distill, vocab_size=vocab)
+                raise ModelError(
+                    f"{field_name}: {name} predicts {head_width(m)} tokens, fewer than the {vocab} of "
+                    "the shared tokenizer, so its distribution cannot be compared in logits mode"
+                )
+        return DistillTask(
+            sft.plan,
+            sft.sources,
+            sft.val_sources,
+            sft.shape,
+            teacher=Reference(teacher),
+            cfg=recipe.distill,
+            vocab_size=vocab,
+        )
 
 
 def prepare(recipe: Recipe) -> DistillPrepared:
@@ -105,8 +115,9 @@ def prepare(recipe: Recipe) -> DistillPrepared:
     loaded = load_sources(recipe)
     check_formats(method_spec(recipe.method), loaded)
     check_model_path(recipe.model.path)
-    student_tok = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.chat_template,
-                                 recipe.model.trust_remote_code)
+    student_tok = load_tokenizer(
+        recipe.model.tokenizer or recipe.model.path, recipe.model.chat_template, recipe.model.trust_remote_code
+    )
     teacher_tok = load_teacher_tokenizer(cfg.teacher, recipe.model.trust_remote_code)
     same = same_vocabulary(student_tok, teacher_tok)
     mode = cfg.mode if cfg.mode != "auto" else ("logits" if same else "sequence")
@@ -115,23 +126,30 @@ def prepare(recipe: Recipe) -> DistillPrepared:
             raise RecipeError(
                 f"distill.mode: logits needs the teacher and the student to share one vocabulary, but the tokenizers "
                 f"of {cfg.teacher} ({len(teacher_tok)} tokens) and {recipe.model.tokenizer or recipe.model.path} "
-                f"({len(student_tok)} tokens) map tokens differently; use mode: sequence (or auto)")
+                f"({len(student_tok)} tokens) map tokens differently; use mode: sequence (or auto)"
+            )
         for i, src in enumerate(loaded):
             if src.format == "prompt":
-                raise RecipeError(f"data.sources[{i}].format: {src.path} holds prompts without answers, so there "
-                                  "are no positions to compare the teacher and student on; use distill.mode: sequence "
-                                  "(the teacher writes the answers)")
+                raise RecipeError(
+                    f"data.sources[{i}].format: {src.path} holds prompts without answers, so there "
+                    "are no positions to compare the teacher and student on; use distill.mode: sequence "
+                    "(the teacher writes the answers)"
+                )
         prepared = sft_task.prepare(recipe, loaded=loaded)
     else:
         why = "" if cfg.mode == "sequence" else " (chosen by distill.mode: auto because the vocabularies differ)"
         for i, src in enumerate(loaded):
             if src.format == "text":
-                raise RecipeError(f"data.sources[{i}].format: {src.path} holds plain text, which has no prompts for "
-                                  f"the teacher to answer; sequence-level distillation{why} needs chat, "
-                                  "prompt/completion or prompt records")
+                raise RecipeError(
+                    f"data.sources[{i}].format: {src.path} holds plain text, which has no prompts for "
+                    f"the teacher to answer; sequence-level distillation{why} needs chat, "
+                    "prompt/completion or prompt records"
+                )
             if src.format == "prompt" and cfg.alpha > 0:
-                raise RecipeError(f"distill.alpha: {src.path} holds prompts without answers, so there is no "
-                                  f"plain cross-entropy on the data's answers to weigh; set alpha: 0")
+                raise RecipeError(
+                    f"distill.alpha: {src.path} holds prompts without answers, so there is no "
+                    f"plain cross-entropy on the data's answers to weigh; set alpha: 0"
+                )
         prepared = sft_task.prepare(recipe, loaded=sequence_sources(recipe, loaded, teacher_tok))
     values = {f.name: getattr(prepared, f.name) for f in fields(SFTPrepared)}
     return DistillPrepared(**values, mode=mode, teacher=cfg.teacher)
@@ -147,8 +165,17 @@ class DistillTask(SFTTask):
     so gradients do not depend on the micro-batch split.
     """
 
-    def __init__(self, plan: Any, sources: list[Any], val_sources: dict[str, Any], shape: BatchShape, *,
-                 teacher: Reference, cfg: DistillConfig, vocab_size: int) -> None:
+    def __init__(
+        self,
+        plan: Any,
+        sources: list[Any],
+        val_sources: dict[str, Any],
+        shape: BatchShape,
+        *,
+        teacher: Reference,
+        cfg: DistillConfig,
+        vocab_size: int,
+    ) -> None:
         super().__init__(plan, sources, val_sources, shape)
         self.teacher = teacher
         assert teacher.frozen is not None, "a teacher is a model of its own"
@@ -166,15 +193,28 @@ class DistillTask(SFTTask):
         v = self.vocab_size
         return student[:, :v], teacher[:, :v], targets
 
-    def token_sums(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
-                   kind: str | None = None, temperature: float | None = None) -> dict[str, torch.Tensor]:
+    def token_sums(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        targets: torch.Tensor,
+        kind: str | None = None,
+        temperature: float | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Summed divergence, cross-entropy, objective and top-1 agreement over the given positions."""
         c = self.cfg
         n = targets.numel()
         mask = torch.ones((1, n), dtype=torch.bool, device=targets.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and c.alpha < 1.0):
-            kd, metrics = distill_loss(student[None], teacher[None], mask, kind=kind or c.kind, beta=c.beta,
-                                       temperature=temperature or c.temperature, num_items_in_batch=1)
+            kd, metrics = distill_loss(
+                student[None],
+                teacher[None],
+                mask,
+                kind=kind or c.kind,
+                beta=c.beta,
+                temperature=temperature or c.temperature,
+                num_items_in_batch=1,
+            )
         with torch.set_grad_enabled(torch.is_grad_enabled() and c.alpha > 0.0):  # a term of weight 0 needs no grad
             ce, _ = sft_loss(student, targets)
         loss = kd if c.alpha == 0.0 else ce if c.alpha == 1.0 else (1.0 - c.alpha) * kd + c.alpha * ce
@@ -209,8 +249,13 @@ class DistillTask(SFTTask):
                 student, teacher, targets = self._logits(model, batch)
                 sums = self.token_sums(student, teacher, targets)
                 kl = self.token_sums(student, teacher, targets, kind="forward_kl", temperature=1.0)["kd"]
-                for key, value in (("loss", sums["loss"]), ("kl", kl), ("divergence", sums["kd"]),
-                                   ("ce", sums["ce"]), ("agreement", sums["agree"])):
+                for key, value in (
+                    ("loss", sums["loss"]),
+                    ("kl", kl),
+                    ("divergence", sums["kd"]),
+                    ("ce", sums["ce"]),
+                    ("agreement", sums["agree"]),
+                ):
                     part[key] += float(value)
                 tokens += targets.numel()
             parts[name] = (part, float(tokens))
@@ -242,10 +287,17 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
 
 def answers_key(teacher: str, teacher_tok: Any, src: SourceExamples, gen: GenerationConfig) -> str:
     """What decides the teacher's answers: its weights, tokenizer and template, the prompts and the decoding."""
-    blob = {"v": ANSWER_CACHE_VERSION, "teacher": model_fingerprint(teacher),
-            "tokenizer": tokenizer_fingerprint(teacher_tok), "template": teacher_tok.chat_template,
-            "train": content_hash(src.train), "val": content_hash(src.val), "decoding": "greedy",
-            "max_new_tokens": gen.max_new_tokens, "stop": list(gen.stop)}
+    blob = {
+        "v": ANSWER_CACHE_VERSION,
+        "teacher": model_fingerprint(teacher),
+        "tokenizer": tokenizer_fingerprint(teacher_tok),
+        "template": teacher_tok.chat_template,
+        "train": content_hash(src.train),
+        "val": content_hash(src.val),
+        "decoding": "greedy",
+        "max_new_tokens": gen.max_new_tokens,
+        "stop": list(gen.stop),
+    }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -283,14 +335,19 @@ def _answer(teacher: _LazyTeacher, teacher_tok: Any, examples: list[dict], gen: 
     device = next(model.parameters()).device
     prompts = [teacher_prompt(ex["messages"]) for ex in examples]
     with autocast(pick_precision(teacher.recipe.train.precision, device), device):
-        answers = generate_answers(model, teacher_tok, prompts, max_new_tokens=gen.max_new_tokens,
-                                   batch_size=GENERATION_BATCH)
+        answers = generate_answers(
+            model, teacher_tok, prompts, max_new_tokens=gen.max_new_tokens, batch_size=GENERATION_BATCH
+        )
     out = []
     for ex, prompt, answer in zip(examples, prompts, answers):
         answer = cut_at_stop(answer, gen.stop)
         if answer:
-            out.append({"messages": [*prompt, {"role": "assistant", "content": answer}],
-                        **({"tools": ex["tools"]} if "tools" in ex else {})})
+            out.append(
+                {
+                    "messages": [*prompt, {"role": "assistant", "content": answer}],
+                    **({"tools": ex["tools"]} if "tools" in ex else {}),
+                }
+            )
     return out
 
 
@@ -309,29 +366,51 @@ def teacher_source(recipe: Recipe, src: SourceExamples, teacher: _LazyTeacher, t
         log.info("distill: the teacher answers %d prompts of %s", len(src.train) + len(src.val), src.name)
         train, val = _answer(teacher, teacher_tok, src.train, gen), _answer(teacher, teacher_tok, src.val, gen)
         if not train:
-            raise TuneforgeError(f"distill.teacher: {recipe.distill.teacher} answered none of the {len(src.train)} "
-                                 f"prompts of {src.path} with any text (raise generation.max_new_tokens, or check the "
-                                 "teacher's chat template and end-of-sequence token)")
+            raise TuneforgeError(
+                f"distill.teacher: {recipe.distill.teacher} answered none of the {len(src.train)} "
+                f"prompts of {src.path} with any text (raise generation.max_new_tokens, or check the "
+                "teacher's chat template and end-of-sequence token)"
+            )
         atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train + val))
-        atomic_write(meta_path, json.dumps({"source": src.path, "teacher": recipe.distill.teacher,
-                                             "train": len(train), "val": len(val)}))  # written last: marks done
+        atomic_write(
+            meta_path,
+            json.dumps({"source": src.path, "teacher": recipe.distill.teacher, "train": len(train), "val": len(val)}),
+        )  # written last: marks done
     lines: dict[str, int] = {}
     for line, record in enumerate(train + val, start=1):
         lines.setdefault(record_key(record), line)
-    stats = dict(src.stats, train=len(train), val=len(val), teacher=recipe.distill.teacher,
-                 teacher_answers=len(train) + len(val),
-                 teacher_empty=len(src.train) + len(src.val) - len(train) - len(val),
-                 teacher_cache_hit=cached is not None, teacher_data=str(path), source_hash=src.data_hash)
-    return SourceExamples(name=src.name, path=str(path), weight=src.weight, format="messages", train=train, val=val,
-                          lines=lines, data_hash=content_hash(train + val), stats=stats)
+    stats = dict(
+        src.stats,
+        train=len(train),
+        val=len(val),
+        teacher=recipe.distill.teacher,
+        teacher_answers=len(train) + len(val),
+        teacher_empty=len(src.train) + len(src.val) - len(train) - len(val),
+        teacher_cache_hit=cached is not None,
+        teacher_data=str(path),
+        source_hash=src.data_hash,
+    )
+    return SourceExamples(
+        name=src.name,
+        path=str(path),
+        weight=src.weight,
+        format="messages",
+        train=train,
+        val=val,
+        lines=lines,
+        data_hash=content_hash(train + val),
+        stats=stats,
+    )
 
 
 def sequence_sources(recipe: Recipe, loaded: list[SourceExamples], teacher_tok: Any) -> list[SourceExamples]:
     """Each source with the teacher's answers (weight ``1 - alpha``), then the data's own (weight ``alpha``)."""
     assert recipe.distill is not None
     if teacher_tok.chat_template is None:
-        raise ModelError(f"distill.teacher: the tokenizer of {recipe.distill.teacher} has no chat template, so "
-                         "prompts cannot be rendered for it to answer")
+        raise ModelError(
+            f"distill.teacher: the tokenizer of {recipe.distill.teacher} has no chat template, so "
+            "prompts cannot be rendered for it to answer"
+        )
     alpha = recipe.distill.alpha
     teacher = _LazyTeacher(recipe)
     out: list[SourceExamples] = []

@@ -50,26 +50,41 @@ Tables = dict[str, Any]  # {"train": [per source (pairs, 2)], "val": {name: (pai
 
 @dataclass
 class DPOPrepared(PairsPrepared):
-    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str,
-                  device: torch.device) -> DPOTask:
+    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str, device: torch.device) -> DPOTask:
         """The task; this also sets up (or precomputes) the reference."""
         train, val = self.train_sources, self.val_sources
-        spec = PairSpec(micro_batch_size=micro_batch_size, pad_id=self.tokenizer.pad_token_id, precision=precision,
-                        device=device, selective=supports_selective_head(model))
-        spec.share_prompt = spec.selective and attention_allows_masks(model) and layouts_agree(
-            model, lambda b: completion_logps(model, b, True)[0], train, spec.pad_id, device)
+        spec = PairSpec(
+            micro_batch_size=micro_batch_size,
+            pad_id=self.tokenizer.pad_token_id,
+            precision=precision,
+            device=device,
+            selective=supports_selective_head(model),
+        )
+        spec.share_prompt = (
+            spec.selective
+            and attention_allows_masks(model)
+            and layouts_agree(model, lambda b: completion_logps(model, b, True)[0], train, spec.pad_id, device)
+        )
         reference, tables = make_reference(self.recipe, model, spec, self.plan, train, val)
         return DPOTask(self.plan, train, val, spec, self.recipe.dpo, reference, tables)
 
 
 def prepare(recipe: Recipe) -> DPOPrepared:
     inputs, pairs, plan = prepare_pairs(recipe)
-    return DPOPrepared(recipe, inputs.tokenizer, inputs.template, plan, inputs.data_hashes,
-                       data_info={p.name: p.stats for p in pairs}, pairs=pairs)
+    return DPOPrepared(
+        recipe,
+        inputs.tokenizer,
+        inputs.template,
+        plan,
+        inputs.data_hashes,
+        data_info={p.name: p.stats for p in pairs},
+        pairs=pairs,
+    )
 
 
-def preference_objective(cfg: DPOConfig, policy: PairLogps,
-                         ref: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def preference_objective(
+    cfg: DPOConfig, policy: PairLogps, ref: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The recipe's DPO-family loss (mean over pairs) from policy log-probs and reference sums ``(chosen, rejected)``.
 
     Sigmoid and hinge compare summed log-probs; IPO, SimPO and ORPO compare length-averaged ones (ORPO's SFT term
@@ -77,21 +92,36 @@ def preference_objective(cfg: DPOConfig, policy: PairLogps,
     """
     if cfg.loss_type in ("sigmoid", "hinge"):
         assert ref is not None
-        return dpo_loss(policy.chosen, policy.rejected, ref[0], ref[1], beta=cfg.beta, loss_type=cfg.loss_type,
-                        label_smoothing=cfg.label_smoothing)
+        return dpo_loss(
+            policy.chosen,
+            policy.rejected,
+            ref[0],
+            ref[1],
+            beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            label_smoothing=cfg.label_smoothing,
+        )
     chosen_avg, rejected_avg = policy.averaged()
     if cfg.loss_type == "ipo":
         assert ref is not None
-        return dpo_loss(chosen_avg, rejected_avg, ref[0] / policy.chosen_tokens.clamp(min=1),
-                        ref[1] / policy.rejected_tokens.clamp(min=1), beta=cfg.beta, loss_type="ipo")
+        return dpo_loss(
+            chosen_avg,
+            rejected_avg,
+            ref[0] / policy.chosen_tokens.clamp(min=1),
+            ref[1] / policy.rejected_tokens.clamp(min=1),
+            beta=cfg.beta,
+            loss_type="ipo",
+        )
     if cfg.loss_type == "simpo":
-        return simpo_loss(chosen_avg, rejected_avg, beta=cfg.beta, gamma=cfg.simpo_gamma,
-                          label_smoothing=cfg.label_smoothing)
+        return simpo_loss(
+            chosen_avg, rejected_avg, beta=cfg.beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing
+        )
     return orpo_loss(-chosen_avg.mean(), chosen_avg, rejected_avg, beta=cfg.beta)
 
 
-def reference_sums(reference: Reference, policy: torch.nn.Module, batch: PairBatch,
-                   spec: PairSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_sums(
+    reference: Reference, policy: torch.nn.Module, batch: PairBatch, spec: PairSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed reference log-probs (chosen, rejected) of the pairs in `batch`."""
     with reference.use(policy) as model, autocast(spec.precision, spec.device):
         sums, _ = completion_logps(model, batch, spec.selective)
@@ -99,8 +129,9 @@ def reference_sums(reference: Reference, policy: torch.nn.Module, batch: PairBat
     return sums[:n].float(), sums[n:].float()
 
 
-def lookup(tables: Sequence[np.ndarray], refs: Sequence[tuple[int, int]],
-           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def lookup(
+    tables: Sequence[np.ndarray], refs: Sequence[tuple[int, int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Precomputed (chosen, rejected) sums of the pairs ``refs`` = ``(source, pair)``."""
     rows = torch.from_numpy(np.stack([tables[s][i] for s, i in refs]).astype(np.float32)).to(device)
     return rows[:, 0], rows[:, 1]
@@ -109,8 +140,16 @@ def lookup(tables: Sequence[np.ndarray], refs: Sequence[tuple[int, int]],
 class DPOTask(PairTask):
     """A step's loss is the sum of its pairs' DPO-family losses (normalised by pair count)."""
 
-    def __init__(self, plan: Plan, sources: list[PairSource], val_sources: dict[str, PairSource], spec: PairSpec,
-                 cfg: DPOConfig, reference: Reference | None, tables: Tables | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        sources: list[PairSource],
+        val_sources: dict[str, PairSource],
+        spec: PairSpec,
+        cfg: DPOConfig,
+        reference: Reference | None,
+        tables: Tables | None = None,
+    ) -> None:
         if reference is None and tables is None and cfg.loss_type not in REFERENCE_FREE:
             raise ValueError(f"dpo loss {cfg.loss_type!r} needs a reference")
         super().__init__(plan, sources, val_sources, spec)
@@ -119,8 +158,9 @@ class DPOTask(PairTask):
         self.reference = None if free else reference
         self.tables = None if free else tables
 
-    def pair_losses(self, model: torch.nn.Module, sources: Sequence[PairSource], refs: list[tuple[int, int]],
-                    split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], PairBatch]:
+    def pair_losses(
+        self, model: torch.nn.Module, sources: Sequence[PairSource], refs: list[tuple[int, int]], split: str
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], PairBatch]:
         """Mean loss and metrics of the pairs `refs`; reference sums from the tables when precomputed."""
         s = self.spec
         batch = s.batch(refs, sources)
@@ -144,9 +184,15 @@ class DPOTask(PairTask):
 # --------------------------------------------------------------------------------------------- reference
 
 
-def make_reference(recipe: Recipe, model: torch.nn.Module, spec: PairSpec, plan: Plan, train: list[PairSource],
-                   val: dict[str, PairSource],
-                   max_val: int = MAX_EVAL_PAIRS) -> tuple[Reference | None, Tables | None]:
+def make_reference(
+    recipe: Recipe,
+    model: torch.nn.Module,
+    spec: PairSpec,
+    plan: Plan,
+    train: list[PairSource],
+    val: dict[str, PairSource],
+    max_val: int = MAX_EVAL_PAIRS,
+) -> tuple[Reference | None, Tables | None]:
     """The reference for the recipe: none (SimPO/ORPO), precomputed tables, the adapter-free base, or a copy."""
     cfg = recipe.dpo
     if cfg.loss_type in REFERENCE_FREE:
@@ -163,11 +209,13 @@ def make_reference(recipe: Recipe, model: torch.nn.Module, spec: PairSpec, plan:
     needed = [np.unique(plan.refs[plan.refs[:, 0] == s, 1]) for s in range(len(train))]
     use_cache = recipe.data.cache
     tables = {
-        "train": [reference_table(src, ids, base, model, spec, fingerprint, use_cache)
-                  for src, ids in zip(train, needed)],
-        "val": {name: reference_table(src, np.arange(min(len(src), max_val)), base, model, spec, fingerprint,
-                                      use_cache)
-                for name, src in val.items()},
+        "train": [
+            reference_table(src, ids, base, model, spec, fingerprint, use_cache) for src, ids in zip(train, needed)
+        ],
+        "val": {
+            name: reference_table(src, np.arange(min(len(src), max_val)), base, model, spec, fingerprint, use_cache)
+            for name, src in val.items()
+        },
     }
     base.release()
     return None, tables
@@ -189,15 +237,26 @@ class _Lazy:
         self._ref = None
 
 
-def reference_table(src: PairSource, needed: np.ndarray, base: _Lazy, policy: torch.nn.Module, spec: PairSpec,
-                    fingerprint: str, use_cache: bool) -> np.ndarray:
+def reference_table(
+    src: PairSource,
+    needed: np.ndarray,
+    base: _Lazy,
+    policy: torch.nn.Module,
+    spec: PairSpec,
+    fingerprint: str,
+    use_cache: bool,
+) -> np.ndarray:
     """``(pairs, 2)`` summed reference log-probs (chosen, rejected); NaN for pairs the run never uses.
 
     Cached under the token cache as ``reference/<key>.npy``, the key joining the pairs' token-cache key, the base
     weights and the precision; a later run computes only the pairs it needs that are still missing.
     """
-    key = hashlib.sha256(json.dumps({"v": REF_CACHE_VERSION, "tokens": src.cache_key, "model": fingerprint,
-                                     "precision": spec.precision}, sort_keys=True).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps(
+            {"v": REF_CACHE_VERSION, "tokens": src.cache_key, "model": fingerprint, "precision": spec.precision},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:24]
     path = cache_dir("tokens") / "reference" / f"{key}.npy"
     cacheable = use_cache and bool(src.cache_key)
     table = np.full((len(src), 2), np.nan, dtype=np.float32)
@@ -216,7 +275,6 @@ def reference_table(src: PairSource, needed: np.ndarray, base: _Lazy, policy: to
         table[ids, 0] = chosen.cpu().numpy()
         table[ids, 1] = rejected.cpu().numpy()
     if cacheable:
-        with atomic_path(path, fsync=False) as tmp:
-            with tmp.open("wb") as f:
-                np.save(f, table)
+        with atomic_path(path, fsync=False) as tmp, tmp.open("wb") as f:
+            np.save(f, table)
     return table

@@ -56,7 +56,8 @@ class ElasticTask:
         t = self.recipe.train
         optimizer = make_optimizer(model, t.lr, t.weight_decay, t.betas, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_multiplier(t.schedule, res.total_steps, res.warmup_steps, t.min_lr_ratio))
+            optimizer, lr_multiplier(t.schedule, res.total_steps, res.warmup_steps, t.min_lr_ratio)
+        )
         self.task = self.prepared.make_task(model, self.micro_batch_size, res.precision, device)
         self.model, self.optimizer = model, optimizer
         return model, optimizer, scheduler
@@ -87,8 +88,15 @@ class ElasticTask:
             return
         now = time.perf_counter()
         values = unflatten_metrics(metrics)
-        row = {"step": step + 1, "loss": values.pop("loss", float("nan")), "grad_norm": values.pop("grad_norm", 0.0),
-               "lr": self._lr, "tokens": int(values.pop("tokens_fed", 0)), "step_s": now - self._t_last, **values}
+        row = {
+            "step": step + 1,
+            "loss": values.pop("loss", float("nan")),
+            "grad_norm": values.pop("grad_norm", 0.0),
+            "lr": self._lr,
+            "tokens": int(values.pop("tokens_fed", 0)),
+            "step_s": now - self._t_last,
+            **values,
+        }
         self._t_last = now
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -106,8 +114,15 @@ def make_task(config: Mapping[str, Any]) -> ElasticTask:
     return ElasticTask(config)
 
 
-def run_elastic(recipe: Recipe, run_dir: Path, *, replicas: str | None, fault_plan: str | None,
-                micro_batch_size: int, num_steps: int) -> tuple[Any, Path, dict[str, float]]:
+def run_elastic(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    replicas: str | None,
+    fault_plan: str | None,
+    micro_batch_size: int,
+    num_steps: int,
+) -> tuple[Any, Path, dict[str, float]]:
     """Run `recipe` on elastic replicas under a supervisor; returns the report, the result dir and the final eval."""
     import os
 
@@ -126,11 +141,19 @@ def run_elastic(recipe: Recipe, run_dir: Path, *, replicas: str | None, fault_pl
     threads = recipe.train.num_threads or max(1, cores // max(1, res.initial_replicas))
     spec = JobSpec(
         task="tuneforge.training.elastic:make_task",
-        task_config={"recipe": recipe.to_dict(), "micro_batch_size": micro_batch_size, "threads": threads,
-                     "metrics_path": str(run_dir / "metrics.jsonl")},
-        steps=num_steps, global_batch_size=recipe.train.global_batch_size, micro_batch_size=micro_batch_size,
-        seed=recipe.train.seed, shuffle=False,  # the plan is already shuffled and mixed, by global index
-        max_grad_norm=recipe.train.grad_clip, resilience=res,
+        task_config={
+            "recipe": recipe.to_dict(),
+            "micro_batch_size": micro_batch_size,
+            "threads": threads,
+            "metrics_path": str(run_dir / "metrics.jsonl"),
+        },
+        steps=num_steps,
+        global_batch_size=recipe.train.global_batch_size,
+        micro_batch_size=micro_batch_size,
+        seed=recipe.train.seed,
+        shuffle=False,  # the plan is already shuffled and mixed, by global index
+        max_grad_norm=recipe.train.grad_clip,
+        resilience=res,
     )
     report = run_job(spec, run_dir)
     final = run_dir / "final"

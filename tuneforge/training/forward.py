@@ -9,12 +9,11 @@ soft-capping) and prompt-learning adapters (virtual tokens prepended) take the f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 from tuneforge.data.batching import IGNORE, Batch
 from tuneforge.models.adapters import is_prompt_learning, unwrap
@@ -41,8 +40,15 @@ def _pick(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return states.reshape(-1, *states.shape[2:])[positions]
 
 
-def hidden_at(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, *, decoder: Any = None,
-              position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_at(
+    model: Any,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    decoder: Any = None,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The decoder's last hidden states ``(K, H)`` at `positions` of the ``(B, T)`` input.
 
     `decoder` defaults to the causal LM's (``get_decoder()``); a reward model passes its trunk.
@@ -58,27 +64,36 @@ def lm_head(model: Any) -> torch.nn.Module:
     return unwrap(model).get_output_embeddings()
 
 
-def logits_at(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, *, selective: bool,
-              position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def logits_at(
+    model: Any,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    selective: bool,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Logits ``(K, V)`` at `positions` (each predicts the token after it).
 
     Selective: decoder, then the LM head on the chosen hidden states only. Otherwise the model's own full forward
     (a custom mask or position ids are then not allowed: prompt-learning adapters prepend virtual tokens).
     """
     if selective:
-        return lm_head(model)(hidden_at(model, input_ids, positions, position_ids=position_ids,
-                                        attention_mask=attention_mask))
+        return lm_head(model)(
+            hidden_at(model, input_ids, positions, position_ids=position_ids, attention_mask=attention_mask)
+        )
     if attention_mask is not None:
         raise ValueError("a custom attention mask needs the selective forward")
     out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
-    return _pick(out.logits[:, -input_ids.shape[1]:], positions)  # prompt tuning prepends virtual tokens
+    return _pick(out.logits[:, -input_ids.shape[1] :], positions)  # prompt tuning prepends virtual tokens
 
 
 def supervised_logits(model: Any, batch: Batch, selective: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, V) at the supervised positions of a packed SFT batch and their targets (N,)."""
     keep = batch.labels != IGNORE
-    logits = logits_at(model, batch.input_ids, keep, selective=selective,
-                       position_ids=batch.position_ids if selective else None)
+    logits = logits_at(
+        model, batch.input_ids, keep, selective=selective, position_ids=batch.position_ids if selective else None
+    )
     return logits, batch.labels[keep]
 
 
@@ -94,8 +109,9 @@ class SequenceBatch:
     width: int  # completion width L of the (B, L) outputs
 
 
-def sequence_batch(prompts: Sequence[Sequence[int]], tokens: torch.Tensor, mask: torch.Tensor,
-                   pad_id: int) -> SequenceBatch:
+def sequence_batch(
+    prompts: Sequence[Sequence[int]], tokens: torch.Tensor, mask: torch.Tensor, pad_id: int
+) -> SequenceBatch:
     lengths = mask.sum(-1).tolist()
     total = [len(p) + n for p, n in zip(prompts, lengths)]
     width = max(max(total), 1)
@@ -111,9 +127,9 @@ def sequence_batch(prompts: Sequence[Sequence[int]], tokens: torch.Tensor, mask:
     return SequenceBatch(ids, rows_t, cols_t, torch.cat(positions), tokens.cpu()[rows_t, cols_t], tokens.shape[1])
 
 
-
-def sequence_forward(model: Any, batch: SequenceBatch, *, selective: bool, temperature: float,
-                     value_head: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sequence_forward(
+    model: Any, batch: SequenceBatch, *, selective: bool, temperature: float, value_head: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs ``(B, L)`` of the completion tokens (at the sampling temperature), and values."""
     device = next(model.parameters()).device
     ids, positions = batch.input_ids.to(device), batch.positions.to(device)
@@ -128,6 +144,7 @@ def sequence_forward(model: Any, batch: SequenceBatch, *, selective: bool, tempe
     at = (batch.rows.to(device), batch.cols.to(device))
     shape = (batch.input_ids.shape[0], batch.width)
     dense = torch.zeros(shape, dtype=per_token.dtype, device=device).index_put(at, per_token)
-    dense_values = None if values is None else torch.zeros(shape, dtype=values.dtype, device=device).index_put(
-        at, values)
+    dense_values = (
+        None if values is None else torch.zeros(shape, dtype=values.dtype, device=device).index_put(at, values)
+    )
     return dense, dense_values

@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 class GRPOPrepared(OnlinePrepared):
     grader: Any = None
 
-    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str,
-                  device: torch.device) -> GRPOTask:
+    def make_task(
+        self, model: torch.nn.Module, micro_batch_size: int, precision: str, device: torch.device
+    ) -> GRPOTask:
         cfg = self.recipe.grpo
         assert cfg is not None
         spec = self.rollout_spec(model, micro_batch_size, precision, device, group=cfg.group_size)
@@ -58,11 +59,20 @@ def prepare(recipe: Recipe) -> GRPOPrepared:
     cfg = recipe.grpo
     assert cfg is not None
     grader = load_recipe_grader(cfg)
-    inputs, sources, plan = prepare_prompts(recipe, updates_per_batch=cfg.num_iterations,
-                                            reuse_field="grpo.num_iterations")
-    return GRPOPrepared(recipe, inputs.tokenizer, inputs.template, plan, inputs.data_hashes,
-                        data_info={s.name: s.stats for s in sources}, sources=sources,
-                        updates_per_batch=cfg.num_iterations, grader=grader)
+    inputs, sources, plan = prepare_prompts(
+        recipe, updates_per_batch=cfg.num_iterations, reuse_field="grpo.num_iterations"
+    )
+    return GRPOPrepared(
+        recipe,
+        inputs.tokenizer,
+        inputs.template,
+        plan,
+        inputs.data_hashes,
+        data_info={s.name: s.stats for s in sources},
+        sources=sources,
+        updates_per_batch=cfg.num_iterations,
+        grader=grader,
+    )
 
 
 def load_recipe_grader(cfg: GRPOConfig) -> Any:
@@ -79,8 +89,17 @@ def load_recipe_grader(cfg: GRPOConfig) -> Any:
 class GRPOTask(OnlineTask):
     """Group sampling, grader rewards, group-relative advantages and the clipped GRPO objective."""
 
-    def __init__(self, plan: Plan, sources: list[PromptSet], val_sources: dict[str, PromptSet], spec: RolloutSpec,
-                 tokenizer: Any, reference: Reference | None, grader: Any, cfg: Any) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        sources: list[PromptSet],
+        val_sources: dict[str, PromptSet],
+        spec: RolloutSpec,
+        tokenizer: Any,
+        reference: Reference | None,
+        grader: Any,
+        cfg: Any,
+    ) -> None:
         super().__init__(plan, sources, val_sources, spec, tokenizer, reference)
         self.grader = grader
         self.cfg = cfg
@@ -91,8 +110,9 @@ class GRPOTask(OnlineTask):
         results = self.grader.evaluate_batch([{"output_text": t} for t in texts], list(records))
         errors = [r.error for r in results if r.error]
         if errors:
-            log.warning("graders: %d of %d samples failed and scored 0; first error: %s", len(errors), len(results),
-                        errors[0])
+            log.warning(
+                "graders: %d of %d samples failed and scored 0; first error: %s", len(errors), len(results), errors[0]
+            )
         return torch.tensor([r.score for r in results], dtype=torch.float32), len(errors)
 
     def make_rollout(self, model: torch.nn.Module, batch_index: int, rows: range) -> StepRollout:
@@ -105,12 +125,17 @@ class GRPOTask(OnlineTask):
         advantages = group_advantages(rewards, g, scale=self.cfg.scale_rewards)
         groups = rewards.reshape(-1, g)
         lengths = comp.lengths.float()
-        ro = StepRollout((rows.start, rows.stop), [p for p in prompts for _ in range(g)], comp,
-                         advantages.to(self.spec.device))
-        ro.metrics = {"reward": float(rewards.mean()), "reward_std": float(groups.std(dim=1).mean()),
-                      "frac_groups_no_signal": float((groups.std(dim=1) == 0).float().mean()),
-                      "completion_length": float(lengths.mean()),
-                      "completions_finished": float(comp.finished.float().mean()), "grader_errors": float(errors)}
+        ro = StepRollout(
+            (rows.start, rows.stop), [p for p in prompts for _ in range(g)], comp, advantages.to(self.spec.device)
+        )
+        ro.metrics = {
+            "reward": float(rewards.mean()),
+            "reward_std": float(groups.std(dim=1).mean()),
+            "frac_groups_no_signal": float((groups.std(dim=1) == 0).float().mean()),
+            "completion_length": float(lengths.mean()),
+            "completions_finished": float(comp.finished.float().mean()),
+            "grader_errors": float(errors),
+        }
         self.rollout = ro
         every = range(len(ro.prompt_ids))
         if self.reference is not None:
@@ -143,8 +168,9 @@ class GRPOTask(OnlineTask):
         stats = MetricSums()
         for i in range(0, len(seqs), s.micro_batch_size):
             idx = seqs[i : i + s.micro_batch_size]
-            batch = sequence_batch([ro.prompt_ids[j] for j in idx], ro.completions.tokens[idx],
-                                   ro.completions.mask[idx], s.pad_id)
+            batch = sequence_batch(
+                [ro.prompt_ids[j] for j in idx], ro.completions.tokens[idx], ro.completions.mask[idx], s.pad_id
+            )
             mask = self.trim(ro.completions.mask, idx, batch)
             with autocast(s.precision, s.device):
                 logps, _ = sequence_forward(model, batch, selective=s.selective, temperature=s.sampling.temperature)
@@ -155,8 +181,9 @@ class GRPOTask(OnlineTask):
                 loss, metrics = grpo_loss(logps, old, ref, ro.advantages[idx], mask, loss_type="grpo", **common)
                 loss_sum = loss * len(idx)
             else:  # Σ over tokens; the divisor is the step's (loss_tokens)
-                loss_sum, metrics = grpo_loss(logps, old, ref, ro.advantages[idx], mask, loss_type="dapo",
-                                              num_items_in_batch=1, **common)
+                loss_sum, metrics = grpo_loss(
+                    logps, old, ref, ro.advantages[idx], mask, loss_type="dapo", num_items_in_batch=1, **common
+                )
             (loss_sum * scale).backward()
             loss_acc += loss_sum.detach()
             stats.add_means(metrics, mask.sum())
@@ -181,5 +208,3 @@ class GRPOTask(OnlineTask):
             out["val/reward"] = total / count
         model.train()
         return out
-
-

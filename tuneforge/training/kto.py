@@ -38,25 +38,50 @@ MAX_EVAL_EXAMPLES = 512  # validation examples scored per source
 class KTOPrepared(PreparedBase):
     sources: list[LabelledTokens] = field(default_factory=list)
 
-    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str,
-                  device: torch.device) -> KTOTask:
-        spec = KTOSpec(micro_batch_size, self.tokenizer.pad_token_id, precision, device, self.recipe.data.max_length,
-                       supports_selective_head(model))
+    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str, device: torch.device) -> KTOTask:
+        spec = KTOSpec(
+            micro_batch_size,
+            self.tokenizer.pad_token_id,
+            precision,
+            device,
+            self.recipe.data.max_length,
+            supports_selective_head(model),
+        )
         val = {s.name: s.val for s in self.sources if s.val is not None}
-        return KTOTask(self.plan, [s.train for s in self.sources], val, spec, self.recipe.kto,
-                       Reference.for_policy(model, self.recipe.model, device))
+        return KTOTask(
+            self.plan,
+            [s.train for s in self.sources],
+            val,
+            spec,
+            self.recipe.kto,
+            Reference.for_policy(model, self.recipe.model, device),
+        )
 
 
 def prepare(recipe: Recipe) -> KTOPrepared:
     """Validate every record, tokenize the examples (through the cache) and plan every step."""
     inputs = load_inputs(recipe)
     sources = tokenize_labelled_sources(inputs.loaded, inputs.tokenizer, inputs.template, recipe)
-    plan = build_plan([s.train for s in sources], [s.weight for s in sources], mix_by="examples",
-                      seed=recipe.train.seed, max_length=recipe.data.max_length, packing=False,
-                      global_batch_size=recipe.train.global_batch_size, epochs=recipe.train.epochs,
-                      max_steps=recipe.train.max_steps)
-    return KTOPrepared(recipe, inputs.tokenizer, inputs.template, plan, inputs.data_hashes,
-                       data_info={s.name: s.stats for s in sources}, sources=sources)
+    plan = build_plan(
+        [s.train for s in sources],
+        [s.weight for s in sources],
+        mix_by="examples",
+        seed=recipe.train.seed,
+        max_length=recipe.data.max_length,
+        packing=False,
+        global_batch_size=recipe.train.global_batch_size,
+        epochs=recipe.train.epochs,
+        max_steps=recipe.train.max_steps,
+    )
+    return KTOPrepared(
+        recipe,
+        inputs.tokenizer,
+        inputs.template,
+        plan,
+        inputs.data_hashes,
+        data_info={s.name: s.stats for s in sources},
+        sources=sources,
+    )
 
 
 @dataclass
@@ -72,8 +97,15 @@ class KTOSpec:
 class KTOTask(TaskBase):
     """Per step: ``z0`` from the step's mismatched pairs, then micro-batches of the KTO loss (sum over examples)."""
 
-    def __init__(self, plan: Plan, sources: list[LabelledSource], val_sources: dict[str, LabelledSource],
-                 spec: KTOSpec, cfg: KTOConfig, reference: Reference) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        sources: list[LabelledSource],
+        val_sources: dict[str, LabelledSource],
+        spec: KTOSpec,
+        cfg: KTOConfig,
+        reference: Reference,
+    ) -> None:
         super().__init__(plan)
         self.sources = sources
         self.val_sources = val_sources
@@ -103,8 +135,12 @@ class KTOTask(TaskBase):
         batch = sequence_batch(prompts, tokens, present, self.spec.pad_id)
         return batch, scored[:, : batch.width].to(self.spec.device)
 
-    def logps(self, model: torch.nn.Module, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
-              reference: bool = False) -> torch.Tensor:
+    def logps(
+        self,
+        model: torch.nn.Module,
+        parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+        reference: bool = False,
+    ) -> torch.Tensor:
         """Summed log-probs of each completion's supervised tokens, ``(B,)``; the reference's without gradients."""
         batch, scored = self.batch(parts)
         s = self.spec
@@ -125,8 +161,9 @@ class KTOTask(TaskBase):
         return int(self.plan.row_tokens[np.asarray(indices, dtype=np.int64)].sum()) if len(indices) else 0
 
     @torch.no_grad()
-    def reference_point(self, model: torch.nn.Module, sources: Sequence[LabelledSource],
-                        refs: Sequence[tuple[int, int]]) -> torch.Tensor:
+    def reference_point(
+        self, model: torch.nn.Module, sources: Sequence[LabelledSource], refs: Sequence[tuple[int, int]]
+    ) -> torch.Tensor:
         """``z0`` over the examples `refs`: each prompt with the completion of the example before it, dropout off."""
         parts = self.examples(sources, refs)
         if len(parts) < 2:
@@ -154,14 +191,26 @@ class KTOTask(TaskBase):
             raise RuntimeError("KTO needs begin_step(model, step, rows) before forward_backward (its reference point)")
         return self.z0[1]
 
-    def losses(self, model: torch.nn.Module, sources: Sequence[LabelledSource], refs: Sequence[tuple[int, int]],
-               z0: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def losses(
+        self,
+        model: torch.nn.Module,
+        sources: Sequence[LabelledSource],
+        refs: Sequence[tuple[int, int]],
+        z0: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts = self.examples(sources, refs)
         desirable = torch.tensor([bool(sources[a].labels[i]) for a, i in refs], device=self.spec.device)
         policy = self.logps(model, parts)
         ref = self.logps(model, parts, reference=True)
-        return kto_loss(policy, ref, desirable, z0, beta=self.cfg.beta, desirable_weight=self.cfg.desirable_weight,
-                        undesirable_weight=self.cfg.undesirable_weight)
+        return kto_loss(
+            policy,
+            ref,
+            desirable,
+            z0,
+            beta=self.cfg.beta,
+            desirable_weight=self.cfg.desirable_weight,
+            undesirable_weight=self.cfg.undesirable_weight,
+        )
 
     def forward_backward(self, model: torch.nn.Module, indices: Sequence[int], scale: float) -> StepOutput:
         """Gradients of ``scale · Σ example losses`` over `indices` in micro-batches, with the step's ``z0``."""

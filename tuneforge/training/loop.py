@@ -44,8 +44,9 @@ class LoopResult:
     tokens: int = 0
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device: torch.device
+) -> torch.optim.Optimizer:
     """AdamW with no weight decay on biases and norms (1-D tensors)."""
     decay, no_decay = [], []
     for p in model.parameters():
@@ -59,10 +60,19 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
-def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, task: Task, s: LoopSettings, *,
-               start_step: int = 0, run_dir: Path, progress: Progress,
-               log_fn: Callable[[dict[str, float], int], None] = lambda m, step: None,
-               checkpoint_meta: dict[str, Any] | None = None) -> LoopResult:
+def train_loop(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    task: Task,
+    s: LoopSettings,
+    *,
+    start_step: int = 0,
+    run_dir: Path,
+    progress: Progress,
+    log_fn: Callable[[dict[str, float], int], None] = lambda m, step: None,
+    checkpoint_meta: dict[str, Any] | None = None,
+) -> LoopResult:
     result = LoopResult()
     params = [p for p in model.parameters() if p.requires_grad]
     metrics_file = (run_dir / "metrics.jsonl").open("a")
@@ -100,14 +110,29 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
                 elapsed = time.perf_counter() - window_t0
                 tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
                 for k, loss, gn, lr_k, fed_k, dt, extra_k in pending:
-                    row = {"step": k, "loss": float(loss), "grad_norm": float(gn), "lr": lr_k, "tokens": fed_k,
-                           "step_s": dt, **{name: v.value() for name, v in extra_k.items()}}
+                    row = {
+                        "step": k,
+                        "loss": float(loss),
+                        "grad_norm": float(gn),
+                        "lr": lr_k,
+                        "tokens": fed_k,
+                        "step_s": dt,
+                        **{name: v.value() for name, v in extra_k.items()},
+                    }
                     result.history.append(row)
                     metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 latest = dict(result.history[-1], tokens_per_s=tok_s)
-                log_fn({"train/loss": latest["loss"], "train/grad_norm": latest["grad_norm"], "train/lr": latest["lr"],
-                        "train/tokens_per_s": tok_s, **{f"train/{k}": latest[k] for k in pending[-1][6]}}, done)
+                log_fn(
+                    {
+                        "train/loss": latest["loss"],
+                        "train/grad_norm": latest["grad_norm"],
+                        "train/lr": latest["lr"],
+                        "train/tokens_per_s": tok_s,
+                        **{f"train/{k}": latest[k] for k in pending[-1][6]},
+                    },
+                    done,
+                )
                 progress.update(done, latest)
                 pending.clear()
                 window_t0, window_tokens = time.perf_counter(), 0
@@ -118,8 +143,15 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
                     log_fn(ev, done)
                     progress.note(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             if s.checkpoint_every and (done % s.checkpoint_every == 0) and not last:
-                save_checkpoint(run_dir / "checkpoints", step=done, model=model, optimizer=optimizer,
-                                scheduler=scheduler, meta=checkpoint_meta or {}, keep=s.keep_checkpoints)
+                save_checkpoint(
+                    run_dir / "checkpoints",
+                    step=done,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    meta=checkpoint_meta or {},
+                    keep=s.keep_checkpoints,
+                )
     metrics_file.close()
     result.train_seconds = step_time
     return result

@@ -36,7 +36,6 @@ from tuneforge.training.precision import autocast
 from tuneforge.training.rollout import Completions, Sampling, sample_completions, truncate_at_stop
 from tuneforge.training.task import PreparedBase, TaskBase
 
-
 # --------------------------------------------------------------------------------------------- data
 
 
@@ -60,16 +59,28 @@ class OnlinePrepared(PreparedBase):
     def val_sets(self) -> dict[str, PromptSet]:
         return {s.name: s.val for s in self.sources if s.val is not None and len(s.val)}
 
-    def rollout_spec(self, model: torch.nn.Module, micro_batch_size: int, precision: str, device: torch.device,
-                     group: int = 1) -> RolloutSpec:
+    def rollout_spec(
+        self, model: torch.nn.Module, micro_batch_size: int, precision: str, device: torch.device, group: int = 1
+    ) -> RolloutSpec:
         r = self.recipe
         return RolloutSpec(
-            micro_batch_size=micro_batch_size * group, precision=precision, device=device,
-            selective=supports_selective_head(model), pad_id=self.tokenizer.pad_token_id,
-            eos_ids=eos_token_ids(self.tokenizer), seed=r.train.seed, generation_batch=r.generation.batch_size,
-            sampling=Sampling(max_new_tokens=r.generation.max_new_tokens, temperature=r.generation.temperature,
-                              top_p=r.generation.top_p, top_k=r.generation.top_k),
-            stop=list(r.generation.stop), updates_per_batch=self.updates_per_batch)
+            micro_batch_size=micro_batch_size * group,
+            precision=precision,
+            device=device,
+            selective=supports_selective_head(model),
+            pad_id=self.tokenizer.pad_token_id,
+            eos_ids=eos_token_ids(self.tokenizer),
+            seed=r.train.seed,
+            generation_batch=r.generation.batch_size,
+            sampling=Sampling(
+                max_new_tokens=r.generation.max_new_tokens,
+                temperature=r.generation.temperature,
+                top_p=r.generation.top_p,
+                top_k=r.generation.top_k,
+            ),
+            stop=list(r.generation.stop),
+            updates_per_batch=self.updates_per_batch,
+        )
 
 
 def eos_token_ids(tokenizer: Any) -> list[int]:
@@ -80,33 +91,50 @@ def eos_token_ids(tokenizer: Any) -> list[int]:
         if tid is not None:
             ids.add(int(tid))
     if not ids:
-        raise RecipeError("model.tokenizer: the tokenizer has no EOS token, so completions could never end; "
-                          "set one (tokenizer.eos_token) in the tokenizer's config")
+        raise RecipeError(
+            "model.tokenizer: the tokenizer has no EOS token, so completions could never end; "
+            "set one (tokenizer.eos_token) in the tokenizer's config"
+        )
     return sorted(ids)
 
 
-def prepare_prompts(recipe: Recipe, *, updates_per_batch: int, reuse_field: str) -> tuple[Inputs, list[PromptSource], Plan]:
+def prepare_prompts(
+    recipe: Recipe, *, updates_per_batch: int, reuse_field: str
+) -> tuple[Inputs, list[PromptSource], Plan]:
     """Validate every prompt record, tokenize prompts within the length budget and plan every batch of rollouts."""
     inputs = load_inputs(recipe)
     budget = recipe.data.max_length - recipe.generation.max_new_tokens
     if budget < 1:
-        raise RecipeError(f"generation.max_new_tokens: {recipe.generation.max_new_tokens} leaves no room for the "
-                          f"prompt within data.max_length={recipe.data.max_length}")
-    sources, issues = prompt_sources(inputs.loaded, inputs.tokenizer, inputs.template, budget,
-                                     recipe.data.on_overlong)
+        raise RecipeError(
+            f"generation.max_new_tokens: {recipe.generation.max_new_tokens} leaves no room for the "
+            f"prompt within data.max_length={recipe.data.max_length}"
+        )
+    sources, issues = prompt_sources(inputs.loaded, inputs.tokenizer, inputs.template, budget, recipe.data.on_overlong)
     if issues:
-        raise DataError(issues, f"prompts longer than data.max_length - generation.max_new_tokens = {budget} tokens "
-                        "(set data.on_overlong: truncate or drop, or raise data.max_length)")
+        raise DataError(
+            issues,
+            f"prompts longer than data.max_length - generation.max_new_tokens = {budget} tokens "
+            "(set data.on_overlong: truncate or drop, or raise data.max_length)",
+        )
     every = recipe.train.checkpoint_every
     if updates_per_batch > 1 and every and every % updates_per_batch:
-        raise RecipeError(f"train.checkpoint_every: {every} must be a multiple of {reuse_field}={updates_per_batch}, "
-                          "so that a resumed run starts on a fresh batch of rollouts")
+        raise RecipeError(
+            f"train.checkpoint_every: {every} must be a multiple of {reuse_field}={updates_per_batch}, "
+            "so that a resumed run starts on a fresh batch of rollouts"
+        )
     max_steps = recipe.train.max_steps
     max_batches = -(-max_steps // updates_per_batch) if max_steps else None  # steps count updates
-    plan = build_plan([s.train.as_tokenized() for s in sources], [s.weight for s in sources], mix_by="examples",
-                      seed=recipe.train.seed, max_length=recipe.data.max_length, packing=False,
-                      global_batch_size=recipe.train.global_batch_size, epochs=recipe.train.epochs,
-                      max_steps=max_batches)
+    plan = build_plan(
+        [s.train.as_tokenized() for s in sources],
+        [s.weight for s in sources],
+        mix_by="examples",
+        seed=recipe.train.seed,
+        max_length=recipe.data.max_length,
+        packing=False,
+        global_batch_size=recipe.train.global_batch_size,
+        epochs=recipe.train.epochs,
+        max_steps=max_batches,
+    )
     return inputs, sources, plan
 
 
@@ -152,8 +180,15 @@ class OnlineTask(TaskBase):
     group_size = 1
     evaluate_before_training = True  # the loop scores the starting policy too: the baseline for every later reward
 
-    def __init__(self, plan: Plan, sources: list[PromptSet], val_sources: dict[str, PromptSet], spec: RolloutSpec,
-                 tokenizer: Any, reference: Reference | None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        sources: list[PromptSet],
+        val_sources: dict[str, PromptSet],
+        spec: RolloutSpec,
+        tokenizer: Any,
+        reference: Reference | None,
+    ) -> None:
         super().__init__(plan)
         self.sources = sources
         self.val_sources = val_sources
@@ -187,20 +222,39 @@ class OnlineTask(TaskBase):
         return [(r - ro.rows[0]) * g + k for r in indices for k in range(g)]
 
     # -- rollouts -------------------------------------------------------------------------------------
-    def generate(self, model: torch.nn.Module, prompts: list[list[int]], group: int, sampling: Sampling,
-                 generator: torch.Generator | None) -> tuple[Completions, list[str]]:
+    def generate(
+        self,
+        model: torch.nn.Module,
+        prompts: list[list[int]],
+        group: int,
+        sampling: Sampling,
+        generator: torch.Generator | None,
+    ) -> tuple[Completions, list[str]]:
         """Completions in chunks of ``generation_batch`` sequences, then stop strings and decoding."""
         s = self.spec
         per_call = max(1, s.generation_batch // group)
         parts = []
         for i in range(0, len(prompts), per_call):
             with autocast(s.precision, s.device):
-                parts.append(sample_completions(model, prompts[i : i + per_call], group_size=group, sampling=sampling,
-                                                eos_ids=s.eos_ids, pad_id=s.pad_id, generator=generator))
+                parts.append(
+                    sample_completions(
+                        model,
+                        prompts[i : i + per_call],
+                        group_size=group,
+                        sampling=sampling,
+                        eos_ids=s.eos_ids,
+                        pad_id=s.pad_id,
+                        generator=generator,
+                    )
+                )
         width = max(p.tokens.shape[1] for p in parts)
         pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
-        comp = Completions(torch.cat([pad(p.tokens, s.pad_id) for p in parts]), torch.cat([pad(p.mask, 0) for p in parts]),
-                           torch.cat([p.finished for p in parts]), group)
+        comp = Completions(
+            torch.cat([pad(p.tokens, s.pad_id) for p in parts]),
+            torch.cat([pad(p.mask, 0) for p in parts]),
+            torch.cat([p.finished for p in parts]),
+            group,
+        )
         texts = self.tokenizer.batch_decode(comp.tokens.masked_fill(comp.mask == 0, s.pad_id), skip_special_tokens=True)
         if s.stop:
             texts = [self._apply_stop(comp, i, t) for i, t in enumerate(texts)]
@@ -225,8 +279,9 @@ class OnlineTask(TaskBase):
         device = self.spec.device if self.spec.device.type in ("cpu", "cuda") else torch.device("cpu")
         return torch.Generator(device=device).manual_seed(self.spec.seed * 1_000_003 + batch_index)
 
-    def forward_rows(self, model: torch.nn.Module, seqs: Sequence[int], *, value_head: Any = None,
-                     reference: bool = False) -> list[tuple[list[int], SequenceBatch, Any]]:
+    def forward_rows(
+        self, model: torch.nn.Module, seqs: Sequence[int], *, value_head: Any = None, reference: bool = False
+    ) -> list[tuple[list[int], SequenceBatch, Any]]:
         """Micro-batches of the rollout's sequences ``seqs``: (indices, batch, outputs) — no gradients, no dropout.
 
         The rollout-time log-probs and values describe the policy that sampled, which had dropout off.
@@ -239,17 +294,20 @@ class OnlineTask(TaskBase):
         model.eval()
         for i in range(0, len(seqs), s.micro_batch_size):
             idx = list(seqs[i : i + s.micro_batch_size])
-            batch = sequence_batch([ro.prompt_ids[j] for j in idx], ro.completions.tokens[idx],
-                                   ro.completions.mask[idx], s.pad_id)
+            batch = sequence_batch(
+                [ro.prompt_ids[j] for j in idx], ro.completions.tokens[idx], ro.completions.mask[idx], s.pad_id
+            )
             with torch.no_grad(), autocast(s.precision, s.device):
                 if reference:
                     assert self.reference is not None
                     with self.reference.use(model) as ref:
-                        res: Any = sequence_forward(ref, batch, selective=supports_selective_head(ref),
-                                                    temperature=s.sampling.temperature)[0]
+                        res: Any = sequence_forward(
+                            ref, batch, selective=supports_selective_head(ref), temperature=s.sampling.temperature
+                        )[0]
                 else:
-                    res = sequence_forward(model, batch, selective=s.selective, temperature=s.sampling.temperature,
-                                           value_head=value_head)
+                    res = sequence_forward(
+                        model, batch, selective=s.selective, temperature=s.sampling.temperature, value_head=value_head
+                    )
             out.append((idx, batch, res))
         model.train(was_training)
         return out
@@ -267,5 +325,3 @@ class OnlineTask(TaskBase):
         if self.val_sources:
             return [(name, ps, min(len(ps), limit)) for name, ps in self.val_sources.items()]
         return [(ps.name, ps, min(len(ps), limit)) for ps in self.sources]
-
-

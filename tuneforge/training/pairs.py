@@ -19,9 +19,9 @@ import torch
 from tuneforge.config import Recipe
 from tuneforge.data.preference import PairBatch, PairSource, PairTokens, collate_pairs, tokenize_preference_sources
 from tuneforge.data.sampler import build_plan
+from tuneforge.objectives.logprobs import token_logprobs
 from tuneforge.training.build import load_inputs
 from tuneforge.training.forward import logits_at
-from tuneforge.objectives.logprobs import token_logprobs
 from tuneforge.training.task import MetricSums, PreparedBase, StepOutput, TaskBase, held_out_means
 
 MAX_EVAL_PAIRS = 512  # validation pairs scored per source
@@ -47,10 +47,17 @@ def prepare_pairs(recipe: Recipe) -> tuple[Any, list[PairTokens], Any]:
     inputs = load_inputs(recipe)
     pairs = tokenize_preference_sources(inputs.loaded, inputs.tokenizer, inputs.template, recipe)
     # One pair is one sample of cost 1: sources mix by pairs, never packed.
-    plan = build_plan([p.train for p in pairs], [p.weight for p in pairs], mix_by="examples",
-                      seed=recipe.train.seed, max_length=recipe.data.max_length, packing=False,
-                      global_batch_size=recipe.train.global_batch_size, epochs=recipe.train.epochs,
-                      max_steps=recipe.train.max_steps)
+    plan = build_plan(
+        [p.train for p in pairs],
+        [p.weight for p in pairs],
+        mix_by="examples",
+        seed=recipe.train.seed,
+        max_length=recipe.data.max_length,
+        packing=False,
+        global_batch_size=recipe.train.global_batch_size,
+        epochs=recipe.train.epochs,
+        max_steps=recipe.train.max_steps,
+    )
     for s, p in enumerate(pairs):  # report response tokens, not the unit cost the plan mixed by
         plan.mix.tokens[s] = int(p.train.completion_tokens[plan.refs[plan.refs[:, 0] == s, 1]].sum())
     return inputs, pairs, plan
@@ -91,8 +98,14 @@ def completion_logps(model: Any, batch: PairBatch, selective: bool) -> tuple[tor
     adapters, soft-capped heads) the full forward runs on the plain layout.
     """
     n = 2 * batch.pairs
-    logits = logits_at(model, batch.input_ids, batch.positions, selective=selective,
-                       position_ids=batch.position_ids if selective else None, attention_mask=batch.attention_mask)
+    logits = logits_at(
+        model,
+        batch.input_ids,
+        batch.positions,
+        selective=selective,
+        position_ids=batch.position_ids if selective else None,
+        attention_mask=batch.attention_mask,
+    )
     per_token = token_logprobs(logits, batch.targets)
     sums = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add(0, batch.seq, per_token)
     return sums, torch.bincount(batch.seq, minlength=n)
@@ -103,8 +116,13 @@ def split_pairs(sums: torch.Tensor, counts: torch.Tensor) -> PairLogps:
     return PairLogps(sums[:n], sums[n:], counts[:n].to(sums.dtype), counts[n:].to(sums.dtype))
 
 
-def layouts_agree(model: torch.nn.Module, score: Callable[[PairBatch], torch.Tensor], sources: Sequence[PairSource],
-                  pad_id: int, device: torch.device) -> bool:
+def layouts_agree(
+    model: torch.nn.Module,
+    score: Callable[[PairBatch], torch.Tensor],
+    sources: Sequence[PairSource],
+    pad_id: int,
+    device: torch.device,
+) -> bool:
     """Whether the shared-prompt layout scores a real pair as two separate rows do (fp32, tolerance 1e-4).
 
     A decoder that ignored custom 4-D masks or position ids would silently compute something else; one tiny
@@ -130,16 +148,18 @@ class PairTask(TaskBase):
     Subclasses implement ``pair_losses(sources, refs, split)``: the mean loss and metrics of the pairs `refs`.
     """
 
-    def __init__(self, plan: Any, sources: list[PairSource], val_sources: dict[str, PairSource],
-                 spec: PairSpec) -> None:
+    def __init__(
+        self, plan: Any, sources: list[PairSource], val_sources: dict[str, PairSource], spec: PairSpec
+    ) -> None:
         super().__init__(plan)
         self.sources = sources
         self.val_sources = val_sources
         self.spec = spec
         self.model: torch.nn.Module | None = None
 
-    def pair_losses(self, model: torch.nn.Module, sources: Sequence[PairSource], refs: list[tuple[int, int]],
-                    split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], PairBatch]:
+    def pair_losses(
+        self, model: torch.nn.Module, sources: Sequence[PairSource], refs: list[tuple[int, int]], split: str
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], PairBatch]:
         raise NotImplementedError
 
     def loss_tokens(self, indices: Sequence[int]) -> int:
@@ -163,8 +183,9 @@ class PairTask(TaskBase):
             fed += batch.num_tokens
         return StepOutput(loss_acc, fed, sums.metrics)
 
-    def held_out(self, model: torch.nn.Module, accuracy_key: str, margin_key: str,
-                 max_examples: int = MAX_EVAL_PAIRS) -> dict[str, float]:
+    def held_out(
+        self, model: torch.nn.Module, accuracy_key: str, margin_key: str, max_examples: int = MAX_EVAL_PAIRS
+    ) -> dict[str, float]:
         """Loss, pairwise accuracy and margin on each validation source and over all of them (pair-weighted)."""
         s = self.spec
         model.eval()

@@ -42,14 +42,22 @@ from tuneforge.training.task import MetricSums, StepOutput
 
 @dataclass
 class PPOPrepared(OnlinePrepared):
-    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str,
-                  device: torch.device) -> PPOTask:
+    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str, device: torch.device) -> PPOTask:
         cfg = self.recipe.ppo
         assert cfg is not None
         spec = self.rollout_spec(model, micro_batch_size, precision, device)
         reward_model, reward_tokenizer = load_reward_model(cfg.reward_model, device)
-        return PPOTask(self.plan, self.train_sets, self.val_sets, spec, self.tokenizer,
-                       Reference.for_policy(model, self.recipe.model, device), reward_model, reward_tokenizer, cfg)
+        return PPOTask(
+            self.plan,
+            self.train_sets,
+            self.val_sets,
+            spec,
+            self.tokenizer,
+            Reference.for_policy(model, self.recipe.model, device),
+            reward_model,
+            reward_tokenizer,
+            cfg,
+        )
 
     def finish(self, model: torch.nn.Module, run_dir: Any) -> None:
         """The result is a plain policy: the value head is detached and kept next to it."""
@@ -60,19 +68,38 @@ def prepare(recipe: Recipe) -> PPOPrepared:
     cfg = recipe.ppo
     assert cfg is not None
     if not os.path.isdir(os.path.expanduser(cfg.reward_model)):
-        raise RecipeError(f"ppo.reward_model: {cfg.reward_model} is not a directory (expected the model or "
-                          "adapter directory a `method: reward` run saved)")
+        raise RecipeError(
+            f"ppo.reward_model: {cfg.reward_model} is not a directory (expected the model or "
+            "adapter directory a `method: reward` run saved)"
+        )
     inputs, sources, plan = prepare_prompts(recipe, updates_per_batch=cfg.epochs, reuse_field="ppo.epochs")
-    return PPOPrepared(recipe, inputs.tokenizer, inputs.template, plan, inputs.data_hashes,
-                       data_info={s.name: s.stats for s in sources}, sources=sources, updates_per_batch=cfg.epochs)
+    return PPOPrepared(
+        recipe,
+        inputs.tokenizer,
+        inputs.template,
+        plan,
+        inputs.data_hashes,
+        data_info={s.name: s.stats for s in sources},
+        sources=sources,
+        updates_per_batch=cfg.epochs,
+    )
 
 
 class PPOTask(OnlineTask):
     """RLHF: reward-model scores, a KL-penalised per-token reward, GAE on a value head, clipped PPO losses."""
 
-    def __init__(self, plan: Plan, sources: list[PromptSet], val_sources: dict[str, PromptSet], spec: RolloutSpec,
-                 tokenizer: Any, reference: Reference | None, reward_model: Any, reward_tokenizer: Any,
-                 cfg: Any) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        sources: list[PromptSet],
+        val_sources: dict[str, PromptSet],
+        spec: RolloutSpec,
+        tokenizer: Any,
+        reference: Reference | None,
+        reward_model: Any,
+        reward_tokenizer: Any,
+        cfg: Any,
+    ) -> None:
         super().__init__(plan, sources, val_sources, spec, tokenizer, reference)
         self.reward_model = reward_model
         self.reward_tokenizer = reward_tokenizer
@@ -112,9 +139,13 @@ class PPOTask(OnlineTask):
         ro.advantages = masked_whiten(advantages, mask) * mask  # over the whole step, independent of the split
         ro.old_logps, ro.ref_logps, ro.old_values, ro.returns = old_logps, ref_logps, old_values, returns
         kl = masked_mean(old_logps - ref_logps, mask)
-        ro.metrics = {"score": float(score.mean()), "kl": float(kl), "completion_length": float(comp.lengths.float().mean()),
-                      "completions_finished": float(comp.finished.float().mean()),
-                      "non_score_reward": float(-cfg.kl_coef * (old_logps - ref_logps).mul(mask).sum(-1).mean())}
+        ro.metrics = {
+            "score": float(score.mean()),
+            "kl": float(kl),
+            "completion_length": float(comp.lengths.float().mean()),
+            "completions_finished": float(comp.finished.float().mean()),
+            "non_score_reward": float(-cfg.kl_coef * (old_logps - ref_logps).mul(mask).sum(-1).mean()),
+        }
         return ro
 
     def loss_tokens(self, indices: Sequence[int]) -> int:
@@ -131,17 +162,25 @@ class PPOTask(OnlineTask):
         stats = MetricSums()
         for i in range(0, len(seqs), s.micro_batch_size):
             idx = seqs[i : i + s.micro_batch_size]
-            batch = sequence_batch([ro.prompt_ids[j] for j in idx], ro.completions.tokens[idx],
-                                   ro.completions.mask[idx], s.pad_id)
+            batch = sequence_batch(
+                [ro.prompt_ids[j] for j in idx], ro.completions.tokens[idx], ro.completions.mask[idx], s.pad_id
+            )
             mask = self.trim(ro.completions.mask, idx, batch)
             with autocast(s.precision, s.device):
-                logps, values = sequence_forward(model, batch, selective=s.selective,
-                                                 temperature=s.sampling.temperature, value_head=value_head_of(model))
+                logps, values = sequence_forward(
+                    model,
+                    batch,
+                    selective=s.selective,
+                    temperature=s.sampling.temperature,
+                    value_head=value_head_of(model),
+                )
             assert values is not None
-            pg, pg_stats = ppo_policy_loss(logps, self.trim(ro.old_logps, idx, batch),
-                                           self.trim(ro.advantages, idx, batch), mask, cfg.clip_eps)
-            vf, vf_stats = ppo_value_loss(values, self.trim(ro.old_values, idx, batch),
-                                          self.trim(ro.returns, idx, batch), mask, cfg.value_clip)
+            pg, pg_stats = ppo_policy_loss(
+                logps, self.trim(ro.old_logps, idx, batch), self.trim(ro.advantages, idx, batch), mask, cfg.clip_eps
+            )
+            vf, vf_stats = ppo_value_loss(
+                values, self.trim(ro.old_values, idx, batch), self.trim(ro.returns, idx, batch), mask, cfg.value_clip
+            )
             loss_sum = (pg + cfg.vf_coef * vf) * mask.sum()  # token means → token sums; the step divides
             (loss_sum * scale).backward()
             loss_acc += loss_sum.detach()
@@ -158,7 +197,7 @@ class PPOTask(OnlineTask):
         out: dict[str, float] = {}
         total, count = 0.0, 0
         for name, ps, n in self.held_out(self.cfg.eval_prompts):
-            comp, texts = self.generate(model, ps.ids[:n], 1, greedy, None)
+            _comp, texts = self.generate(model, ps.ids[:n], 1, greedy, None)
             scores = self.scores(ps.records[:n], texts, None)
             out[f"val/{name}_score"] = float(scores.mean())
             total += float(scores.sum())
@@ -167,5 +206,3 @@ class PPOTask(OnlineTask):
             out["val/score"] = total / count
         model.train()
         return out
-
-

@@ -25,20 +25,36 @@ from tuneforge.training.precision import autocast
 
 @dataclass
 class RewardPrepared(PairsPrepared):
-    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str,
-                  device: torch.device) -> RewardTask:
+    def make_task(
+        self, model: torch.nn.Module, micro_batch_size: int, precision: str, device: torch.device
+    ) -> RewardTask:
         train, val = self.train_sources, self.val_sources
-        spec = PairSpec(micro_batch_size=micro_batch_size, pad_id=self.tokenizer.pad_token_id, precision=precision,
-                        device=device, selective=reward_model_parts(model) is not None)
-        spec.share_prompt = spec.selective and attention_allows_masks(model) and layouts_agree(
-            model, lambda b: sequence_rewards(model, b), train, spec.pad_id, device)
+        spec = PairSpec(
+            micro_batch_size=micro_batch_size,
+            pad_id=self.tokenizer.pad_token_id,
+            precision=precision,
+            device=device,
+            selective=reward_model_parts(model) is not None,
+        )
+        spec.share_prompt = (
+            spec.selective
+            and attention_allows_masks(model)
+            and layouts_agree(model, lambda b: sequence_rewards(model, b), train, spec.pad_id, device)
+        )
         return RewardTask(self.plan, train, val, spec, center_coeff=self.recipe.reward.center_coeff)
 
 
 def prepare(recipe: Recipe) -> RewardPrepared:
     inputs, pairs, plan = prepare_pairs(recipe)
-    return RewardPrepared(recipe, inputs.tokenizer, inputs.template, plan, inputs.data_hashes,
-                          data_info={p.name: p.stats for p in pairs}, pairs=pairs)
+    return RewardPrepared(
+        recipe,
+        inputs.tokenizer,
+        inputs.template,
+        plan,
+        inputs.data_hashes,
+        data_info={p.name: p.stats for p in pairs},
+        pairs=pairs,
+    )
 
 
 def sequence_rewards(model: Any, batch: PairBatch) -> torch.Tensor:
@@ -55,21 +71,34 @@ def sequence_rewards(model: Any, batch: PairBatch) -> torch.Tensor:
         mask = (torch.arange(width, device=ends.device)[None, :] <= ends).long()
         return model(input_ids=batch.input_ids, attention_mask=mask, use_cache=False).logits[:, 0].float()
     decoder, head = parts
-    hidden = hidden_at(model, batch.input_ids, batch.last, decoder=decoder, position_ids=batch.position_ids,
-                       attention_mask=batch.attention_mask)
+    hidden = hidden_at(
+        model,
+        batch.input_ids,
+        batch.last,
+        decoder=decoder,
+        position_ids=batch.position_ids,
+        attention_mask=batch.attention_mask,
+    )
     return head(hidden)[:, 0].float()
 
 
 class RewardTask(PairTask):
     """A step's loss is the sum of its pairs' Bradley–Terry losses (normalised by pair count)."""
 
-    def __init__(self, plan: Plan, sources: list[PairSource], val_sources: dict[str, PairSource], spec: PairSpec,
-                 center_coeff: float | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        sources: list[PairSource],
+        val_sources: dict[str, PairSource],
+        spec: PairSpec,
+        center_coeff: float | None = None,
+    ) -> None:
         super().__init__(plan, sources, val_sources, spec)
         self.center_coeff = center_coeff
 
-    def pair_losses(self, model: torch.nn.Module, sources: Sequence[PairSource], refs: list[tuple[int, int]],
-                    split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], PairBatch]:
+    def pair_losses(
+        self, model: torch.nn.Module, sources: Sequence[PairSource], refs: list[tuple[int, int]], split: str
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], PairBatch]:
         s = self.spec
         batch = s.batch(refs, sources)
         with autocast(s.precision, s.device):

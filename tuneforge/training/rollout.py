@@ -48,8 +48,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
         if len(p):
-            ids[row, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
-            mask[row, width - len(p):] = 1
+            ids[row, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+            mask[row, width - len(p) :] = 1
     return ids, mask
 
 
@@ -73,9 +73,16 @@ def pick_tokens(logits: torch.Tensor, s: Sampling, generator: torch.Generator | 
 
 
 @torch.no_grad()
-def sample_completions(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, group_size: int,
-                       sampling: Sampling, eos_ids: Sequence[int], pad_id: int,
-                       generator: torch.Generator | None = None) -> Completions:
+def sample_completions(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    group_size: int,
+    sampling: Sampling,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    generator: torch.Generator | None = None,
+) -> Completions:
     """``group_size`` completions of every prompt (``len(prompts) · group_size`` rows, groups contiguous)."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -87,8 +94,14 @@ def sample_completions(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
     padded = len({len(p) for p in prompts}) > 1  # without padding the plain causal mask is right: skip building one
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=attn if padded else None, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=attn if padded else None,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     logits = out.logits[:, -1]
     cache = out.past_key_values
     if group_size > 1:  # the prompt's keys and values, computed once, serve the whole group
@@ -110,8 +123,13 @@ def sample_completions(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
             break
         if padded:
             attn = torch.cat([attn, ones], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=attn if padded else None, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attn if padded else None,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
         logits = out.logits[:, -1]
         cache = out.past_key_values
         next_pos = next_pos + 1

@@ -25,4 +25,4 @@ def lr_multiplier(schedule: str, total_steps: int, warmup_steps: int, min_ratio:
 def warmup_steps_for(total_steps: int, warmup_steps: int | None, warmup_ratio: float) -> int:
     if warmup_steps is not None:
         return min(warmup_steps, total_steps)
-    return int(round(total_steps * warmup_ratio))
+    return round(total_steps * warmup_ratio)

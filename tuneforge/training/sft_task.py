@@ -33,17 +33,24 @@ class SFTPrepared(PreparedBase):
     tokens: list[SourceTokens] = field(default_factory=list)
     packing: bool = True
 
-    def batch_shape(self, model: torch.nn.Module, micro_batch_size: int, precision: str,
-                    device: torch.device) -> BatchShape:
-        return BatchShape(micro_batch_size=micro_batch_size, max_length=self.recipe.data.max_length,
-                          packing=self.packing, pad_id=self.tokenizer.pad_token_id, precision=precision,
-                          device=device, selective_head=supports_selective_head(model))
+    def batch_shape(
+        self, model: torch.nn.Module, micro_batch_size: int, precision: str, device: torch.device
+    ) -> BatchShape:
+        return BatchShape(
+            micro_batch_size=micro_batch_size,
+            max_length=self.recipe.data.max_length,
+            packing=self.packing,
+            pad_id=self.tokenizer.pad_token_id,
+            precision=precision,
+            device=device,
+            selective_head=supports_selective_head(model),
+        )
 
-    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str,
-                  device: torch.device) -> SFTTask:
+    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str, device: torch.device) -> SFTTask:
         val = {t.name: t.val for t in self.tokens if t.val is not None}
-        return SFTTask(self.plan, [t.train for t in self.tokens], val,
-                       self.batch_shape(model, micro_batch_size, precision, device))
+        return SFTTask(
+            self.plan, [t.train for t in self.tokens], val, self.batch_shape(model, micro_batch_size, precision, device)
+        )
 
 
 def prepare(recipe: Recipe, loaded: list[SourceExamples] | None = None) -> SFTPrepared:
@@ -55,12 +62,27 @@ def prepare(recipe: Recipe, loaded: list[SourceExamples] | None = None) -> SFTPr
     inputs = load_inputs(recipe, loaded=loaded)
     tokens = tokenize_sources(inputs.loaded, inputs.tokenizer, inputs.template, recipe)
     packing = recipe.data.packing and recipe.adapter.kind not in PROMPT_LEARNING  # virtual tokens are per row
-    plan = build_plan([t.train for t in tokens], [t.weight for t in tokens], mix_by=recipe.data.mix_by,
-                      seed=recipe.train.seed, max_length=recipe.data.max_length, packing=packing,
-                      global_batch_size=recipe.train.global_batch_size, epochs=recipe.train.epochs,
-                      max_steps=recipe.train.max_steps)
-    return SFTPrepared(recipe, inputs.tokenizer, inputs.template, plan, inputs.data_hashes,
-                       data_info={t.name: t.stats for t in tokens}, tokens=tokens, packing=packing)
+    plan = build_plan(
+        [t.train for t in tokens],
+        [t.weight for t in tokens],
+        mix_by=recipe.data.mix_by,
+        seed=recipe.train.seed,
+        max_length=recipe.data.max_length,
+        packing=packing,
+        global_batch_size=recipe.train.global_batch_size,
+        epochs=recipe.train.epochs,
+        max_steps=recipe.train.max_steps,
+    )
+    return SFTPrepared(
+        recipe,
+        inputs.tokenizer,
+        inputs.template,
+        plan,
+        inputs.data_hashes,
+        data_info={t.name: t.stats for t in tokens},
+        tokens=tokens,
+        packing=packing,
+    )
 
 
 @dataclass
@@ -77,8 +99,9 @@ class BatchShape:
 class SFTTask(TaskBase):
     """Samples are the plan's packed rows; a step's loss is its token-loss sum over its supervised tokens."""
 
-    def __init__(self, plan: Plan, sources: list[TokenizedSource], val_sources: dict[str, TokenizedSource],
-                 shape: BatchShape) -> None:
+    def __init__(
+        self, plan: Plan, sources: list[TokenizedSource], val_sources: dict[str, TokenizedSource], shape: BatchShape
+    ) -> None:
         super().__init__(plan)
         self.sources = sources
         self.val_sources = val_sources
@@ -92,8 +115,12 @@ class SFTTask(TaskBase):
         s = self.shape
         rows = list(rows)
         for i in range(0, len(rows), s.micro_batch_size):
-            yield collate([self.plan.row(r) for r in rows[i : i + s.micro_batch_size]], self.sources, s.pad_id,
-                          s.max_length if s.packing else None).to(s.device)
+            yield collate(
+                [self.plan.row(r) for r in rows[i : i + s.micro_batch_size]],
+                self.sources,
+                s.pad_id,
+                s.max_length if s.packing else None,
+            ).to(s.device)
 
     def val_batches(self, src: TokenizedSource, max_examples: int):
         """Validation documents unpacked, one per row, dynamic padding."""

@@ -68,8 +68,9 @@ class MetricSums:
 
     def add(self, name: str, total: torch.Tensor | float, weight: torch.Tensor | float) -> None:
         old = self.metrics.get(name)
-        self.metrics[name] = Weighted(total, weight) if old is None else Weighted(old.total + total,
-                                                                                  old.weight + weight)
+        self.metrics[name] = (
+            Weighted(total, weight) if old is None else Weighted(old.total + total, old.weight + weight)
+        )
 
     def add_means(self, means: Mapping[str, torch.Tensor | float], weight: torch.Tensor | float) -> None:
         """Per-micro-batch means (clip fractions, accuracies) weighted by what they averaged over."""
@@ -146,8 +147,9 @@ class Prepared(Protocol):
 
     def mix_summary(self) -> str: ...
 
-    def make_task(self, model: torch.nn.Module, micro_batch_size: int, precision: str,
-                  device: torch.device) -> Task: ...
+    def make_task(
+        self, model: torch.nn.Module, micro_batch_size: int, precision: str, device: torch.device
+    ) -> Task: ...
 
     def finish(self, model: torch.nn.Module, run_dir: Any) -> None:
         """Before the result is saved: detach and save anything that is not part of it (PPO's value head)."""
@@ -171,9 +173,16 @@ class PreparedBase:
 
     def mix_dict(self) -> dict[str, Any]:
         m = self.plan.mix
-        out = {"names": m.names, "target": m.target, "realised": m.realised(), "tokens": m.tokens,
-               "realised_tokens": m.realised("tokens"), "examples": m.examples, "passes": m.passes,
-               "mix_by": m.mix_by}
+        out = {
+            "names": m.names,
+            "target": m.target,
+            "realised": m.realised(),
+            "tokens": m.tokens,
+            "realised_tokens": m.realised("tokens"),
+            "examples": m.examples,
+            "passes": m.passes,
+            "mix_by": m.mix_by,
+        }
         return out
 
     def mix_metrics(self) -> dict[str, float]:

@@ -78,8 +78,9 @@ class RunWatcher:
             if step % self.log_every and step != self.progress.total:
                 continue
             step_s = row.get("step_s") or 0.0
-            self.progress.update(int(row["step"]), {**row, "tokens_per_s": row.get("tokens", 0) / step_s
-                                                    if step_s else 0.0})
+            self.progress.update(
+                int(row["step"]), {**row, "tokens_per_s": row.get("tokens", 0) / step_s if step_s else 0.0}
+            )
         events = self.run_dir / "events"
         for path in sorted(events.glob("*.jsonl")) if events.is_dir() else []:
             for line in self._new_lines(path):
