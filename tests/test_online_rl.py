@@ -302,8 +302,8 @@ def test_recipe_errors_for_online_methods(policy: Path, tmp_path: Path) -> None:
     rec = online_recipe(policy, data, tmp_path / "run", method="ppo", reward_model=str(tmp_path / "nope"))
     with pytest.raises(RecipeError, match="ppo.reward_model: .*nope is not a directory"):
         tuneforge.train(rec, progress=False)
-    with pytest.raises(TuneforgeError, match="elastic replicas"):
-        tuneforge.train(online_recipe(policy, data, tmp_path / "run"), replicas="1:2", progress=False)
+    with pytest.raises(TuneforgeError, match="--resume applies to single-process runs"):
+        tuneforge.train(online_recipe(policy, data, tmp_path / "run"), replicas="1:2", resume="latest", progress=False)
     json.dumps(rec)  # recipes stay plain data
 
 
@@ -319,3 +319,93 @@ def test_data_validate_checks_prompt_records_and_keeps_grader_keys(
     out = capsys.readouterr()
     assert "prompts.jsonl:2: messages[1].role: prompt ends with 'assistant'" in out.out + out.err
     assert "keyword" not in out.out + out.err  # extra keys are for the graders, not errors
+
+
+# ------------------------------------------------------------------------------------------------ elastic replicas
+
+
+def _weights(result: tuneforge.api.TrainResult) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if (result.output_dir / "adapter_config.json").exists() else "model.safetensors"
+    return load_file(str(result.output_dir / name))
+
+
+def _rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    num = sum(float((a[k] - b[k]).norm() ** 2) for k in a)
+    return (num / sum(float(a[k].norm() ** 2) for k in a)) ** 0.5
+
+
+ELASTIC = {"timeout_s": 20, "hang_timeout_s": 60, "checkpoint_every": 0}
+
+
+@pytest.mark.slow
+def test_grpo_on_replicas_with_a_kill_mid_rollout_equals_one_process(policy: Path, tmp_path: Path) -> None:
+    """Each replica samples half the step's groups; replica 1 is SIGKILLed after sampling, before the shares are
+    gathered; the survivor recomputes the step. Weights and per-step rewards equal the single-process run's."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(120, seed=21))
+    recipe = online_recipe(policy, data, tmp_path / "single", num_iterations=2, beta=0.05)
+    recipe["train"].update(max_steps=6, micro_batch_size=2, checkpoint_every=2)
+    single = tuneforge.train(recipe, progress=False)
+    recipe["output"]["dir"] = str(tmp_path / "elastic")
+    recipe["resilience"] = ELASTIC
+    elastic = tuneforge.train(recipe, replicas="2:2", fault_plan="kill:1@2", progress=False)
+    report = elastic.extra["report"]
+    assert len(report.failures) == 1 and report.steps_lost == 0
+    assert [h["reward"] for h in elastic.history] == pytest.approx([h["reward"] for h in single.history], abs=1e-6)
+    assert [h["step"] for h in elastic.history] == list(range(1, 7))
+    assert _rel_diff(_weights(single), _weights(elastic)) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ppo_on_2_then_3_then_1_replicas_equals_one_process(policy: Path, reward_model: Path, tmp_path: Path) -> None:
+    """PPO (two epochs per batch of rollouts) while the job grows to 3 replicas and shrinks to 1: a replica that
+    joins mid-batch gets the batch's rollouts with the live state; the result equals the single-process run."""
+    import threading
+    import time
+
+    from tuneforge.distributed import scale
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompt_records(200, seed=23))
+    recipe = online_recipe(policy, data, tmp_path / "single", method="ppo", reward_model=str(reward_model), epochs=2)
+    recipe["train"].update(max_steps=24, micro_batch_size=2, checkpoint_every=2, global_batch_size=6)
+    single = tuneforge.train(recipe, progress=False)
+    run_dir = tmp_path / "elastic"
+    recipe["output"]["dir"] = str(run_dir)
+    recipe["resilience"] = {**ELASTIC, "replicas": 2, "min_replicas": 1, "max_replicas": 3, "hot_spares": 1}
+    box: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: box.update(result=tuneforge.train(recipe, replicas="1:3", progress=False)))
+    thread.start()
+
+    def steps_done() -> int:
+        path = run_dir / "metrics.jsonl"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + 240
+        while steps_done() < n and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    try:
+        wait_for(3)
+        scale(run_dir, 3)
+        wait_for(13)
+        scale(run_dir, 1)
+    finally:
+        thread.join(420)
+    assert not thread.is_alive() and "result" in box
+    elastic = box["result"]
+    assert isinstance(elastic, tuneforge.api.TrainResult)
+    from tuneforge.distributed.metrics import read_events
+
+    worlds: list[int] = []
+    for e in sorted(
+        (e for e in read_events(run_dir) if e["kind"] == "attempt" and e["committed"]), key=lambda e: e["step"]
+    ):
+        if not worlds or worlds[-1] != e["world"]:
+            worlds.append(e["world"])
+    assert worlds[0] == 2 and 3 in worlds and worlds[-1] == 1, worlds
+    assert elastic.extra["report"].steps_lost == 0
+    assert [h["score"] for h in elastic.history] == pytest.approx([h["score"] for h in single.history], abs=1e-5)
+    assert _rel_diff(_weights(single), _weights(elastic)) <= 1e-5

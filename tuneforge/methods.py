@@ -52,6 +52,13 @@ class MethodSpec:
     sample: str = "sequence"  # what ``train.global_batch_size`` counts: sequence, pair, example, prompt
     sequences: Callable[[Recipe], int] = lambda recipe: 1  # sequences one sample puts through the model
     artifacts: tuple[str, ...] = ()  # files the run saves next to the model, besides it
+    # What the planner's memory and time model needs to know (tuneforge.planning):
+    reference: Callable[[Recipe], bool] = lambda recipe: False  # a reference forward each step (a frozen copy
+    # of the base in memory for full fine-tuning; the adapter switched off otherwise)
+    frozen_models: Callable[[Recipe], tuple[tuple[str, bool], ...]] = lambda recipe: ()  # other frozen models held
+    # during training: (path, is a sequence classifier)
+    generates: bool = False  # samples completions with a KV cache before each step (online methods)
+    lr_scale: float = 1.0  # its learning rate relative to supervised fine-tuning's (``train.lr: auto``)
 
     def sequences_per_sample(self, recipe: Recipe) -> int:
         """How many ``data.max_length`` sequences one sample costs (the planner's micro-batch budget)."""
@@ -63,6 +70,12 @@ class MethodSpec:
 
 def _group(recipe: Recipe) -> int:
     return recipe.grpo.group_size if recipe.grpo is not None else 1
+
+
+def _dpo_reference(recipe: Recipe) -> bool:
+    """DPO's reference runs each step unless the loss is reference-free or its log-probs were precomputed."""
+    precompute = recipe.dpo.precompute_ref if recipe.dpo.precompute_ref is not None else recipe.adapter.kind == "full"
+    return recipe.dpo.loss_type not in ("simpo", "orpo") and not precompute
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -89,6 +102,8 @@ METHODS: dict[str, MethodSpec] = {
             section="dpo",
             sample="pair",
             sequences=lambda r: 2,
+            reference=_dpo_reference,
+            lr_scale=0.1,  # Tülu 3 (Lambert et al. 2024): SFT 5e-6, DPO 5e-7 for the 8B model
         ),
         MethodSpec(
             "kto",
@@ -97,6 +112,8 @@ METHODS: dict[str, MethodSpec] = {
             ("unpaired", "preference"),
             section="kto",
             sample="example",
+            reference=lambda r: True,
+            lr_scale=0.1,  # as DPO (Ethayarajh et al. 2024 use DPO's settings)
         ),
         MethodSpec(
             "reward",
@@ -118,9 +135,11 @@ METHODS: dict[str, MethodSpec] = {
             allow_extra_keys=True,
             section="grpo",
             section_example="graders: grader.json",
-            elastic=False,
             sample="prompt",
             sequences=_group,
+            reference=lambda r: r.grpo is not None and r.grpo.beta > 0,
+            generates=True,
+            lr_scale=0.1,  # RL on a policy that already answers: steps ~10× smaller than SFT's (tinker's RL recipes)
         ),
         MethodSpec(
             "ppo",
@@ -133,9 +152,12 @@ METHODS: dict[str, MethodSpec] = {
             section_example="reward_model: runs/rm/model",
             value_head=True,
             prompt_learning=False,
-            elastic=False,
             sample="prompt",
             artifacts=("value_head.safetensors",),
+            reference=lambda r: True,
+            frozen_models=lambda r: ((r.ppo.reward_model, True),) if r.ppo is not None else (),
+            generates=True,
+            lr_scale=0.1,
         ),
         MethodSpec(
             "distill",
@@ -144,6 +166,7 @@ METHODS: dict[str, MethodSpec] = {
             (*SFT_FORMATS, "prompt"),
             section="distill",
             section_example="teacher: path/to/teacher",
+            frozen_models=lambda r: ((r.distill.teacher, False),) if r.distill and r.distill.mode != "sequence" else (),
         ),
     )
 }

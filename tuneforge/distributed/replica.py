@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.distributed import faults as fault_lib
-from tuneforge.distributed.assignment import plan_step, start_position
+from tuneforge.distributed.assignment import micro_batches, plan_step, shard, start_position
 from tuneforge.distributed.config import JobSpec
 from tuneforge.distributed.metrics import EventLog
 from tuneforge.distributed.network import advertised_host, replica_id
@@ -42,6 +42,10 @@ from tuneforge.distributed.runfiles import (
     write_status,
 )
 from tuneforge.files import atomic_path
+
+
+class StepAborted(RuntimeError):
+    """A collective inside a step's preparation failed: the step is voted down and retried."""
 
 
 class Replica:
@@ -237,17 +241,40 @@ class Replica:
         plan = plan_step(
             self.policy, step, start, rank, world, self.task.num_samples(), self.spec.seed, self.spec.shuffle
         )
-        scale = 1.0 / max(1, self.task.loss_tokens(plan.global_indices))
+        indices, micro = plan.global_indices, plan.micro_batches
+        rows_for = getattr(self.task, "rows_for_step", None)
+        if callable(rows_for) and self.policy.mode == "fixed":  # the task says which samples a step holds
+            indices = list(rows_for(step))
+            micro = micro_batches(shard(indices, rank, world), self.spec.micro_batch_size)
+
+        def fire_faults() -> None:
+            """Injected faults of this step: before the first collective of its preparation when it has one
+            (online RL: mid-rollout, after sampling), else after the backward pass, before the all-reduce."""
+            for at in sorted(s for s in step_faults if s <= step):  # a late joiner fires at its first step past N
+                fault = step_faults.pop(at)
+                if fault_lib.claim(self.run_dir, fault):
+                    self._inject(fault, step)
+
+        def reduce(tensor: Any) -> Any:
+            fire_faults()
+            return self._sum_over_participants(tensor)
+
+        prepare = getattr(self.task, "prepare_step", None)
+        if callable(prepare):  # e.g. online RL: sample this replica's share of the prompts, gather the step
+            try:
+                prepare(self.model, step, indices, [i for mb in micro for i in mb], reduce)
+            except StepAborted as e:
+                manager.should_commit()  # votes no: a peer failed while the step was being prepared
+                self.pg.abort()
+                return False, world, rank, {}, str(e)
+        scale = 1.0 / max(1, self.task.loss_tokens(indices))
 
         self.optimizer.zero_grad(set_to_none=False)
         sums: dict[str, float] = {}
-        for mb in plan.micro_batches:
+        for mb in micro:
             for key, value in self.task.forward_backward(self.model, mb, scale).items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-        for at in sorted(s for s in step_faults if s <= step):  # a late joiner fires at its first step past N
-            fault = step_faults.pop(at)
-            if fault_lib.claim(self.run_dir, fault):
-                self._inject(fault, step)
+        fire_faults()
 
         keys = sorted(sums)
         self._allreduce_grads(torch.tensor([sums[k] for k in keys], dtype=torch.float64), ReduceOp.SUM, keys, sums)
@@ -265,6 +292,17 @@ class Replica:
             self.pg.abort()
         self.optimizer.zero_grad(set_to_none=False)
         return committed, world, rank, sums, error
+
+    def _sum_over_participants(self, tensor: Any) -> Any:
+        """SUM all-reduce of a small tensor among this step's participants; raises StepAborted when the group failed
+        (the step is then retried by whoever is left, so no half-gathered value is ever used)."""
+        from torch.distributed import ReduceOp
+
+        if self.manager.errored() is None:
+            self.manager.allreduce(tensor, reduce_op=ReduceOp.SUM).wait()
+        if self.manager.errored() is not None:
+            raise StepAborted(str(self.manager.errored()))
+        return tensor
 
     def _allreduce_grads(self, metric_values: Any, op: Any, keys: list[str], sums: dict[str, float]) -> None:
         """SUM all-reduce of all gradients (bucketed, flattened) plus the metric sums in one pass."""

@@ -59,16 +59,19 @@ class _StopRequested(Exception):
 
 
 class _Signals:
-    """SIGTERM/SIGINT handlers: the first signal raises :class:`_StopRequested` out of the blocking wait;
-    any later one only sets ``hurry``, so the shutdown it interrupts still runs to the end, just faster."""
+    """SIGTERM/SIGINT handlers: while ``armed``, a signal raises :class:`_StopRequested` out of the blocking wait;
+    after that (and once shutdown has begun) a signal only sets ``hurry``, so the shutdown it would interrupt
+    still runs to the end, just without waiting out the grace period."""
 
     def __init__(self) -> None:
+        self.armed = True
         self.received: int | None = None
         self.hurry = False
         self._previous: dict[int, Any] = {}
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is None:
+        if self.armed:
+            self.armed = False
             self.received = signum
             raise _StopRequested(signum)
         self.hurry = True
@@ -157,6 +160,7 @@ def run_ui(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int =
         except _StopRequested as stop:
             return 128 + stop.signum
         finally:
+            signals.armed = False  # from here on a signal must not abort the clean-up
             if proc is not None:  # also when the server exited by itself: its children may not have
                 # Forward the signal we got (uvicorn shuts down cleanly on either); SIGTERM otherwise.
                 stop_group(proc, signals.received or signal.SIGTERM, grace, hurry=lambda: signals.hurry)

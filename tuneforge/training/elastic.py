@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +70,46 @@ class ElasticTask:
     def num_samples(self) -> int:
         return self.prepared.plan.num_steps * self.prepared.plan.global_batch_size
 
-    def loss_tokens(self, indices: Sequence[int]) -> int:
-        """The step's weight; first the task prepares the step (the engine passes the whole step's samples)."""
-        task = self._task()
-        assert self.model is not None and self.optimizer is not None
-        step = int(indices[0]) // self.prepared.plan.global_batch_size if len(indices) else 0
-        task.begin_step(self.model, step, sorted(int(i) for i in indices))
+    def rows_for_step(self, step: int) -> Sequence[int]:
+        """The step's samples by global index (online methods reuse a batch of rollouts for several steps)."""
+        return self._task().rows_for_step(step)
+
+    def prepare_step(
+        self,
+        model: torch.nn.Module,
+        step: int,
+        rows: Sequence[int],
+        share: Sequence[int],
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Before the step's gradients: the task prepares the whole step, working on this replica's `share` and
+        combining shares with `reduce` (a sum over the participants; it raises if the step must be retried)."""
+        assert self.optimizer is not None
+        self._task().begin_step(model, step, list(rows), share=list(share), reduce=reduce)
         self._lr = float(self.optimizer.param_groups[0]["lr"])
-        return task.loss_tokens(indices)
+
+    def loss_tokens(self, indices: Sequence[int]) -> int:
+        return self._task().loss_tokens(indices)
+
+    def state_dict(self, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+        """What live recovery and disk checkpoints carry: model, optimizer, schedule, and the task's own state
+        (online RL: the current batch of rollouts, which a replacement joining mid-batch cannot resample)."""
+        state: dict[str, Any] = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        task_state = getattr(self._task(), "state_dict", None)
+        if callable(task_state):
+            state["task"] = task_state()
+        return state
+
+    def load_state_dict(self, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: Mapping[str, Any]) -> None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
+        load = getattr(self._task(), "load_state_dict", None)
+        if callable(load) and "task" in state:
+            load(state["task"])
 
     def forward_backward(self, model: torch.nn.Module, indices: Sequence[int], scale: float) -> Mapping[str, float]:
         return self._task().forward_backward(model, indices, scale).flat(scale)

@@ -27,6 +27,7 @@ from tuneforge.rewards.graders import load_grader
 from tuneforge.training.online import (
     OnlinePrepared,
     OnlineTask,
+    Reduce,
     RolloutSpec,
     StepRollout,
     prepare_prompts,
@@ -115,37 +116,48 @@ class GRPOTask(OnlineTask):
             )
         return torch.tensor([r.score for r in results], dtype=torch.float32), len(errors)
 
-    def make_rollout(self, model: torch.nn.Module, batch_index: int, rows: range) -> StepRollout:
-        g = self.group_size
-        refs = self.refs(rows)
+    def make_rollout(
+        self, model: torch.nn.Module, batch_index: int, rows: tuple[int, int], share: tuple[int, int], reduce: Reduce
+    ) -> StepRollout:
+        """Sample and grade the share's groups (and their log-probs), gather the step, then group advantages."""
+        g, device = self.group_size, self.spec.device
+        refs = self.refs(range(*share))
         prompts = [self.sources[s].ids[i] for s, i in refs]
         records = [self.sources[s].records[i] for s, i in refs for _ in range(g)]
-        comp, texts = self.generate(model, prompts, g, self.spec.sampling, self.batch_generator(batch_index))
+        comp, texts = self.generate(model, prompts, g, self.spec.sampling, self.sampling_generators(batch_index, share))
         rewards, errors = self.score(records, texts)
-        advantages = group_advantages(rewards, g, scale=self.cfg.scale_rewards)
+        local = StepRollout(share, [p for p in prompts for _ in range(g)], comp, torch.zeros(0))
+        self.rollout = local  # forward_rows reads the share's sequences
+        every = range(len(local.prompt_ids))
+        parts = {"rewards": rewards.to(device)}
+        if self.reference is not None:
+            parts["ref_logps"] = torch.zeros(comp.tokens.shape, device=device)
+            for idx, batch, res in self.forward_rows(model, every, reference=True):
+                parts["ref_logps"][idx, : batch.width] = res
+        if self.spec.updates_per_batch > 1:  # later updates on this batch are off-policy: keep the sampler's log-probs
+            parts["old_logps"] = torch.zeros(comp.tokens.shape, device=device)
+            for idx, batch, (res, _) in self.forward_rows(model, every):
+                parts["old_logps"][idx, : batch.width] = res
+        errors_total = reduce(torch.tensor([float(errors)], device=device))
+        comp, prompt_ids, full = self.whole_step(rows, share, reduce, comp, **parts)
+        rewards = full["rewards"].float().cpu()
         groups = rewards.reshape(-1, g)
-        lengths = comp.lengths.float()
         ro = StepRollout(
-            (rows.start, rows.stop), [p for p in prompts for _ in range(g)], comp, advantages.to(self.spec.device)
+            rows,
+            prompt_ids,
+            comp,
+            group_advantages(rewards, g, scale=self.cfg.scale_rewards).to(device),
+            ref_logps=full.get("ref_logps"),
+            old_logps=full.get("old_logps"),
         )
         ro.metrics = {
             "reward": float(rewards.mean()),
             "reward_std": float(groups.std(dim=1).mean()),
             "frac_groups_no_signal": float((groups.std(dim=1) == 0).float().mean()),
-            "completion_length": float(lengths.mean()),
+            "completion_length": float(comp.lengths.float().mean()),
             "completions_finished": float(comp.finished.float().mean()),
-            "grader_errors": float(errors),
+            "grader_errors": float(errors_total.sum()),
         }
-        self.rollout = ro
-        every = range(len(ro.prompt_ids))
-        if self.reference is not None:
-            ro.ref_logps = torch.zeros(comp.tokens.shape, device=self.spec.device)
-            for idx, batch, res in self.forward_rows(model, every, reference=True):
-                ro.ref_logps[idx, : batch.width] = res
-        if self.spec.updates_per_batch > 1:  # later updates on this batch are off-policy: keep the sampler's log-probs
-            ro.old_logps = torch.zeros(comp.tokens.shape, device=self.spec.device)
-            for idx, batch, (res, _) in self.forward_rows(model, every):
-                ro.old_logps[idx, : batch.width] = res
         return ro
 
     def loss_tokens(self, indices: Sequence[int]) -> int:
@@ -188,8 +200,7 @@ class GRPOTask(OnlineTask):
             loss_acc += loss_sum.detach()
             stats.add_means(metrics, mask.sum())
             fed += int(batch.input_ids.numel())
-        for name, value in ro.metrics.items():  # the whole step's rollout statistics: weight 1 per share
-            stats.add(name, value, 1.0)
+        self.rollout_metrics(stats)
         return StepOutput(loss_acc, fed, stats.metrics)
 
     @torch.no_grad()

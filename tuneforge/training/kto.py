@@ -15,7 +15,7 @@ for full fine-tuning (:class:`tuneforge.models.reference.Reference`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -181,7 +181,16 @@ class KTOTask(TaskBase):
         model.train(was_training)
         return kto_reference_point(torch.cat(policy), torch.cat(ref))
 
-    def begin_step(self, model: torch.nn.Module, step: int, rows: Sequence[int]) -> None:
+    def begin_step(
+        self,
+        model: torch.nn.Module,
+        step: int,
+        rows: Sequence[int],
+        *,
+        share: Sequence[int] | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """``z0`` over the whole step, on every replica alike (a few no-grad forwards: no collective needed)."""
         key = tuple(rows)
         if self.z0 is None or self.z0[0] != key:
             self.z0 = (key, self.reference_point(model, self.sources, self.refs(rows)))

@@ -19,7 +19,7 @@ the sampler's log-probs are kept, and the clipped importance ratio bounds each u
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +33,15 @@ from tuneforge.models.reference import Reference
 from tuneforge.training.build import Inputs, load_inputs
 from tuneforge.training.forward import SequenceBatch, sequence_batch, sequence_forward, supports_selective_head
 from tuneforge.training.precision import autocast
-from tuneforge.training.rollout import Completions, Sampling, sample_completions, truncate_at_stop
-from tuneforge.training.task import PreparedBase, TaskBase
+from tuneforge.training.rollout import (
+    Completions,
+    Generators,
+    Sampling,
+    row_generators,
+    sample_completions,
+    truncate_at_stop,
+)
+from tuneforge.training.task import MetricSums, PreparedBase, TaskBase
 
 # --------------------------------------------------------------------------------------------- data
 
@@ -159,11 +166,23 @@ class RolloutSpec:
 # --------------------------------------------------------------------------------------------- tasks
 
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # SUM over the step's participants (the identity in one process)
+
+
+def no_reduce(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 @dataclass
 class StepRollout:
-    """Everything one step needs, computed once for all its prompts before any gradient."""
+    """Everything one step needs, for *all* its prompts, computed before any gradient.
 
-    rows: tuple[int, int]  # [start, stop) plan rows
+    On elastic replicas each process samples and scores only its share of the prompts; the shares are then
+    gathered (one sum all-reduce of zero-padded buffers), so every replica holds the whole step's rollout and
+    computes group statistics, whitening and the loss divisor over the whole step — exactly as one process does.
+    """
+
+    rows: tuple[int, int]  # [start, stop) plan rows of the step
     prompt_ids: list[list[int]]  # per sequence (each prompt repeated group_size times)
     completions: Completions
     advantages: torch.Tensor  # (N,) for GRPO, (N, L) for PPO
@@ -171,7 +190,7 @@ class StepRollout:
     ref_logps: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # the whole step's rollout statistics
 
 
 class OnlineTask(TaskBase):
@@ -196,6 +215,7 @@ class OnlineTask(TaskBase):
         self.tokenizer = tokenizer
         self.reference = reference
         self.rollout: StepRollout | None = None
+        self._report_metrics = True  # whether this process still has to report the step's rollout statistics
 
     # -- protocol -------------------------------------------------------------------------------------
     def rows_for_step(self, step: int) -> range:
@@ -204,15 +224,40 @@ class OnlineTask(TaskBase):
         batch = step // self.spec.updates_per_batch
         return range(batch * g, (batch + 1) * g)
 
-    def begin_step(self, model: torch.nn.Module, step: int, rows: range) -> None:
+    def begin_step(
+        self,
+        model: torch.nn.Module,
+        step: int,
+        rows: Sequence[int],
+        *,
+        share: Sequence[int] | None = None,
+        reduce: Reduce | None = None,
+    ) -> None:
         """Sample and score completions for the step's prompts, unless this batch was already sampled.
 
-        Called by the loop before anything else. The sampler is seeded by the batch's index, and a resumed run
-        always starts on a fresh batch (``checkpoint_every`` is a multiple of ``updates_per_batch``), so it
-        samples exactly what the uninterrupted run sampled.
+        Called before anything else of the step. `share` (default: all of `rows`) is what this process samples;
+        `reduce` sums tensors over the step's participants. On replicas the decision to sample is a function of the
+        step alone — the first step of a batch always samples (again, after a failed attempt), later steps reuse the
+        batch — so every participant makes the same collective calls. The sampler is seeded per
+        completion, and a resumed run starts on a fresh batch (``checkpoint_every`` is a multiple of
+        ``updates_per_batch``), so it samples exactly what the uninterrupted run sampled.
         """
-        if self.rollout is None or self.rollout.rows != (rows.start, rows.stop):
-            self.rollout = self.make_rollout(model, step // self.spec.updates_per_batch, rows)
+        span = (int(rows[0]), int(rows[-1]) + 1)
+        share = rows if share is None else share
+        self._report_metrics = len(share) > 0 and int(share[0]) == span[0]  # one process reports them
+        fresh = step % self.spec.updates_per_batch == 0
+        if self.rollout is not None and self.rollout.rows == span and not (fresh and reduce is not None):
+            return
+        if not fresh and reduce is not None:
+            raise RuntimeError(
+                f"step {step} reuses the rollouts of batch {step // self.spec.updates_per_batch}, which this replica "
+                "does not hold (they travel with the live state of a healthy peer)"
+            )
+        self.rollout = None
+        share_span = (int(share[0]), int(share[-1]) + 1) if len(share) else (span[0], span[0])
+        self.rollout = self.make_rollout(
+            model, step // self.spec.updates_per_batch, span, share_span, reduce or no_reduce
+        )
 
     def sequences(self, indices: Sequence[int]) -> list[int]:
         ro = self.rollout
@@ -221,6 +266,88 @@ class OnlineTask(TaskBase):
         g = self.group_size
         return [(r - ro.rows[0]) * g + k for r in indices for k in range(g)]
 
+    def rollout_metrics(self, stats: MetricSums) -> None:
+        """Add the step's rollout statistics: weight 1 once per step from the process that holds its first prompt,
+        weight 0 from every other call — every replica reports the same names (they are all-reduced as one vector)."""
+        if self.rollout is None:
+            return
+        for name, value in self.rollout.metrics.items():
+            stats.add(name, value if self._report_metrics else 0.0, 1.0 if self._report_metrics else 0.0)
+        self._report_metrics = False
+
+    # -- gathering shares -----------------------------------------------------------------------------
+    def gather(
+        self, rows: tuple[int, int], share: tuple[int, int], reduce: Reduce, parts: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The whole step's tensors from every process's share: each writes its rows of a zero buffer, then a sum.
+
+        Per-sequence tensors ``(n_share · group, …)`` (completion-shaped ones padded to the length budget) become
+        ``(n_step · group, …)``; in one process this is the identity up to that padding.
+        """
+        g = self.group_size
+        total, offset = (rows[1] - rows[0]) * g, (share[0] - rows[0]) * g
+        budget = self.spec.sampling.max_new_tokens
+        out = {}
+        for name, t in parts.items():
+            t = t.to(self.spec.device)
+            if t.dim() == 2 and t.shape[1] < budget:
+                t = torch.nn.functional.pad(t, (0, budget - t.shape[1]))
+            buf = torch.zeros((total, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            buf[offset : offset + t.shape[0]] = t
+            out[name] = reduce(buf)
+        return out
+
+    def whole_step(
+        self, rows: tuple[int, int], share: tuple[int, int], reduce: Reduce, comp: Completions, **parts: torch.Tensor
+    ) -> tuple[Completions, list[list[int]], dict[str, torch.Tensor]]:
+        """Gather the shares' completions and per-sequence tensors; trim to the longest completion of the step."""
+        full = self.gather(
+            rows, share, reduce, {"tokens": comp.tokens, "mask": comp.mask, "finished": comp.finished.long(), **parts}
+        )
+        width = max(1, int(full["mask"].sum(-1).max())) if full["mask"].numel() else 1
+        trimmed = {k: v[:, :width] if v.dim() == 2 else v for k, v in full.items()}
+        tokens = trimmed.pop("tokens").cpu()
+        mask = trimmed.pop("mask").cpu()
+        finished = trimmed.pop("finished").bool().cpu()
+        refs = self.refs(range(*rows))
+        prompt_ids = [self.sources[a].ids[i] for a, i in refs for _ in range(self.group_size)]
+        return Completions(tokens, mask, finished, self.group_size), prompt_ids, trimmed
+
+    def sampling_generators(self, batch_index: int, share: tuple[int, int]) -> list[torch.Generator]:
+        """One generator per completion of the share, seeded by (seed, batch, prompt's row, sample)."""
+        return row_generators(self.spec.seed, batch_index, range(*share), self.group_size, self.spec.device)
+
+    # -- live state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The current batch's rollout, so a replacement that joins mid-batch (``updates_per_batch`` > 1) has it."""
+        ro = self.rollout
+        if ro is None:
+            return {}
+        tensors = {k: getattr(ro, k) for k in ("advantages", "old_logps", "ref_logps", "old_values", "returns")}
+        return {
+            "rows": list(ro.rows),
+            "prompt_ids": ro.prompt_ids,
+            "tokens": ro.completions.tokens,
+            "mask": ro.completions.mask,
+            "finished": ro.completions.finished,
+            "metrics": dict(ro.metrics),
+            **{k: v for k, v in tensors.items() if v is not None},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            self.rollout = None
+            return
+        comp = Completions(state["tokens"], state["mask"], state["finished"], self.group_size)
+        self.rollout = StepRollout(
+            (int(state["rows"][0]), int(state["rows"][1])),
+            [list(p) for p in state["prompt_ids"]],
+            comp,
+            state["advantages"],
+            **{k: state.get(k) for k in ("old_logps", "ref_logps", "old_values", "returns")},
+            metrics=dict(state["metrics"]),
+        )
+
     # -- rollouts -------------------------------------------------------------------------------------
     def generate(
         self,
@@ -228,13 +355,17 @@ class OnlineTask(TaskBase):
         prompts: list[list[int]],
         group: int,
         sampling: Sampling,
-        generator: torch.Generator | None,
+        generator: Generators,
     ) -> tuple[Completions, list[str]]:
         """Completions in chunks of ``generation_batch`` sequences, then stop strings and decoding."""
         s = self.spec
         per_call = max(1, s.generation_batch // group)
         parts = []
+        if not prompts:  # an elastic share can be empty when there are more replicas than prompts
+            empty = torch.zeros((0, 1), dtype=torch.long)
+            return Completions(empty, empty.clone(), torch.zeros(0, dtype=torch.bool), group), []
         for i in range(0, len(prompts), per_call):
+            chunk = generator[i * group : (i + per_call) * group] if isinstance(generator, list) else generator
             with autocast(s.precision, s.device):
                 parts.append(
                     sample_completions(
@@ -244,7 +375,7 @@ class OnlineTask(TaskBase):
                         sampling=sampling,
                         eos_ids=s.eos_ids,
                         pad_id=s.pad_id,
-                        generator=generator,
+                        generator=chunk,
                     )
                 )
         width = max(p.tokens.shape[1] for p in parts)
@@ -273,11 +404,6 @@ class OnlineTask(TaskBase):
                 comp.finished[i] = True
                 break
         return cut.strip()
-
-    def batch_generator(self, batch_index: int) -> torch.Generator:
-        """The sampler's randomness for one batch of rollouts: a function of (seed, batch), so resume is exact."""
-        device = self.spec.device if self.spec.device.type in ("cpu", "cuda") else torch.device("cpu")
-        return torch.Generator(device=device).manual_seed(self.spec.seed * 1_000_003 + batch_index)
 
     def forward_rows(
         self, model: torch.nn.Module, seqs: Sequence[int], *, value_head: Any = None, reference: bool = False
@@ -315,8 +441,10 @@ class OnlineTask(TaskBase):
     def trim(self, t: torch.Tensor, idx: Sequence[int], batch: SequenceBatch) -> torch.Tensor:
         return t[idx][:, : batch.width].to(self.spec.device)
 
-    def make_rollout(self, model: torch.nn.Module, batch_index: int, rows: range) -> StepRollout:
-        """Sample, score and turn scores into advantages for the prompts ``rows`` (each method its own way)."""
+    def make_rollout(
+        self, model: torch.nn.Module, batch_index: int, rows: tuple[int, int], share: tuple[int, int], reduce: Reduce
+    ) -> StepRollout:
+        """Sample and score the share's prompts, gather the step, turn scores into advantages (each method its way)."""
         raise NotImplementedError
 
     # -- evaluation -----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from tuneforge.objectives.ppo import gae, kl_penalized_rewards, masked_whiten, p
 from tuneforge.training.online import (
     OnlinePrepared,
     OnlineTask,
+    Reduce,
     RolloutSpec,
     StepRollout,
     prepare_prompts,
@@ -112,32 +113,48 @@ class PPOTask(OnlineTask):
             scores = scores - self.cfg.missing_eos_penalty * (~finished.cpu()).float()
         return scores
 
-    def make_rollout(self, model: torch.nn.Module, batch_index: int, rows: range) -> StepRollout:
+    def make_rollout(
+        self, model: torch.nn.Module, batch_index: int, rows: tuple[int, int], share: tuple[int, int], reduce: Reduce
+    ) -> StepRollout:
+        """Sample and score the share (log-probs, values, reference log-probs), gather the step, then KL-penalised
+        rewards, GAE and whitening over the whole step."""
         cfg, s = self.cfg, self.spec
-        refs = self.refs(rows)
+        refs = self.refs(range(*share))
         prompts = [self.sources[a].ids[i] for a, i in refs]
         records = [self.sources[a].records[i] for a, i in refs]
-        comp, texts = self.generate(model, prompts, 1, s.sampling, self.batch_generator(batch_index))
+        comp, texts = self.generate(model, prompts, 1, s.sampling, self.sampling_generators(batch_index, share))
         score = self.scores(records, texts, comp.finished).to(s.device)
-        ro = StepRollout((rows.start, rows.stop), prompts, comp, torch.zeros(0))
-        self.rollout = ro
+        self.rollout = StepRollout(share, prompts, comp, torch.zeros(0))  # forward_rows reads the share's sequences
         shape = comp.tokens.shape
-        old_logps = torch.zeros(shape, device=s.device)
-        old_values = torch.zeros(shape, device=s.device)
-        ref_logps = torch.zeros(shape, device=s.device)
+        parts = {name: torch.zeros(shape, device=s.device) for name in ("old_logps", "old_values", "ref_logps")}
         every = range(len(prompts))
         for idx, batch, (lp, v) in self.forward_rows(model, every, value_head=value_head_of(model)):
-            old_logps[idx, : batch.width] = lp
-            old_values[idx, : batch.width] = v
+            parts["old_logps"][idx, : batch.width] = lp
+            parts["old_values"][idx, : batch.width] = v
         for idx, batch, lp in self.forward_rows(model, every, reference=True):
-            ref_logps[idx, : batch.width] = lp
+            parts["ref_logps"][idx, : batch.width] = lp
+        comp, prompt_ids, full = self.whole_step(rows, share, reduce, comp, score=score, **parts)
+        old_logps, old_values, ref_logps, score = (
+            full["old_logps"],
+            full["old_values"],
+            full["ref_logps"],
+            full["score"],
+        )
         mask = comp.mask.to(s.device)
         rewards = kl_penalized_rewards(score, old_logps, ref_logps, mask, cfg.kl_coef)
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        ro.advantages = masked_whiten(advantages, mask) * mask  # over the whole step, independent of the split
-        ro.old_logps, ro.ref_logps, ro.old_values, ro.returns = old_logps, ref_logps, old_values, returns
+        ro = StepRollout(
+            rows,
+            prompt_ids,
+            comp,
+            masked_whiten(advantages, mask) * mask,  # over the whole step, independent of the split
+            old_logps=old_logps,
+            ref_logps=ref_logps,
+            old_values=old_values,
+            returns=returns,
+        )
         kl = masked_mean(old_logps - ref_logps, mask)
         ro.metrics = {
             "score": float(score.mean()),
@@ -186,8 +203,7 @@ class PPOTask(OnlineTask):
             loss_acc += loss_sum.detach()
             stats.add_means({**pg_stats, **vf_stats, "value_loss": vf.detach()}, mask.sum())
             fed += int(batch.input_ids.numel())
-        for name, value in ro.metrics.items():  # the whole step's rollout statistics: weight 1 per share
-            stats.add(name, value, 1.0)
+        self.rollout_metrics(stats)
         return StepOutput(loss_acc, fed, stats.metrics)
 
     @torch.no_grad()

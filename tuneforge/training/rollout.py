@@ -6,8 +6,10 @@ the prompt is run through the model once and its KV cache is repeated ``group_si
 Prompts are left-padded so every row's next token sits in the last column; position ids follow the real
 tokens. Decoding stops as soon as every row has produced an end-of-sequence token.
 
-The sampler is deterministic given a ``torch.Generator``: the online tasks seed one per step from the recipe's
-seed, so a resumed run samples exactly what the uninterrupted run sampled.
+The sampler is deterministic given its generators. The online tasks give every completion a generator of its own,
+seeded by (seed, batch of rollouts, prompt's global index, sample in the group): a resumed run samples exactly what
+the uninterrupted run sampled, and elastic replicas that each sample a share of a step's prompts sample exactly
+what one process sampling them all would.
 """
 
 from __future__ import annotations
@@ -53,8 +55,34 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
-def pick_tokens(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row: argmax, or a sample after temperature, top-k and nucleus (top-p) filtering."""
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def row_generators(
+    seed: int, stream: int, rows: Sequence[int], group: int, device: torch.device
+) -> list[torch.Generator]:
+    """One generator per completion: a function of (seed, stream, global row, sample), never of the batch split."""
+    dev = device if device.type in ("cpu", "cuda") else torch.device("cpu")
+    return [
+        torch.Generator(device=dev).manual_seed(hash_seed(seed, stream, row, k)) for row in rows for k in range(group)
+    ]
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (a fixed mix, so seeds do not change between Python runs)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def pick_tokens(logits: torch.Tensor, s: Sampling, generator: Generators) -> torch.Tensor:
+    """Next token per row: argmax, or a sample after temperature, top-k and nucleus (top-p) filtering.
+
+    With one generator per row each row draws its own uniform noise and samples by the Gumbel-max trick
+    (``argmax(log p + Gumbel)`` is a draw from ``p``), so a row's sample does not depend on the other rows.
+    """
     if s.greedy:
         return logits.argmax(-1)
     logits = logits.float() / s.temperature
@@ -68,6 +96,12 @@ def pick_tokens(logits: torch.Tensor, s: Sampling, generator: torch.Generator | 
         drop = probs.cumsum(-1) - probs > s.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    if isinstance(generator, Sequence):
+        if len(generator) != logits.shape[0]:
+            raise ValueError(f"pick_tokens: {len(generator)} generators for {logits.shape[0]} rows")
+        noise = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device) for g in generator])
+        gumbel = -torch.log(-torch.log(noise.clamp(min=1e-20, max=1.0 - 1e-7)))
+        return (logits.log_softmax(-1) + gumbel).argmax(-1)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -81,9 +115,12 @@ def sample_completions(
     sampling: Sampling,
     eos_ids: Sequence[int],
     pad_id: int,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Completions:
-    """``group_size`` completions of every prompt (``len(prompts) · group_size`` rows, groups contiguous)."""
+    """``group_size`` completions of every prompt (``len(prompts) · group_size`` rows, groups contiguous).
+
+    `generator`: one for the whole batch, or one per completion row (see :func:`row_generators`).
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -13,7 +13,7 @@ that is the step's mean whatever the split. Per-step metrics follow the same rul
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -90,8 +90,20 @@ class Task(Protocol):
         """The global sample indices of optimizer step `step`."""
         ...
 
-    def begin_step(self, model: torch.nn.Module, step: int, rows: range) -> None:
-        """Anything the whole step needs before a gradient (online sampling, KTO's KL reference point)."""
+    def begin_step(
+        self,
+        model: torch.nn.Module,
+        step: int,
+        rows: Sequence[int],
+        *,
+        share: Sequence[int] | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """Anything the whole step needs before a gradient (online sampling, KTO's KL reference point).
+
+        On elastic replicas `share` is this process's part of `rows` and `reduce` sums a tensor over the step's
+        participants; a task may split work by share and combine it with `reduce` (online RL samples that way).
+        """
         ...
 
     def loss_tokens(self, indices: Sequence[int]) -> int:
@@ -118,7 +130,15 @@ class TaskBase:
         g = self.plan.global_batch_size
         return range(step * g, (step + 1) * g)
 
-    def begin_step(self, model: torch.nn.Module, step: int, rows: range) -> None:
+    def begin_step(
+        self,
+        model: torch.nn.Module,
+        step: int,
+        rows: Sequence[int],
+        *,
+        share: Sequence[int] | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         return None
 
     def refs(self, rows: Iterable[int]) -> list[tuple[int, int]]:
