@@ -14,6 +14,12 @@ batch assignment, so their final parameters agree too (reported).
 
     python benchmarks/recovery.py            # ~8 min: 600 steps, kills at 30 s and 90 s
     python benchmarks/recovery.py --quick    # ~2 min: 150 steps, one kill at 12 s
+    python benchmarks/recovery.py --real     # the demo's SFT LoRA recipe on its base model, >= 10 min per system,
+                                             # one SIGKILL per minute at seeded random times (--minutes, --seed)
+
+``--real`` trains the real model (``tuneforge demo`` must have built its base; the task is
+``tuneforge.training.elastic:make_task``, the same code a ``tuneforge train --replicas`` run uses) instead of the
+stand-in, with the same three runs and the same JSON shape.
 
 The last line printed is one JSON object (see ``main``).
 """
@@ -36,16 +42,46 @@ from typing import Any
 REPLICAS = 3
 
 
+REAL_TASK: dict[str, Any] = {}  # --real: task, task_config, batch sizes of the demo recipe (see real_task)
+
+
+def real_task(steps: int) -> dict[str, Any]:
+    """The demo's SFT LoRA recipe on the demo's base model, as an elastic task (data tokenized once, here)."""
+    from tuneforge.config import load_recipe
+    from tuneforge.planner import resolve
+    from tuneforge.training.build import prepare
+
+    recipe_path = Path(__file__).resolve().parents[1] / "recipes" / "sft-lora.yaml"
+    recipe = load_recipe(recipe_path, [f"train.max_steps={steps}", "tracking.enabled=false"])
+    if not Path(recipe.model.path).is_dir():
+        raise SystemExit(f"--real needs the demo's base model at {recipe.model.path}: run `tuneforge demo` first")
+    prepared = prepare(recipe)  # warms the token cache every replica (and every restart) maps
+    res = resolve(recipe, prepared.num_steps)
+    return {
+        "task": "tuneforge.training.elastic:make_task",
+        "task_config": {"recipe": recipe.to_dict(), "micro_batch_size": res.micro_batch_size, "threads": 1},
+        "global_batch_size": recipe.train.global_batch_size,
+        "micro_batch_size": res.micro_batch_size,
+        "steps": prepared.num_steps,
+    }
+
+
 def job_spec(steps: int, faults: list[tuple[float, int]], checkpoint_every: int, hot_spares: int) -> Any:
     from tuneforge.distributed import JobSpec, ResilienceConfig
 
     plan = {"faults": [{"action": "kill", "replica": r, "time_s": t} for t, r in faults]} if faults else None
+    task = REAL_TASK or {
+        "task": "tuneforge.distributed.toy:make_task",
+        "task_config": {"num_samples": 4096, "sample_time_s": 0.01},
+        "global_batch_size": 48,
+        "micro_batch_size": 8,
+    }
     return JobSpec(
-        task="tuneforge.distributed.toy:make_task",
-        task_config={"num_samples": 4096, "sample_time_s": 0.01},
-        steps=steps,
-        global_batch_size=48,
-        micro_batch_size=8,
+        task=task["task"],
+        task_config=task["task_config"],
+        steps=min(steps, task.get("steps", steps)),
+        global_batch_size=task["global_batch_size"],
+        micro_batch_size=task["micro_batch_size"],
         seed=0,
         resilience=ResilienceConfig(
             min_replicas=2,
@@ -283,6 +319,9 @@ def _rel_diff(a_dir: Path, b_dir: Path) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="150 steps and one kill (smoke run)")
+    ap.add_argument("--real", action="store_true", help="the demo's SFT LoRA recipe on its base model")
+    ap.add_argument("--minutes", type=float, default=10.0, help="--real: minutes of faults, one kill per minute")
+    ap.add_argument("--seed", type=int, default=0, help="--real: seed of the kill schedule")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--fault-times", help="comma-separated seconds after training start (default 30,90)")
     ap.add_argument("--checkpoint-every", type=int, default=50)
@@ -297,6 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (150 if args.quick else 600)
     times = [float(t) for t in (args.fault_times or ("12" if args.quick else "30,90")).split(",")]
     faults = [(t, 1 + i % (REPLICAS - 1)) for i, t in enumerate(times)]  # never the same slot twice in a row
+    if args.real:
+        import random
+
+        rng = random.Random(args.seed)  # one kill in each minute, at a seeded random second, of a random replica
+        faults, last = [], -1
+        for minute in range(int(args.minutes)):
+            slot = rng.choice([r for r in range(REPLICAS) if r != last])
+            faults.append((60.0 * minute + rng.uniform(20.0, 50.0), slot))
+            last = slot
+        REAL_TASK.update(real_task(args.steps or 100_000))
+        steps = REAL_TASK["steps"]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="tuneforge-recovery-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"work dir: {work}; {steps} steps, kills at {times} s", file=sys.stderr)
