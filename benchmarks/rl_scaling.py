@@ -116,8 +116,11 @@ def main(argv: list[str] | None = None) -> None:
             step_s = statistics.median(h["step_s"] for h in result.history[a.warmup :])
             rates[str(n)] = round(1.0 / step_s, 3)
             finals[n] = weights(result)
-            print(f"{n} replica(s), {threads} thread(s) each: {rates[str(n)]:.3f} steps/s "
-                  f"(median step {step_s * 1e3:.0f} ms), final reward {result.history[-1]['reward']:.3f}", flush=True)
+            print(
+                f"{n} replica(s), {threads} thread(s) each: {rates[str(n)]:.3f} steps/s "
+                f"(median step {step_s * 1e3:.0f} ms), final reward {result.history[-1]['reward']:.3f}",
+                flush=True,
+            )
         base = finals[min(finals)]
         worst = max((rel_diff(base, w) for w in finals.values()), default=0.0)
     print(json.dumps({"steps_per_s": rates, "max_rel_weight_diff": worst}))

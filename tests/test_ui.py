@@ -68,8 +68,12 @@ def test_stopping_tuneforge_ui_stops_every_server_process(sig: signal.Signals, t
     env = dict(os.environ, TUNEFORGE_HOME=str(tmp_path / "home"), MLFLOW_DISABLE_TELEMETRY="true")
     log_path = tmp_path / "ui.log"
     with log_path.open("wb") as log:
-        ui = subprocess.Popen([sys.executable, "-m", "tuneforge", "ui", "--port", str(port)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+        ui = subprocess.Popen(
+            [sys.executable, "-m", "tuneforge", "ui", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     top = psutil.Process(ui.pid)
     descendants: list[psutil.Process] = []
     try:

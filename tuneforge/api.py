@@ -66,6 +66,7 @@ def train(
     set: list[str] | None = None,
     replicas: str | None = None,
     fault_plan: str | None = None,
+    force: bool = False,
     **overrides: Any,
 ) -> TrainResult:
     """Train a recipe (path, dict or :class:`Recipe`); returns paths and measured metrics.
@@ -73,7 +74,8 @@ def train(
     ``resume`` continues from a checkpoint (or the newest in a run directory) exactly where it stopped.
     ``progress`` shows terminal progress (default: only when stderr is a terminal). ``replicas="2:8"``
     (or a ``resilience:`` section with ``max_replicas > 1``) trains on elastic, fault-tolerant replicas;
-    ``fault_plan`` injects failures (``"kill:1@10"``) for tests and demos.
+    ``fault_plan`` injects failures (``"kill:1@10"``) for tests and demos. A run whose memory forecast exceeds
+    what the device has is refused before the model loads; ``force`` trains anyway.
     """
     if isinstance(recipe, Recipe):
         recipe = load_recipe(recipe.to_dict(), _overrides(overrides))
@@ -100,13 +102,16 @@ def train(
                 "--resume applies to single-process runs; an elastic run restarts from its "
                 "own disk checkpoints automatically when every replica has died"
             )
-        return _train_elastic(recipe, replicas=replicas, fault_plan=fault_plan, show=show)
-    return _train(recipe, resume=resume, show=show)
+        return _train_elastic(recipe, replicas=replicas, fault_plan=fault_plan, show=show, force=force)
+    return _train(recipe, resume=resume, show=show, force=force)
 
 
-def _train_elastic(recipe: Recipe, *, replicas: str | None, fault_plan: str | None, show: bool) -> TrainResult:
+def _train_elastic(
+    recipe: Recipe, *, replicas: str | None, fault_plan: str | None, show: bool, force: bool = False
+) -> TrainResult:
     """Validate and tokenize once here (so replicas find the token cache warm), then supervise replicas."""
     from tuneforge.planner import resolve
+    from tuneforge.planning.record import check_run
     from tuneforge.training.build import prepare
     from tuneforge.training.elastic import run_elastic
     from tuneforge.training.progress import Progress
@@ -114,7 +119,9 @@ def _train_elastic(recipe: Recipe, *, replicas: str | None, fault_plan: str | No
 
     wall0 = time.perf_counter()
     prepared = prepare(recipe)
-    res = resolve(recipe, prepared.num_steps)
+    res = resolve(recipe, prepared.num_steps, prepared=prepared)
+    recipe = res.apply(recipe)  # replicas train with the resolved lr and checkpointing
+    planned = check_run(recipe, res, prepared, force=force)  # per replica: each holds the whole model
     run_dir = _run_dir(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_yaml(recipe))
@@ -167,14 +174,14 @@ def _train_elastic(recipe: Recipe, *, replicas: str | None, fault_plan: str | No
             metrics,
             history,
             evals,
-            extra={"report": report.to_dict()},
+            extra={"report": report.to_dict(), "planner": planned.finish(history, tracker)},
         )
     bar.note(prepared.mix_summary())
     result.extra["report"] = report
     return result
 
 
-def _train(recipe: Recipe, *, resume: str | Path | None, show: bool) -> TrainResult:
+def _train(recipe: Recipe, *, resume: str | Path | None, show: bool, force: bool = False) -> TrainResult:
     from tuneforge.training.build import prepare
 
     wall0 = time.perf_counter()
@@ -185,16 +192,20 @@ def _train(recipe: Recipe, *, resume: str | Path | None, show: bool) -> TrainRes
     from tuneforge.models.adapters import is_peft
     from tuneforge.models.export import save_result
     from tuneforge.planner import resolve
+    from tuneforge.planning.record import check_run
     from tuneforge.training.build import build_model
     from tuneforge.training.checkpoint import find_checkpoint, load_checkpoint
     from tuneforge.training.loop import LoopSettings, make_optimizer, train_loop
     from tuneforge.training.progress import Progress
     from tuneforge.training.schedule import lr_multiplier
 
-    res = resolve(recipe, prepared.num_steps)
+    res = resolve(recipe, prepared.num_steps, prepared=prepared)
+    recipe = res.apply(recipe)  # every auto the model and optimizer read, made concrete
+    planned = check_run(recipe, res, prepared, force=force)  # refuses, with the numbers, what cannot fit
     torch.set_num_threads(res.num_threads)
     torch.set_flush_denormal(True)  # denormal gradients/optimizer states slow CPU kernels by 10× or more
     device = torch.device(res.device)
+    planned.start_measuring()
     model = build_model(recipe, device)
     optimizer = make_optimizer(model, recipe.train.lr, recipe.train.weight_decay, recipe.train.betas, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -242,10 +253,13 @@ def _train(recipe: Recipe, *, resume: str | Path | None, show: bool) -> TrainRes
             log_fn=tracker.log_metrics,
             checkpoint_meta={"recipe_hash": _train_hash(recipe)},
         )
+        planner = planned.finish(loop.history, tracker)  # the training phase's peak, before saving copies anything
         prepared.finish(model, run_dir)  # e.g. PPO's value head: kept next to the result, not in it
         out_dir = save_result(model, prepared.tokenizer, run_dir / ("adapter" if is_peft(model) else "model"))
         metrics = _final_metrics(loop.history, loop.evals, loop.train_seconds, loop.tokens, prepared.num_steps, wall0)
-        result = _finish(recipe, prepared, res, run_dir, out_dir, tracker, metrics, loop.history, loop.evals)
+        result = _finish(
+            recipe, prepared, res, run_dir, out_dir, tracker, metrics, loop.history, loop.evals, {"planner": planner}
+        )
     bar.note(prepared.mix_summary())
     bar.note(f"saved {result.output_dir}" + (f" and {result.merged_dir}" if result.merged_dir else ""))
     return result

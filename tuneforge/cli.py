@@ -20,13 +20,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tuneforge.api import train
     from tuneforge.config import load_recipe
 
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = load_recipe(args.recipe, [*args.set, *(["data.verify=true"] if args.verify else [])])
     resume = args.resume
     if resume == "latest":
         if not recipe.output.dir:
             raise TuneforgeError("--resume without a path needs output.dir in the recipe (or pass the run directory)")
         resume = recipe.output.dir
-    result = train(recipe, resume=resume, progress=not args.quiet, replicas=args.replicas, fault_plan=args.fault_plan)
+    result = train(
+        recipe,
+        resume=resume,
+        progress=not args.quiet,
+        replicas=args.replicas,
+        fault_plan=args.fault_plan,
+        force=args.force,
+    )
     summary = {"run_dir": str(result.run_dir), "output_dir": str(result.output_dir), "metrics": result.metrics}
     if result.model_version:
         summary["model_version"] = result.model_version
@@ -71,7 +78,11 @@ def _cmd_data_validate(args: argparse.Namespace) -> int:
     if args.model:
         token_length = _token_length_fn(args.model, args.chat_template)
     report = validate_file(
-        args.file, args.format, token_length=token_length, max_tokens=args.max_length if args.model else None
+        args.file,
+        args.format,
+        token_length=token_length,
+        max_tokens=args.max_length if args.model else None,
+        keep_examples=False,  # only the issues are printed: memory stays bounded on any file
     )
     for issue in report.issues:
         print(issue)
@@ -191,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue exactly from the newest checkpoint (of output.dir, or of the given path)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--verify", action="store_true", help="re-hash the data files instead of trusting size + mtime")
     p.add_argument(
         "--replicas",
         metavar="MIN:MAX",
@@ -203,7 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PLAN",
         help="inject failures: 'kill:1@10' (replica 1 at step 10), 'hang:0@25s', a JSON/YAML file…",
     )
+    p.add_argument("--force", action="store_true", help="train even when the memory forecast says it will not fit")
     p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("plan", help="resolve every auto value, explain it, forecast peak memory and time")
+    from tuneforge.planning.cli import add_arguments as add_plan_arguments
+
+    add_plan_arguments(p)
 
     p = sub.add_parser("scale", help="change the number of replicas of a running elastic job")
     p.add_argument("run", help="run directory or name")
@@ -235,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--chat-template", default=None)
     q.add_argument("--max-length", type=int, default=2048)
     q.set_defaults(fn=_cmd_data_validate)
+    from tuneforge.data.preview import add_preview_arguments, preview_from_args
+
+    q = dsub.add_parser("preview", help="show each record as training renders it, supervised tokens marked")
+    add_preview_arguments(q)
+    q.set_defaults(fn=preview_from_args)
 
     p = sub.add_parser("export", help="export a run's result (merge an adapter into full weights)")
     p.add_argument("run", help="run directory or adapter directory")
@@ -253,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached base model")
     p.set_defaults(fn=_cmd_demo)
+
+    from tuneforge.service.cli import add_commands as add_service_commands
+
+    add_service_commands(sub)  # server, keys, models, jobs
 
     p = sub.add_parser("grader", help="test a reward grader")
     gsub = p.add_subparsers(dest="grader_command", required=True, metavar="SUBCOMMAND")

@@ -66,6 +66,12 @@ class DataConfig(_Section):
     loss_on: Literal["assistant", "all"] = Field("assistant", description="Which tokens chat examples train on.")
     sanitize: SanitizeConfig = SanitizeConfig()
     cache: bool = Field(True, description="Memory-mapped token cache keyed by data, tokenizer, template, length.")
+    verify: bool = Field(
+        False, description="Re-hash data files on start instead of trusting an unchanged size and mtime (--verify)."
+    )
+    num_workers: int | None = Field(
+        None, gt=0, description="Tokenizer processes for large sources; default: all cores."
+    )
 
 
 class AdapterConfig(_Section):
@@ -78,11 +84,16 @@ class AdapterConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: float = Field(1.0, gt=0, description="Passes over the first data source (the mixture follows it).")
+    epochs: float | Literal["auto"] = Field(
+        1.0,
+        description="Passes over the first data source (the mixture follows it); auto: from the dataset's size.",
+    )
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     global_batch_size: int = Field(32, gt=0, description="Sequences per optimizer step over all replicas.")
     micro_batch_size: int | Literal["auto"] = "auto"
-    lr: float = Field(2e-4, gt=0)
+    lr: float | Literal["auto"] = Field(
+        2e-4, description="Peak learning rate; auto: from model width, method, adapter."
+    )
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -91,7 +102,10 @@ class TrainConfig(_Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = Field(False, description="auto: on only when needed to fit.")
+    memory_limit: str | None = Field(
+        None, description="Memory the run may use (e.g. 16GB); default: what the device has free. `tuneforge plan`."
+    )
     eval_every: int | None = Field(None, gt=0, description="Validation loss every N steps (default: 10 times a run).")
     checkpoint_every: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
@@ -99,6 +113,13 @@ class TrainConfig(_Section):
     seed: int = 0
     num_threads: int | None = Field(None, gt=0, description="CPU threads; default: all cores.")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+    @field_validator("lr", "epochs")
+    @classmethod
+    def _positive(cls, v: float | str) -> float | str:
+        if v != "auto" and float(v) <= 0:
+            raise ValueError("must be greater than 0 (or auto)")
+        return v
 
 
 class DPOConfig(_Section):

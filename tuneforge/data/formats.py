@@ -3,7 +3,8 @@
 Five formats, with OpenAI's fine-tuning rules where they exist:
 
 - ``messages``: ``{"messages": [...], "tools"?: [...]}`` — a chat; assistant messages may carry
-  ``weight`` 0/1 (0 = shown as context, not trained on).
+  ``weight`` 0/1 (0 = shown as context, not trained on) and their reasoning as ``reasoning_content``
+  (or ``thinking``: the same field under gpt-oss's name).
 - ``prompt_completion``: ``{"prompt": str, "completion": str}``.
 - ``text``: ``{"text": str}`` for continued pre-training.
 - ``preference``: OpenAI's DPO shape ``{"input": {"messages": [...]}, "preferred_output": [...],
@@ -29,7 +30,8 @@ from tuneforge.errors import TuneforgeError, suggest
 
 FORMATS = ("messages", "prompt_completion", "text", "preference", "prompt", "unpaired")
 ROLES = ("system", "user", "assistant", "tool")
-MESSAGE_KEYS = ("role", "content", "weight", "name", "tool_calls", "tool_call_id")
+REASONING_KEYS = ("reasoning_content", "thinking")  # the templates that render reasoning read one or the other
+MESSAGE_KEYS = ("role", "content", "weight", "name", "tool_calls", "tool_call_id", *REASONING_KEYS)
 
 # Top-level keys each format (or preference shape) may carry.
 _KEYS = {
@@ -294,6 +296,13 @@ def _check_message(m: Any, where: str, issues: list[Issue], *, allow_weight: boo
             issues.append((f"{where}.weight", "not used in this format", "no weight key"))
         elif isinstance(w, bool) or not isinstance(w, (int, float)) or w not in (0, 1):
             issues.append((f"{where}.weight", f"is {w!r}", "0 or 1"))
+    for key in REASONING_KEYS:
+        if key not in m:
+            continue
+        if role_ok is not None and role_ok != "assistant":
+            issues.append((f"{where}.{key}", f"not allowed on a {role_ok} message", "only on assistant messages"))
+        elif m[key] is not None and not isinstance(m[key], str):  # null: no reasoning
+            issues.append((f"{where}.{key}", f"is {_json_type(m[key])}", "a string"))
     if "name" in m:
         _check_text(m["name"], f"{where}.name", issues)
     if "tool_call_id" in m:

@@ -1,24 +1,32 @@
 """Recipe → validated, cleaned, split, tokenized sources → the training plan.
 
-Split in two on purpose: :func:`load_sources` reads and checks every record of every source before anything
-heavy happens (training refuses bad data before a model is loaded), and :func:`tokenize_sources` turns
-the clean examples into memory-mapped token arrays through the cache.
+Split in two on purpose: first every record of every source is read and checked before anything heavy
+happens (training refuses bad data before a model is loaded), then :func:`tokenize_sources` turns the clean
+examples into memory-mapped token arrays through the cache. The first half comes in two forms:
+:func:`load_sources` holds the records in memory (the small-data API of the preference, unpaired and prompt
+formats), ``data.stream.scan_sources`` spools them to disk in bounded memory (SFT / CPT, any size).
+:func:`tokenize_sources` takes either, streams batches through ``data.encode`` (worker processes for large
+splits) into a ``token_cache.CacheWriter``, so no stage holds a whole source.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from tuneforge.config import Recipe, SourceConfig
 from tuneforge.data import token_cache
-from tuneforge.data.sanitize import content_hash, sanitize, split
-from tuneforge.data.templates import encode_chats, encode_texts
-from tuneforge.data.token_cache import TokenizedSource
-from tuneforge.data.validate import validate_file
+from tuneforge.data.encode import PARALLEL_MIN_EXAMPLES, Encoded, EncodeJob, default_workers, encode_stream
+from tuneforge.data.fingerprint import verify_in_background
+from tuneforge.data.sanitize import canonical_json, content_hash, sanitize, split
+from tuneforge.data.stream import MAX_ISSUES, ScannedSource, release, rescan, source_name
+from tuneforge.data.token_cache import CacheWriter, TokenizedSource
+from tuneforge.data.validate import ValidationReport, validate_file
 from tuneforge.errors import DataError, DataIssue
 from tuneforge.paths import cache_dir
 
@@ -36,6 +44,10 @@ class SourceExamples:
     lines: dict[str, int]  # canonical JSON → first line, to name records in later errors
     data_hash: str
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+LoadedSource = SourceExamples | ScannedSource  # records in memory (small data) or spooled on disk (any size)
+ENCODE_BATCH = 256  # examples per tokenizer call (and per job sent to a worker)
 
 
 @dataclass
@@ -87,11 +99,7 @@ def load_sources(
 
 
 def _clean_and_split(cfg: SourceConfig, report: Any, recipe: Recipe, names: set[str]) -> SourceExamples:
-    name = cfg.name or Path(cfg.path).stem
-    base, n = name, 2
-    while name in names:
-        name, n = f"{base}{n}", n + 1
-    names.add(name)
+    name = source_name(cfg, names)
     lines: dict[str, int] = {}
     for line, ex in report.examples:
         lines.setdefault(record_key(ex), line)
@@ -123,88 +131,168 @@ def _stats_dict(stats: Any) -> dict[str, Any]:
     return dict(stats)
 
 
-def _encode(examples: list[dict], fmt: str, tokenizer: Any, template: str | None, recipe: Recipe):
-    max_len = recipe.data.max_length
-    if fmt == "text":
-        return encode_texts(tokenizer, [ex["text"] for ex in examples], max_len), []
-    encoded = encode_chats(tokenizer, [ex["messages"] for ex in examples], template, recipe.data.loss_on)
-    too_long = [(i, len(ids)) for i, (ids, _) in enumerate(encoded) if len(ids) > max_len]
-    if too_long and recipe.data.on_overlong == "truncate":
-        for i, _ in too_long:
-            ids, mask = encoded[i]
-            encoded[i] = (ids[:max_len], mask[:max_len])
-    elif too_long and recipe.data.on_overlong == "drop":
-        drop = {i for i, _ in too_long}
-        encoded = [e for i, e in enumerate(encoded) if i not in drop]
-    encoded = [e for e in encoded if int(e[1][1:].sum()) > 0]  # nothing to learn from (all weights 0)
-    return encoded, too_long
+def _job(fmt: str, template: str | None, recipe: Recipe) -> EncodeJob:
+    d = recipe.data
+    return EncodeJob(fmt, template if fmt != "text" else None, d.loss_on, d.max_length, d.on_overlong)
+
+
+def _batches_of(examples: list[dict], lines: dict[str, int], size: int) -> Iterator[tuple[np.ndarray, list[bytes]]]:
+    """In-memory examples as the ``(lines, canonical JSON records)`` batches a spool yields."""
+    for i in range(0, len(examples), size):
+        chunk = examples[i : i + size]
+        at = np.array([lines.get(record_key(ex), 0) for ex in chunk], dtype=np.int64)
+        yield at, [canonical_json(ex).encode("utf-8") for ex in chunk]
 
 
 def _tokenize_split(
     name: str,
-    examples: list[dict],
-    src: SourceExamples,
+    path: str,
+    n: int,
+    data_hash: str,
+    batches: Callable[[], Iterator[tuple[np.ndarray, list[bytes]]]],
+    job: EncodeJob,
     tokenizer: Any,
-    template: str | None,
     recipe: Recipe,
     split_name: str,
+    workers: int,
 ) -> TokenizedSource:
+    """One split through the token cache: a hit is memory-mapped; a miss streams `batches()` into a new entry."""
     key = token_cache.cache_key(
-        data_hash=content_hash(examples) if examples else "empty",
+        data_hash=data_hash,
         tokenizer_hash=token_cache.tokenizer_fingerprint(tokenizer),
-        template=template if src.format != "text" else None,
-        max_length=recipe.data.max_length,
-        kind=src.format,
-        loss_on=recipe.data.loss_on,
-        on_overlong=recipe.data.on_overlong,  # the schema sets `all` for cpt
+        template=job.template,
+        max_length=job.max_length,
+        kind=job.kind,
+        loss_on=job.loss_on,
+        on_overlong=job.on_overlong,  # the schema sets `all` for cpt
     )
     root = cache_dir("tokens")
     if recipe.data.cache:
         hit = token_cache.load(root, name, key)
         if hit is not None:
             return hit
-    encoded, too_long = _encode(examples, src.format, tokenizer, template, recipe)
-    if too_long and recipe.data.on_overlong == "error":
-        issues = [
-            DataIssue(
-                src.path,
-                src.lines.get(record_key(examples[i]), 0),
-                "messages",
-                f"too long after tokenization: {n} tokens",
-                f"at most data.max_length={recipe.data.max_length}, or set data.on_overlong: truncate|drop",
-            )
-            for i, n in too_long
-        ]
-        raise DataError(sorted(issues, key=lambda x: x.line), f"{src.path}: {len(issues)} record(s) too long")
-    if not encoded:
-        raise DataError(
-            [
-                DataIssue(
-                    src.path,
-                    0,
-                    "",
-                    f"no {split_name} examples with supervised tokens",
-                    "at least one assistant message with weight 1",
+    overlong = ValidationReport(
+        path=path, format=job.kind, max_issues=MAX_ISSUES, full_report=root / "reports" / f"{key}.txt"
+    )
+    parts: list[Encoded] = []
+    with CacheWriter(root, key) as writer:
+        line_batches: deque[np.ndarray] = deque()
+
+        def records() -> Iterator[list[bytes]]:
+            for lines, batch in batches():
+                line_batches.append(lines)
+                yield batch
+
+        for enc in encode_stream(tokenizer, records(), job, workers if n >= PARALLEL_MIN_EXAMPLES else 1):
+            lines = line_batches.popleft()
+            for p in enc.problems:  # turns the chat template cannot train: FILE:LINE: messages[i]: why
+                overlong.add(DataIssue(path, int(lines[p.conversation]), p.field, p.problem, p.expected))
+            for i, tokens in enc.too_long if job.on_overlong == "error" else ():
+                overlong.add(
+                    DataIssue(
+                        path,
+                        int(lines[i]),
+                        "messages",
+                        f"too long after tokenization: {tokens} tokens",
+                        f"at most data.max_length={job.max_length}, or set data.on_overlong: truncate|drop",
+                    )
                 )
-            ]
-        )
-    source = token_cache.pack_arrays(name, encoded)
-    source.cache_key = key
-    return token_cache.store(root, key, source) if recipe.data.cache else source
+            if overlong.n_issues:
+                continue  # name every overlong record, write nothing
+            if recipe.data.cache:
+                writer.append(enc.ids, enc.mask, enc.lengths, enc.supervised)
+            else:
+                parts.append(enc)
+        overlong.close()
+        if overlong.n_issues:
+            more = f"; every one: {overlong.full_report}" if overlong.n_issues > len(overlong.issues) else ""
+            raise DataError(overlong.issues, f"{path}: {overlong.n_issues} record(s) cannot be trained{more}")
+        examples = writer.examples if recipe.data.cache else sum(len(p.lengths) for p in parts)
+        if not examples:
+            raise DataError(
+                [
+                    DataIssue(
+                        path,
+                        0,
+                        "",
+                        f"no {split_name} examples with supervised tokens",
+                        "at least one assistant message with weight 1",
+                    )
+                ]
+            )
+        if recipe.data.cache:
+            return writer.commit(name)
+    return _in_memory(name, key, parts)
+
+
+def _in_memory(name: str, key: str, parts: list[Encoded]) -> TokenizedSource:
+    lengths = np.concatenate([p.lengths for p in parts])
+    return TokenizedSource(
+        name,
+        np.concatenate([p.ids for p in parts]),
+        np.concatenate([p.mask for p in parts]),
+        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        key,
+        supervised=np.concatenate([p.supervised for p in parts]),
+    )
 
 
 def tokenize_sources(
-    loaded: list[SourceExamples], tokenizer: Any, template: str | None, recipe: Recipe
+    loaded: Sequence[LoadedSource], tokenizer: Any, template: str | None, recipe: Recipe
 ) -> list[SourceTokens]:
+    """Tokenize every source's train and validation split through the cache (streamed, on all cores).
+
+    `loaded` comes from :func:`load_sources` (records in memory) or ``stream.scan_sources`` (records spooled on
+    disk, or only a manifest on a warm start — a cache miss then reads the source again).
+    """
+    workers = recipe.data.num_workers or default_workers()
     out = []
-    for src in loaded:
-        train = _tokenize_split(src.name, src.train, src, tokenizer, template, recipe, "training")
-        val = _tokenize_split(src.name, src.val, src, tokenizer, template, recipe, "validation") if src.val else None
-        stats = dict(
-            src.stats,
-            cache_hit=train.cache_hit,
-            train_tokens=len(train.ids),
-            supervised_tokens=int(train.supervised_counts().sum()),
-        )
-        out.append(SourceTokens(src.name, src.weight, train, val, stats))
+    try:
+        for src in loaded:
+            job = _job(src.format, template, recipe)
+            splits = []
+            for split_name, side in (("training", 0), ("validation", 1)):
+                args = _split_args(src, side)
+                if args is None:
+                    splits.append(None)
+                    continue
+                path, n, data_hash, batches = args
+                splits.append(
+                    _tokenize_split(src.name, path, n, data_hash, batches, job, tokenizer, recipe, split_name, workers)
+                )
+            train, val = splits
+            assert train is not None
+            stats = dict(
+                src.stats,
+                cache_hit=train.cache_hit,
+                train_tokens=len(train.ids),
+                supervised_tokens=int(train.supervised_counts().sum()),
+            )
+            out.append(SourceTokens(src.name, src.weight, train, val, stats))
+    finally:
+        scanned = [s for s in loaded if isinstance(s, ScannedSource)]
+        release(scanned)
+    for s in loaded:
+        if isinstance(s, ScannedSource) and s.trusted:
+            verify_in_background(s.path, s.digest)
     return out
+
+
+def _split_args(src: LoadedSource, side: int) -> tuple[str, int, str, Callable[[], Iterator]] | None:
+    """``(path, size, content hash, batches)`` of one side of a source, or None when that side is empty."""
+    if isinstance(src, SourceExamples):
+        examples = src.val if side else src.train
+        if side and not examples:
+            return None
+        data_hash = content_hash(examples) if examples else "empty"
+        return src.path, len(examples), data_hash, lambda: _batches_of(examples, src.lines, ENCODE_BATCH)
+    split = src.val if side else src.train
+    if split is None:
+        return None
+
+    def batches() -> Iterator[tuple[np.ndarray, list[bytes]]]:
+        if split.spool is None:
+            split.spool = rescan(split)
+        return split.spool.batches(split.side, ENCODE_BATCH)
+
+    return split.path, split.n, split.data_hash, batches

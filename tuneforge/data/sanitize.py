@@ -12,6 +12,9 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
+from tuneforge.data.hashset import HashSet
 from tuneforge.errors import TuneforgeError
 
 # Below this many examples the threshold rule's validation size is too noisy (10 examples at 10% can
@@ -55,6 +58,47 @@ def content_hash(examples: Sequence[dict]) -> str:
     return h.hexdigest()
 
 
+def record_digest(canonical: str) -> bytes:
+    """sha256 of an example's canonical JSON: its identity for dedup."""
+    return hashlib.sha256(canonical.encode("utf-8")).digest()
+
+
+class Sanitizer:
+    """Streaming :func:`sanitize`: feed batches in order, get back which examples to keep; stats accumulate.
+
+    Duplicates are found with a :class:`~tuneforge.data.hashset.HashSet` of 64-bit digests (16-32 bytes a
+    record, so millions of records fit in a few tens of MB).
+    """
+
+    def __init__(self, *, dedup: bool = True, drop_empty: bool = True, max_chars: int | None = None) -> None:
+        self.dedup, self.drop_empty = dedup, drop_empty
+        self.stats = SanitizeStats(max_chars=max_chars)
+        self.seen = HashSet()
+
+    def keep(self, examples: Sequence[dict], canonicals: Sequence[str]) -> list[bool]:
+        """Which of `examples` (with their :func:`canonical_json`) survive; counts each drop under one reason."""
+        s = self.stats
+        s.n_in += len(examples)
+        keep = [True] * len(examples)
+        for i, example in enumerate(examples):
+            if self.drop_empty and is_empty(example):
+                s.empty += 1
+                keep[i] = False
+            elif s.max_chars is not None and sum(map(len, texts(example))) > s.max_chars:
+                s.too_long += 1
+                keep[i] = False
+        if self.dedup:
+            idx = [i for i, k in enumerate(keep) if k]
+            digests = b"".join(record_digest(canonicals[i])[:8] for i in idx)
+            new = self.seen.add(np.frombuffer(digests, dtype=">u8").astype(np.uint64))
+            for i, fresh in zip(idx, new.tolist()):
+                if not fresh:
+                    keep[i] = False
+                    s.duplicates += 1
+        s.n_out += sum(keep)
+        return keep
+
+
 def sanitize(
     examples: Sequence[dict],
     *,
@@ -69,25 +113,31 @@ def sanitize(
     characters of all text in an example — a cheap pre-filter before tokenization. Each dropped example
     is counted once, under the first reason in the order empty, too long, duplicate.
     """
-    stats = SanitizeStats(n_in=len(examples), max_chars=max_chars)
-    seen: set[bytes] = set()
-    kept: list[dict] = []
-    for example in examples:
-        if drop_empty and _is_empty(example):
-            stats.empty += 1
-            continue
-        if max_chars is not None and sum(map(len, _texts(example))) > max_chars:
-            stats.too_long += 1
-            continue
-        if dedup:
-            key = hashlib.sha256(canonical_json(example).encode("utf-8")).digest()
-            if key in seen:
-                stats.duplicates += 1
-                continue
-            seen.add(key)
-        kept.append(example)
-    stats.n_out = len(kept)
-    return kept, stats
+    sanitizer = Sanitizer(dedup=dedup, drop_empty=drop_empty, max_chars=max_chars)
+    keep = sanitizer.keep(examples, [canonical_json(ex) for ex in examples])
+    return [ex for ex, k in zip(examples, keep) if k], sanitizer.stats
+
+
+def split_key(canonical: str, seed: int) -> float:
+    """An example's number in [0, 1) for the split: sha256 of (seed, canonical JSON)."""
+    return _unit_interval(f"{seed}\n".encode() + canonical.encode("utf-8"))
+
+
+def split_mask(keys: np.ndarray, val_fraction: float) -> np.ndarray:
+    """True for the examples (given their :func:`split_key`) that go to validation; see :func:`split`."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise TuneforgeError(f"val_fraction is {val_fraction} (expected a number in [0, 1))")
+    n = len(keys)
+    if n == 0 or val_fraction == 0.0:
+        return np.zeros(n, dtype=bool)
+    if n >= EXACT_SPLIT_BELOW:
+        is_val = keys < val_fraction
+        if 0 < int(is_val.sum()) < n:
+            return is_val
+    k = min(n - 1, max(1, round(n * val_fraction)))
+    is_val = np.zeros(n, dtype=bool)
+    is_val[np.argsort(keys, kind="stable")[:k]] = True  # ties broken by position, as (key, index)
+    return is_val
 
 
 def split(examples: Sequence[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -101,23 +151,8 @@ def split(examples: Sequence[dict], val_fraction: float, seed: int) -> tuple[lis
     the ``max(1, round(n * val_fraction))`` examples with the smallest numbers go to validation, keeping
     at least one for training — still deterministic, and adding a record moves at most one other.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise TuneforgeError(f"val_fraction is {val_fraction} (expected a number in [0, 1))")
-    n = len(examples)
-    if n == 0 or val_fraction == 0.0:
-        return list(examples), []
-    salt = f"{seed}\n".encode()
-    keys = [_unit_interval(salt + canonical_json(ex).encode("utf-8")) for ex in examples]
-    if n >= EXACT_SPLIT_BELOW:
-        is_val = [k < val_fraction for k in keys]
-        if 0 < sum(is_val) < n:
-            return _partition(examples, is_val)
-    k = min(n - 1, max(1, round(n * val_fraction)))
-    chosen = set(sorted(range(n), key=lambda i: (keys[i], i))[:k])
-    return _partition(examples, [i in chosen for i in range(n)])
-
-
-def _partition(examples: Sequence[dict], is_val: list[bool]) -> tuple[list[dict], list[dict]]:
+    keys = np.array([split_key(canonical_json(ex), seed) for ex in examples], dtype=np.float64)
+    is_val = split_mask(keys, val_fraction).tolist()
     train = [ex for ex, v in zip(examples, is_val) if not v]
     val = [ex for ex, v in zip(examples, is_val) if v]
     return train, val
@@ -127,7 +162,7 @@ def _unit_interval(data: bytes) -> float:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "big") / 2**64
 
 
-def _texts(example: dict) -> list[str]:
+def texts(example: dict) -> list[str]:
     """Every piece of text in a canonical example (contents of all messages, or the text)."""
     if isinstance(example.get("text"), str):
         return [example["text"]]
@@ -139,7 +174,7 @@ def _texts(example: dict) -> list[str]:
     return texts
 
 
-def _is_empty(example: dict) -> bool:
+def is_empty(example: dict) -> bool:
     if "text" in example:
         return not str(example["text"]).strip()
     if "messages" in example:

@@ -1,9 +1,13 @@
 """Tokenize once, memory-map forever.
 
-Tokenized examples are stored as three flat arrays (ids, loss mask, offsets) in ``.npy`` files under
-``$TUNEFORGE_HOME/cache/tokens/<key>/``. The key hashes everything that changes the tokens — data content,
+Tokenized examples are stored as flat arrays under ``$TUNEFORGE_HOME/cache/tokens/<key>/``: ``ids`` (int32),
+``mask`` (uint8), ``offsets`` (int64, n+1) and ``supervised`` (int64, predicted tokens per example), raw
+little-endian files named in ``meta.json``. The key hashes everything that changes the tokens — data content,
 tokenizer, template, max length, masking policy — so a second run (or another replica) with the same inputs
 memory-maps the arrays instead of re-tokenizing, and a change to any input can never serve stale tokens.
+
+Entries are written by :class:`CacheWriter` in batches (the whole source never sits in memory), into a
+temporary directory renamed into place at the end, so a crash or a concurrent writer never leaves a torn entry.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+ARRAYS = {"ids": np.int32, "mask": np.uint8, "offsets": np.int64, "supervised": np.int64}
 
 
 @dataclass
@@ -32,6 +37,7 @@ class TokenizedSource:
     offsets: np.ndarray  # int64, len n+1
     cache_key: str = ""
     cache_hit: bool = False
+    supervised: np.ndarray | None = None  # int64 per example, stored with the cache (see supervised_counts)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -46,10 +52,17 @@ class TokenizedSource:
 
     def supervised_counts(self) -> np.ndarray:
         """Tokens that are *predicted* with loss per example (the first token is never a target)."""
-        cum = np.concatenate([[0], np.cumsum(self.mask, dtype=np.int64)])
-        starts, ends = self.offsets[:-1], self.offsets[1:]
-        firsts = self.mask[np.minimum(starts, max(len(self.mask) - 1, 0))] if len(self.mask) else np.zeros(0)
-        return (cum[ends] - cum[starts] - firsts).astype(np.int64)
+        if self.supervised is None:
+            self.supervised = supervised_counts(self.mask, self.offsets)
+        return self.supervised
+
+
+def supervised_counts(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per example: loss tokens after its first token (vectorised; `offsets` has n+1 entries)."""
+    cum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    starts, ends = offsets[:-1], offsets[1:]
+    firsts = mask[np.minimum(starts, max(len(mask) - 1, 0))] if len(mask) else np.zeros(0)
+    return (cum[ends] - cum[starts] - firsts).astype(np.int64)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -95,31 +108,75 @@ def pack_arrays(name: str, encoded: list[tuple[np.ndarray, np.ndarray]]) -> Toke
     return TokenizedSource(name, ids, mask, offsets)
 
 
+def _map(path: Path, dtype: type, count: int) -> np.ndarray:
+    # np.memmap cannot map an empty file; an empty array is the same thing.
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
+
+
 def load(root: Path, name: str, key: str) -> TokenizedSource | None:
     """Memory-map a cached entry, or None when there is none (or it is incomplete)."""
     entry = root / key
-    if not (entry / "done").exists():
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+    except (OSError, ValueError):
         return None
-    arrays = {k: np.load(entry / f"{k}.npy", mmap_mode="r") for k in ("ids", "mask", "offsets")}
-    return TokenizedSource(name, arrays["ids"], arrays["mask"], np.asarray(arrays["offsets"]), key, True)
+    if meta.get("v") != CACHE_VERSION:
+        return None
+    n, tokens = meta["examples"], meta["tokens"]
+    counts = {"ids": tokens, "mask": tokens, "offsets": n + 1, "supervised": n}
+    arrays = {k: _map(entry / f"{k}.bin", dtype, counts[k]) for k, dtype in ARRAYS.items()}
+    return TokenizedSource(
+        name, arrays["ids"], arrays["mask"], arrays["offsets"], key, True, supervised=arrays["supervised"]
+    )
+
+
+class CacheWriter:
+    """Append tokenized examples batch by batch; :meth:`commit` makes the entry visible atomically.
+
+    Use as a context manager: leaving it without ``commit`` (an error, a refused record) removes the partial entry.
+    """
+
+    def __init__(self, root: Path, key: str) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.key = root, key
+        self.tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
+        self.files: dict[str, BinaryIO] = {k: (self.tmp / f"{k}.bin").open("wb") for k in ARRAYS}
+        self.examples = self.tokens = 0
+        self.files["offsets"].write(np.zeros(1, np.int64).tobytes())
+
+    def append(self, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray, supervised: np.ndarray) -> None:
+        """One batch: concatenated ids and masks, and each example's length and supervised-token count."""
+        offsets = self.tokens + np.cumsum(lengths, dtype=np.int64)
+        for k, a in (("ids", ids), ("mask", mask), ("offsets", offsets), ("supervised", supervised)):
+            self.files[k].write(np.ascontiguousarray(a, dtype=ARRAYS[k]).tobytes())
+        self.examples += len(lengths)
+        self.tokens += int(lengths.sum())
+
+    def commit(self, name: str) -> TokenizedSource:
+        for f in self.files.values():
+            f.close()
+        meta = {"v": CACHE_VERSION, "examples": self.examples, "tokens": self.tokens}
+        (self.tmp / "meta.json").write_text(json.dumps(meta))  # written last: marks the entry complete
+        try:
+            os.rename(self.tmp, self.root / self.key)
+        except OSError:  # another process won the race; its entry is identical
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        loaded = load(self.root, name, self.key)
+        assert loaded is not None
+        loaded.cache_hit = False
+        return loaded
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self.files.values():
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)  # a no-op after commit (renamed away)
 
 
 def store(root: Path, key: str, source: TokenizedSource) -> TokenizedSource:
-    """Write atomically (temp dir + rename), so concurrent writers and crashes never leave a torn entry."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
-    try:
-        for k in ("ids", "mask", "offsets"):
-            np.save(tmp / f"{k}.npy", getattr(source, k))
-        (tmp / "done").write_text(json.dumps({"examples": len(source), "tokens": len(source.ids)}))
-        try:
-            os.rename(tmp, root / key)
-        except OSError:  # another process won the race; its entry is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    loaded = load(root, source.name, key)
-    assert loaded is not None
-    loaded.cache_hit = False
-    return loaded
+    """Write a whole in-memory source (the small-data paths: preference pairs, unpaired completions)."""
+    with CacheWriter(root, key) as writer:
+        writer.append(source.ids, source.mask, source.lengths, source.supervised_counts())
+        return writer.commit(source.name)

@@ -1,17 +1,23 @@
 """Validate a whole data file and report every bad record, not just the first.
 
 Users fix data in one go when they see all of it: ``FILE:LINE: field: problem (expected …)`` for each
-issue, then a summary. Training calls ``load_examples``, which raises the same report as a ``DataError``
-before any model is loaded, so a bad line never costs a model download or a GPU hour.
+issue, then a summary. Training calls ``load_examples`` (small data) or streams records through
+:func:`iter_valid` (``data.stream``), and raises the same report as a ``DataError`` before any model is
+loaded, so a bad line never costs a model download or a GPU hour.
+
+Memory stays bounded on any file: :func:`iter_valid` yields good records one at a time, and a report made
+with ``max_issues`` keeps only that many issues in memory (counts stay exact) while writing every one of
+them to ``full_report``.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from tuneforge.data.formats import check_record, describe_unknown, detect_format, resolve_format, to_canonical
 from tuneforge.data.readers import RawRecord, read_records
@@ -20,7 +26,7 @@ from tuneforge.errors import DataError, DataIssue
 
 @dataclass
 class ValidationReport:
-    """What validation found: every issue, and the canonical form of every good record."""
+    """What validation found: every issue (or the first ``max_issues``, with exact counts), and good records."""
 
     path: str
     format: str | None
@@ -28,20 +34,42 @@ class ValidationReport:
     n_bad: int = 0
     issues: list[DataIssue] = field(default_factory=list)
     examples: list[tuple[int, dict]] = field(default_factory=list)  # (line, canonical record)
+    n_issues: int = 0
+    by_field: Counter = field(default_factory=Counter)
+    max_issues: int | None = None
+    full_report: Path | None = None  # every issue, one per line, when set
+    _sink: TextIO | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
-        return not self.issues
+        return not self.n_issues
+
+    def add(self, issue: DataIssue) -> None:
+        self.n_issues += 1
+        self.by_field[re.sub(r"\[\d+\]", "[*]", issue.field) or issue.problem.split(":")[0]] += 1
+        if self.max_issues is None or len(self.issues) < self.max_issues:
+            self.issues.append(issue)
+        if self.full_report is not None:
+            if self._sink is None:
+                self.full_report.parent.mkdir(parents=True, exist_ok=True)
+                self._sink = self.full_report.open("w", encoding="utf-8")
+            self._sink.write(f"{issue}\n")
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
 
     def summary(self) -> str:
         """A line of counts, then issues per field (indices folded: ``messages[*].role``) or record-level problem."""
         fmt = self.format or "unknown"
         head = (
             f"{self.path}: {self.n_records} record(s), format {fmt}: "
-            f"{self.n_records - self.n_bad} good, {self.n_bad} bad ({len(self.issues)} issue(s))"
+            f"{self.n_records - self.n_bad} good, {self.n_bad} bad ({self.n_issues} issue(s))"
         )
-        by_field = Counter(re.sub(r"\[\d+\]", "[*]", i.field) or i.problem.split(":")[0] for i in self.issues)
-        lines = [f"  {n:>6} × {name}" for name, n in by_field.most_common()]
+        lines = [f"  {n:>6} × {name}" for name, n in self.by_field.most_common()]
+        if self.full_report is not None and self.n_issues > len(self.issues):
+            lines.append(f"  every issue, one per line: {self.full_report}")
         return "\n".join([head, *lines])
 
     def render(self) -> str:
@@ -49,27 +77,28 @@ class ValidationReport:
         return "\n".join([*(str(i) for i in self.issues), self.summary()])
 
     def raise_if_bad(self) -> None:
-        if self.issues:
+        if self.n_issues:
             raise DataError(self.issues, self.summary())
 
 
-def validate_records(
+def iter_valid(
     records: Iterable[RawRecord],
+    report: ValidationReport,
     fmt: str = "auto",
     *,
     token_length: Callable[[dict], int] | None = None,
     max_tokens: int | None = None,
     allow_extra: Collection[str] = (),
-    path: str = "",
-) -> ValidationReport:
-    """Check every record; with ``fmt="auto"`` the first record whose keys name a format fixes it.
+) -> Iterator[tuple[int, dict]]:
+    """Check every record, adding problems to `report`; yields ``(line, canonical record)`` for the good ones.
 
-    ``token_length(canonical)`` is only called for records that pass the format checks, and only when
-    ``max_tokens`` is set: a record longer than ``max_tokens`` is bad (it would be silently truncated).
+    With ``fmt="auto"`` the first record whose keys name a format fixes it. ``token_length(canonical)`` is only
+    called for records that pass the format checks, and only when ``max_tokens`` is set: a record longer than
+    ``max_tokens`` is bad (it would be silently truncated).
     """
     fmt = resolve_format(fmt)
     allow = frozenset(allow_extra)
-    report = ValidationReport(path=path, format=None if fmt == "auto" else fmt)
+    report.format = None if fmt == "auto" else fmt
     fixed = None if fmt == "auto" else fmt
     first_line = 0
     for rec in records:
@@ -101,12 +130,33 @@ def validate_records(
                 if n > max_tokens:
                     problems = [("", f"too long after tokenization: {n} tokens", f"at most {max_tokens} tokens")]
             if not problems:
-                report.examples.append((rec.line, example))
+                yield rec.line, example
                 continue
         report.n_bad += 1
-        report.issues.extend(DataIssue(rec.path, rec.line, f, p, e) for f, p, e in problems)
+        for f, p, e in problems:
+            report.add(DataIssue(rec.path, rec.line, f, p, e))
     if report.n_records == 0:
-        report.issues.append(DataIssue(report.path, 0, "", "holds no records", "at least one record"))
+        report.add(DataIssue(report.path, 0, "", "holds no records", "at least one record"))
+    report.close()
+
+
+def validate_records(
+    records: Iterable[RawRecord],
+    fmt: str = "auto",
+    *,
+    token_length: Callable[[dict], int] | None = None,
+    max_tokens: int | None = None,
+    allow_extra: Collection[str] = (),
+    path: str = "",
+    keep_examples: bool = True,
+) -> ValidationReport:
+    """Check every record (see :func:`iter_valid`); the report holds the good records unless ``keep_examples`` is off."""
+    report = ValidationReport(path=path, format=None)
+    for item in iter_valid(
+        records, report, fmt, token_length=token_length, max_tokens=max_tokens, allow_extra=allow_extra
+    ):
+        if keep_examples:
+            report.examples.append(item)
     return report
 
 
@@ -117,6 +167,7 @@ def validate_file(
     token_length: Callable[[dict], int] | None = None,
     max_tokens: int | None = None,
     allow_extra: Collection[str] = (),
+    keep_examples: bool = True,
 ) -> ValidationReport:
     """Read and validate a whole file (or ``datasets`` directory)."""
     return validate_records(
@@ -126,6 +177,7 @@ def validate_file(
         max_tokens=max_tokens,
         allow_extra=allow_extra,
         path=str(path),
+        keep_examples=keep_examples,
     )
 
 

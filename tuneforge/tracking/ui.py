@@ -32,8 +32,20 @@ def ui_command(tracking_uri: str | None = None, host: str = "127.0.0.1", port: i
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://", "databricks")):
         raise TuneforgeError(f"tracking URI {uri!r} is already an MLflow server: open it in a browser")
-    argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-            "--host", host, "--port", str(int(port)), "--workers", "1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(int(port)),
+        "--workers",
+        "1",
+    ]
     root = artifact_root_for(uri)
     if root is not None:
         argv += ["--default-artifact-root", root.as_uri()]
@@ -117,8 +129,12 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = GRACE_SECONDS,
-               hurry: Callable[[], bool] = lambda: False) -> None:
+def stop_group(
+    proc: subprocess.Popen,
+    sig: int = signal.SIGTERM,
+    grace: float = GRACE_SECONDS,
+    hurry: Callable[[], bool] = lambda: False,
+) -> None:
     """Send ``sig`` to ``proc``'s process group, wait up to ``grace`` s for every member to exit, then SIGKILL it.
 
     ``proc`` must lead its own group (``start_new_session=True``). The leader is reaped while waiting, because
@@ -139,8 +155,9 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float =
         time.sleep(0.05)
 
 
-def run_ui(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000,
-           grace: float = GRACE_SECONDS) -> int:
+def run_ui(
+    tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000, grace: float = GRACE_SECONDS
+) -> int:
     """Run the UI in the foreground until Ctrl-C or SIGTERM; returns its exit status (128 + signal if stopped).
 
     However the call ends, no process of the server's group outlives it.
@@ -149,8 +166,10 @@ def run_ui(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int =
     with socket.socket() as probe:
         if probe.connect_ex((host, port)) == 0:
             raise TuneforgeError(f"port {port} on {host} is already in use; pick another with --port")
-    print(f"MLflow UI for {argv[argv.index('--backend-store-uri') + 1]} at http://{host}:{port}  (Ctrl-C stops it)",
-          flush=True)
+    print(
+        f"MLflow UI for {argv[argv.index('--backend-store-uri') + 1]} at http://{host}:{port}  (Ctrl-C stops it)",
+        flush=True,
+    )
     with _Signals() as signals:
         proc: subprocess.Popen | None = None
         try:

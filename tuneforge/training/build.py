@@ -9,13 +9,14 @@ family and calls the family's ``prepare``; :func:`load_inputs` is the start ever
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tuneforge.config import Recipe
-from tuneforge.data.pipeline import SourceExamples, load_sources
+from tuneforge.data.pipeline import LoadedSource, load_sources
 from tuneforge.errors import RecipeError, TuneforgeError
 from tuneforge.methods import METHODS, MethodSpec, method_spec
 from tuneforge.models import policy
@@ -49,7 +50,7 @@ class Inputs:
     """What every method starts from: its registry entry, validated sources and the tokenizer."""
 
     spec: MethodSpec
-    loaded: list[SourceExamples]
+    loaded: Sequence[LoadedSource]  # records in memory, or (SFT / CPT) scanned and spooled
     tokenizer: Any
     template: str | None
 
@@ -76,7 +77,7 @@ def load_tokenizer_for(recipe: Recipe, needs_template: bool) -> tuple[Any, str |
     return tokenizer, template
 
 
-def check_formats(spec: MethodSpec, loaded: list[SourceExamples], formats: tuple[str, ...] | None = None) -> None:
+def check_formats(spec: MethodSpec, loaded: Sequence[LoadedSource], formats: tuple[str, ...] | None = None) -> None:
     """Every source holds records the method trains on; otherwise name the file, its format and what is expected."""
     allowed = formats or spec.formats
     for i, src in enumerate(loaded):
@@ -97,10 +98,11 @@ def check_formats(spec: MethodSpec, loaded: list[SourceExamples], formats: tuple
             )
 
 
-def load_inputs(recipe: Recipe, *, loaded: list[SourceExamples] | None = None) -> Inputs:
+def load_inputs(recipe: Recipe, *, loaded: Sequence[LoadedSource] | None = None) -> Inputs:
     """Validate every record of every source, check they fit the method, then the model path and tokenizer.
 
-    ``loaded`` skips reading the sources again (distillation passes the records its teacher wrote).
+    ``loaded`` skips reading the sources again: SFT / CPT stream theirs (``data.stream.scan_sources``), distillation
+    passes the records its teacher wrote.
     """
     spec = method_spec(recipe.method)
     if loaded is None:

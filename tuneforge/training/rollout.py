@@ -77,11 +77,13 @@ def hash_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def pick_tokens(logits: torch.Tensor, s: Sampling, generator: Generators) -> torch.Tensor:
+def pick_tokens(
+    logits: torch.Tensor, s: Sampling, generator: Generators, uniform: torch.Tensor | None = None
+) -> torch.Tensor:
     """Next token per row: argmax, or a sample after temperature, top-k and nucleus (top-p) filtering.
 
-    With one generator per row each row draws its own uniform noise and samples by the Gumbel-max trick
-    (``argmax(log p + Gumbel)`` is a draw from ``p``), so a row's sample does not depend on the other rows.
+    With ``uniform`` (one number in [0, 1) per row) the sample is the inverse of the row's cumulative
+    distribution at that number, so a row's draw depends on its own randomness only, never on the other rows.
     """
     if s.greedy:
         return logits.argmax(-1)
@@ -96,13 +98,11 @@ def pick_tokens(logits: torch.Tensor, s: Sampling, generator: Generators) -> tor
         drop = probs.cumsum(-1) - probs > s.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    if isinstance(generator, Sequence):
-        if len(generator) != logits.shape[0]:
-            raise ValueError(f"pick_tokens: {len(generator)} generators for {logits.shape[0]} rows")
-        noise = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device) for g in generator])
-        gumbel = -torch.log(-torch.log(noise.clamp(min=1e-20, max=1.0 - 1e-7)))
-        return (logits.log_softmax(-1) + gumbel).argmax(-1)
     probs = logits.softmax(-1)
+    if uniform is not None:
+        cdf = probs.cumsum(-1)
+        picked = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)  # p > 0 only
+        return picked.clamp(max=probs.shape[-1] - 1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -119,7 +119,8 @@ def sample_completions(
 ) -> Completions:
     """``group_size`` completions of every prompt (``len(prompts) · group_size`` rows, groups contiguous).
 
-    `generator`: one for the whole batch, or one per completion row (see :func:`row_generators`).
+    `generator`: one for the whole batch, or one per completion row (see :func:`row_generators`); with one per
+    row, each row draws its ``max_new_tokens`` uniforms up front and samples by inverse CDF (:func:`pick_tokens`).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -151,8 +152,19 @@ def sample_completions(
     done = torch.zeros(n, dtype=torch.bool, device=device)
     generated: list[torch.Tensor] = []
     ones = torch.ones((n, 1), dtype=attn.dtype, device=device)
+    uniforms = None
+    if isinstance(generator, Sequence) and not sampling.greedy:
+        if len(generator) != n:
+            raise ValueError(f"sample_completions: {len(generator)} generators for {n} completions")
+        uniforms = torch.stack([torch.rand(sampling.max_new_tokens, generator=g, device=g.device) for g in generator])
+        uniforms = uniforms.to(device)
     for t in range(sampling.max_new_tokens):
-        token = pick_tokens(logits, sampling, generator)
+        token = pick_tokens(
+            logits,
+            sampling,
+            None if uniforms is not None else generator,
+            uniforms[:, t] if uniforms is not None else None,
+        )
         token = torch.where(done, torch.full_like(token, pad_id), token)
         generated.append(token)
         done = done | torch.isin(token, eos)

@@ -15,10 +15,11 @@ import torch
 
 from tuneforge.config import Recipe
 from tuneforge.data.batching import collate
-from tuneforge.data.pipeline import SourceExamples, SourceTokens, tokenize_sources
+from tuneforge.data.pipeline import LoadedSource, SourceTokens, tokenize_sources
 from tuneforge.data.sampler import Plan, build_plan
+from tuneforge.data.stream import release, scan_sources
 from tuneforge.data.token_cache import TokenizedSource
-from tuneforge.methods import PROMPT_LEARNING
+from tuneforge.methods import PROMPT_LEARNING, method_spec
 from tuneforge.objectives.sft import sft_loss
 from tuneforge.training.build import load_inputs
 from tuneforge.training.forward import supervised_logits, supports_selective_head
@@ -53,13 +54,24 @@ class SFTPrepared(PreparedBase):
         )
 
 
-def prepare(recipe: Recipe, loaded: list[SourceExamples] | None = None) -> SFTPrepared:
+def prepare(recipe: Recipe, loaded: Sequence[LoadedSource] | None = None) -> SFTPrepared:
     """SFT / CPT data: every record checked, tokenized through the cache and planned into packed rows.
 
-    ``loaded`` (from ``data.pipeline.load_sources``) skips reading the sources again — distillation passes
-    records its teacher wrote.
+    The sources are streamed (``data.stream``: bounded memory at any size; on a warm start only their manifests
+    are read). ``loaded`` (from ``data.pipeline.load_sources``) skips reading them — distillation passes records
+    its teacher wrote.
     """
-    inputs = load_inputs(recipe, loaded=loaded)
+    if loaded is None:
+        spec = method_spec(recipe.method)
+        extra = "*" if spec.allow_extra_keys else ()
+        scanned = scan_sources(recipe, default_format=spec.default_format, allow_extra=extra, verify=recipe.data.verify)
+        try:
+            inputs = load_inputs(recipe, loaded=scanned)
+        except BaseException:
+            release(scanned)
+            raise
+    else:
+        inputs = load_inputs(recipe, loaded=loaded)
     tokens = tokenize_sources(inputs.loaded, inputs.tokenizer, inputs.template, recipe)
     packing = recipe.data.packing and recipe.adapter.kind not in PROMPT_LEARNING  # virtual tokens are per row
     plan = build_plan(
@@ -72,6 +84,7 @@ def prepare(recipe: Recipe, loaded: list[SourceExamples] | None = None) -> SFTPr
         global_batch_size=recipe.train.global_batch_size,
         epochs=recipe.train.epochs,
         max_steps=recipe.train.max_steps,
+        cache=recipe.data.cache,
     )
     return SFTPrepared(
         recipe,

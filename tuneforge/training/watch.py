@@ -34,6 +34,34 @@ def describe_event(event: dict[str, Any]) -> str | None:
     return None
 
 
+class LineTail:
+    """Complete lines appended to files since the last read, one offset per file (the service's job follower
+    uses it too). A partial last line waits for the next read; the line number of each line is kept, so a
+    reader started afresh on the same files numbers every line the same way."""
+
+    def __init__(self) -> None:
+        self._offsets: dict[Path, int] = {}
+        self._lines: dict[Path, int] = {}
+
+    def new_lines(self, path: Path) -> list[str]:
+        return [text for _, text in self.numbered(path)]
+
+    def numbered(self, path: Path) -> list[tuple[int, str]]:
+        """``(1-based line number, text)`` of each new complete line of `path`."""
+        try:
+            with path.open("rb") as f:
+                f.seek(self._offsets.get(path, 0))
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self._offsets[path] = self._offsets.get(path, 0) + end
+        first = self._lines.get(path, 0)
+        lines = data[:end].decode(errors="replace").splitlines()
+        self._lines[path] = first + len(lines)
+        return [(first + i + 1, text) for i, text in enumerate(lines)]
+
+
 class RunWatcher:
     """Follows `run_dir` until stopped; use as a context manager around the blocking run."""
 
@@ -43,7 +71,7 @@ class RunWatcher:
         self.log_every = max(1, log_every)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="tuneforge-watch", daemon=True)
-        self._offsets: dict[Path, int] = {}
+        self._tail = LineTail()
 
     def __enter__(self) -> RunWatcher:
         self.progress.__enter__()
@@ -56,20 +84,8 @@ class RunWatcher:
         self.poll()  # whatever arrived after the last poll
         self.progress.__exit__(*exc)
 
-    def _new_lines(self, path: Path) -> list[str]:
-        """Complete lines appended to `path` since the last read (a partial last line waits for the next poll)."""
-        try:
-            with path.open("rb") as f:
-                f.seek(self._offsets.get(path, 0))
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1
-        self._offsets[path] = self._offsets.get(path, 0) + end
-        return data[:end].decode(errors="replace").splitlines()
-
     def poll(self) -> None:
-        for line in self._new_lines(self.run_dir / "metrics.jsonl"):
+        for line in self._tail.new_lines(self.run_dir / "metrics.jsonl"):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -83,7 +99,7 @@ class RunWatcher:
             )
         events = self.run_dir / "events"
         for path in sorted(events.glob("*.jsonl")) if events.is_dir() else []:
-            for line in self._new_lines(path):
+            for line in self._tail.new_lines(path):
                 try:
                     text = describe_event(json.loads(line))
                 except json.JSONDecodeError:

@@ -1,0 +1,229 @@
+"""Data at scale: streaming scan, parallel tokenization, the O(1) warm start and what invalidates it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tuneforge.config import load_recipe
+from tuneforge.data import pipeline
+from tuneforge.data.hashset import HashSet
+from tuneforge.data.pipeline import load_sources, tokenize_sources
+from tuneforge.data.sanitize import content_hash
+from tuneforge.data.stream import MAX_ISSUES, scan_sources
+from tuneforge.errors import DataError
+from tuneforge.models.loading import load_tokenizer
+from tuneforge.paths import cache_dir
+from tuneforge.training import sft_task
+
+from conftest import WORDS, base_recipe, build_tiny_model, reverse_task, write_jsonl
+
+HOUR_AGO = 3600
+
+
+def unique_chats(n: int, seed: int = 0) -> list[dict]:
+    """Reverse-three-words chats made unique by a number, with some repeats and blanks for sanitising."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        w = rng.sample(WORDS, 3)
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"reverse {i}: " + " ".join(w)},
+                    {"role": "assistant", "content": " ".join(reversed(w))},
+                ]
+            }
+        )
+    for i in range(0, n, 50):
+        out[i] = out[i // 2]  # exact duplicates, dropped by dedup
+    return out
+
+
+def _age(path: Path) -> None:
+    """Give `path` an mtime an hour old, as any data file not written just now has."""
+    t = path.stat().st_mtime - HOUR_AGO
+    os.utime(path, (t, t))
+
+
+def _tokens(recipe, tok, template=None):
+    return tokenize_sources(scan_sources(recipe, verify=recipe.data.verify), tok, template or tok.chat_template, recipe)
+
+
+def test_hash_set_keeps_first_occurrences_like_a_python_set() -> None:
+    rng = np.random.default_rng(0)
+    table, seen = HashSet(capacity=16), set()
+    for _ in range(50):
+        keys = rng.integers(1, 3000, 400).astype(np.uint64)
+        expected = []
+        for k in keys.tolist():
+            expected.append(k not in seen)
+            seen.add(k)
+        assert table.add(keys).tolist() == expected
+    assert len(table) == len(seen)
+
+
+@pytest.mark.parametrize("n", [600, 2400])  # the exact split (< 1000 examples) and the threshold split
+def test_streaming_scan_matches_the_in_memory_pipeline(tiny_model: Path, tmp_path: Path, n: int) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", unique_chats(n))
+    recipe = load_recipe(base_recipe(tiny_model, data, tmp_path / "out"), {"data.val_fraction": 0.05})
+    (mem,) = load_sources(recipe)
+    (scanned,) = scan_sources(recipe)
+    # the same examples on the same side of the split, in the same order: the same content hashes
+    assert scanned.train.data_hash == content_hash(mem.train) and scanned.val is not None
+    assert scanned.val.data_hash == content_hash(mem.val) and scanned.data_hash == mem.data_hash
+    assert scanned.stats == mem.stats and mem.stats["duplicates"] > 0
+    # and the same tokens: the in-memory records hit the entry the stream wrote
+    tok = load_tokenizer(str(tiny_model))
+    (streamed,) = tokenize_sources([scanned], tok, tok.chat_template, recipe)
+    (from_memory,) = tokenize_sources([mem], tok, tok.chat_template, recipe)
+    assert not streamed.train.cache_hit and from_memory.train.cache_hit and from_memory.val.cache_hit
+    assert np.array_equal(streamed.train.ids, from_memory.train.ids)
+    assert not list((cache_dir("tokens") / "spool").iterdir())  # spools are removed once tokenized
+
+
+def test_token_cache_bytes_are_identical_for_one_and_many_workers(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "PARALLEL_MIN_EXAMPLES", 1)  # fork workers for this small file too
+    data = write_jsonl(tmp_path / "d.jsonl", unique_chats(1500))
+    tok = load_tokenizer(str(tiny_model))
+    entries = {}
+    for workers in (1, 3):
+        monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / f"home-{workers}"))
+        recipe = load_recipe(base_recipe(tiny_model, data, tmp_path / "out"), {"data.num_workers": workers})
+        (src,) = _tokens(recipe, tok)
+        entry = cache_dir("tokens") / src.train.cache_key
+        entries[workers] = {p.name: p.read_bytes() for p in sorted(entry.iterdir())}
+    assert set(entries[1]) == {"ids.bin", "mask.bin", "offsets.bin", "supervised.bin", "meta.json"}
+    assert entries[1] == entries[3]
+
+
+def test_warm_start_reads_no_data_and_maps_tokens_and_plan(tiny_model: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", unique_chats(300))
+    _age(data)
+    recipe = load_recipe(base_recipe(tiny_model, data, tmp_path / "out"))
+    cold = sft_task.prepare(recipe)
+    # the data file is unreadable now: a warm start must not need to open it
+    data.chmod(0)
+    try:
+        (scanned,) = scan_sources(recipe)
+        assert scanned.trusted and scanned.train.spool is None  # fingerprint and manifest only
+        warm = sft_task.prepare(recipe)
+    finally:
+        data.chmod(0o644)
+    assert warm.tokens[0].train.cache_hit and not cold.tokens[0].train.cache_hit
+    assert isinstance(warm.tokens[0].train.ids, np.memmap) and isinstance(warm.plan.refs, np.memmap)
+    assert np.array_equal(warm.plan.refs, cold.plan.refs) and warm.plan.num_steps == cold.plan.num_steps
+    assert warm.plan.mix.summary() == cold.plan.mix.summary()
+    assert warm.data_info[warm.tokens[0].name]["train"] == cold.data_info[cold.tokens[0].name]["train"]
+
+
+def test_what_invalidates_the_cache(tiny_model: Path, tmp_path: Path) -> None:
+    records = unique_chats(200)
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    _age(data)
+    tok = load_tokenizer(str(tiny_model))
+    recipe = load_recipe(base_recipe(tiny_model, data, tmp_path / "out"))
+    (first,) = _tokens(recipe, tok)
+    key = first.train.cache_key
+
+    def again(overrides: dict | None = None, template: str | None = None, tokenizer=tok):
+        r = load_recipe(base_recipe(tiny_model, data, tmp_path / "out"), overrides or {})
+        return _tokens(r, tokenizer, template)[0].train
+
+    assert again().cache_hit and again().cache_key == key
+    # the recipe's settings that change tokens: each a different entry
+    for overrides in ({"data.max_length": 48}, {"data.loss_on": "all"}, {"data.on_overlong": "drop"}):
+        miss = again(overrides)
+        assert not miss.cache_hit and miss.cache_key != key, overrides
+    # settings that change which examples are kept or split: the source is scanned again
+    for overrides in ({"train.seed": 1}, {"data.val_fraction": 0.2}, {"data.sanitize.dedup": False}):
+        assert not again(overrides).cache_hit, overrides
+    # another chat template, another tokenizer
+    assert not again(template=tok.chat_template.replace("<|im_start|>", "<|im_start|> ")).cache_hit
+    other_tok = load_tokenizer(str(build_tiny_model(tmp_path / "other", vocab_size=300)))
+    assert not again(tokenizer=other_tok).cache_hit
+
+    # an edited file (a record added): a new fingerprint, a new manifest, new tokens
+    new = {"messages": [{"role": "user", "content": "reverse: a b c"}, {"role": "assistant", "content": "c b a"}]}
+    write_jsonl(data, [*records, new])
+    _age(data)
+    edited = again()
+    assert not edited.cache_hit and edited.cache_key != key
+
+    # same size and mtime, other content: only --verify can tell (without it the stored hash is trusted)
+    before = data.read_bytes()
+    stat = data.stat()
+    swapped = before.replace(b"reverse 7:", b"reverse 8:", 1)
+    assert len(swapped) == len(before) and swapped != before
+    data.write_bytes(swapped)
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert again().cache_key == edited.cache_key  # trusted: the documented trade-off
+    verified = again({"data.verify": True})
+    assert not verified.cache_hit and verified.cache_key != edited.cache_key
+
+
+def test_warm_manifest_with_cold_tokens_reads_the_source_again(tiny_model: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", unique_chats(200))
+    _age(data)
+    tok = load_tokenizer(str(tiny_model))
+    recipe = load_recipe(base_recipe(tiny_model, data, tmp_path / "out"), {"data.cache": False})
+    (a,) = _tokens(recipe, tok)  # no token cache: every start tokenizes, from the manifest's rescan
+    (b,) = _tokens(recipe, tok)
+    assert not a.train.cache_hit and not b.train.cache_hit
+    assert np.array_equal(a.train.ids, b.train.ids) and np.array_equal(a.val.mask, b.val.mask)
+
+
+def test_every_bad_line_of_a_large_file_is_named(tiny_model: Path, tmp_path: Path) -> None:
+    records: list[dict | str] = list(reverse_task(6000))
+    bad = set()
+    for i in range(3, len(records), 5):
+        records[i] = '{"messages": [' if i % 2 else {"messages": [{"role": "user", "content": "no answer"}]}
+        bad.add(i + 1)
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    recipe = load_recipe(base_recipe(tiny_model, data, tmp_path / "out"))
+    with pytest.raises(DataError) as e:
+        scan_sources(recipe)
+    assert len(bad) > MAX_ISSUES and len(e.value.issues) == MAX_ISSUES  # in memory: capped
+    assert f"{len(bad)} bad ({len(bad)} issue(s))" in str(e.value)
+    report = Path(str(e.value).split("every issue, one per line: ")[1].split()[0])
+    named = {int(line.split(":")[1]) for line in report.read_text().splitlines()}
+    assert named == bad
+    assert not list((cache_dir("tokens") / "spool").iterdir())
+
+
+@pytest.mark.slow
+def test_prepare_memory_does_not_grow_with_the_data(tiny_model: Path, tmp_path: Path) -> None:
+    """Peak RSS of a cold prepare (in a fresh process) for 4× the data grows far less than the data does."""
+    script = (
+        "import json, resource, sys\n"
+        "from tuneforge.config import load_recipe\n"
+        "from tuneforge.training import sft_task\n"
+        "sft_task.prepare(load_recipe(json.loads(sys.argv[1])))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    )
+    rng = random.Random(0)
+    peaks, sizes = [], []
+    for n in (8000, 32000):
+        data = tmp_path / f"text-{n}.jsonl"
+        with data.open("w") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": f"{i} " + " ".join(rng.choices(WORDS, k=150))}) + "\n")
+        spec = base_recipe(tiny_model, data, tmp_path / "out")
+        spec["method"] = "cpt"
+        spec["data"].update(max_length=256, num_workers=1)
+        env = dict(os.environ, TUNEFORGE_HOME=str(tmp_path / f"home-{n}"))
+        out = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(spec)], env=env, capture_output=True, text=True, check=True
+        )
+        peaks.append(int(out.stdout.split()[-1]))
+        sizes.append(data.stat().st_size)
+    assert peaks[1] - peaks[0] < (sizes[1] - sizes[0]) / 4, (peaks, sizes)

@@ -1,0 +1,153 @@
+"""Calibration: a few timed optimizer steps of the real model on the real data, through the real loop.
+
+The measured FLOP rate (the step's FLOP count / its median time, first step excluded: it pays for lazy
+initialisation) is cached per hardware, model and shape (:mod:`tuneforge.planning.timing`), so later forecasts for
+this machine and model are calibrated. With ``profile_memory`` the steps also run under PyTorch's profiler, whose
+allocation log gives the peak of live tensor bytes on the CPU — the same quantity ``torch.cuda.max_memory_allocated``
+reports on a GPU (it slows the steps, so those are not timed).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneforge.config import Recipe
+from tuneforge.models.loading import model_fingerprint
+from tuneforge.planning.measure import MemoryMeter
+from tuneforge.planning.resolve import Resolved
+from tuneforge.planning.timing import hardware_key, rate_entry, record_rate, step_flops
+from tuneforge.planning.workload import policy_shape, step_work
+from tuneforge.training.progress import Progress
+
+
+class StepClock(Progress):
+    """Silent progress that notes the process's CPU time at each step (the loop reports every step here).
+
+    On a machine shared with other work, wall time measures the neighbours; the CPU time of a single-threaded run
+    measures the step itself (``clock="cpu"``, what ``benchmarks/planner_accuracy.py`` uses on shared boxes)."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__(total, enabled=False)
+        self.cpu = [time.process_time()]
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        self.cpu.append(time.process_time())
+
+
+@dataclass
+class Measured:
+    step_s: list[float] = field(default_factory=list)
+    peak_bytes: int = 0  # tensors (profiler / CUDA allocator) or resident memory, see `memory_kind`
+    memory_kind: str = "process"
+    decode_step_s: float = 0.0
+
+    @property
+    def median_step_s(self) -> float:
+        tail = self.step_s[1:] or self.step_s
+        return statistics.median(tail) if tail else 0.0
+
+
+def shape_key(recipe: Recipe, res: Resolved) -> str:
+    t = recipe.data.max_length
+    return f"{recipe.method}-{recipe.adapter.kind}-m{res.micro_batch_size}x{res.grad_accumulation}-L{t}-ckpt{int(res.gradient_checkpointing)}"
+
+
+def run_steps(
+    recipe: Recipe, res: Resolved, prepared: Any, steps: int = 3, *, profile_memory: bool = False, clock: str = "wall"
+) -> Measured:
+    """Train `steps` optimizer steps from a fresh model, through :func:`tuneforge.training.loop.train_loop`.
+
+    ``clock="cpu"`` times steps by the process's CPU time instead of the wall clock (see :class:`StepClock`)."""
+    from tuneforge.training.build import build_model
+    from tuneforge.training.loop import LoopSettings, make_optimizer, train_loop
+
+    recipe = res.apply(recipe)
+    torch.set_num_threads(res.num_threads)
+    torch.set_flush_denormal(True)
+    device = torch.device(res.device)
+    meter = MemoryMeter(device).start()
+    profiler = None
+    if profile_memory and device.type == "cpu":
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        profiler.__enter__()
+    model = build_model(recipe, device)
+    t = recipe.train
+    optimizer = make_optimizer(model, res.lr, t.weight_decay, t.betas, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    task = prepared.make_task(model, res.micro_batch_size, res.precision, device)
+    settings = LoopSettings(steps, t.global_batch_size, t.grad_clip, 1, None, None, 1)
+    progress = StepClock(steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        loop = train_loop(model, optimizer, scheduler, task, settings, run_dir=Path(tmp), progress=progress)
+    wall = [float(r["step_s"]) for r in loop.history]
+    out = Measured(wall if clock == "wall" else [b - a for a, b in zip(progress.cpu, progress.cpu[1:])])
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        out.peak_bytes, out.memory_kind = tensor_peak(profiler), "tensors"
+    else:
+        out.peak_bytes = meter.peak_bytes()
+        out.memory_kind = "tensors" if device.type == "cuda" else "process"
+    return out
+
+
+def tensor_peak(profiler: Any) -> int:
+    """Peak of live CPU tensor bytes from the profiler's allocation log (allocations +, frees −, in time order)."""
+    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        if e.device_type() == torch.autograd.DeviceType.CPU:
+            live += e.nbytes()
+            peak = max(peak, live)
+    return peak
+
+
+def decode_step_seconds(recipe: Recipe, device: torch.device, rows: int, steps: int = 8, clock: str = "wall") -> float:
+    """Seconds of one batched decode step with a KV cache (the fixed cost sampling pays per generated token)."""
+    from tuneforge.models.loading import load_model
+
+    model = load_model(recipe.model.path, dtype=torch.float32, device=device).eval()
+    ids = torch.ones((rows, 8), dtype=torch.long, device=device)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        cache, nxt = out.past_key_values, ids[:, -1:]
+        now = time.perf_counter if clock == "wall" else time.process_time
+        t0 = now()
+        for _ in range(steps):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+        return (now() - t0) / steps
+
+
+def calibrate(recipe: Recipe, res: Resolved, prepared: Any, steps: int = 4, clock: str = "wall") -> Measured:
+    """Time `steps` real steps and a decode step; cache the rate this hardware reached."""
+    from tuneforge.methods import method_spec
+
+    spec = method_spec(recipe.method)
+    measured = run_steps(recipe, res, prepared, steps, clock=clock)
+    shape = policy_shape(recipe, spec)
+    work = step_work(
+        recipe,
+        shape,
+        per_replica=recipe.train.global_batch_size // res.data_parallel,
+        gradient_checkpointing=res.gradient_checkpointing,
+        prepared=prepared,
+    )
+    rows = min(recipe.generation.batch_size, 16)  # sampling's fixed cost per decode step barely depends on rows
+    measured.decode_step_s = decode_step_seconds(recipe, torch.device(res.device), rows, clock=clock)
+    seconds = measured.median_step_s - work.decode_steps * measured.decode_step_s
+    if seconds > 0:
+        train_only = step_flops(shape, work)
+        record_rate(
+            hardware_key(torch.device(res.device).type, res.num_threads, res.precision),
+            model_fingerprint(recipe.model.path),
+            rate_entry(shape_key(recipe, res), train_only, seconds, measured.decode_step_s),
+        )
+    return measured

@@ -1,0 +1,52 @@
+"""``GET /v1/models``: base models, the caller's fine-tuned models and their checkpoints, with lineage.
+
+``parent`` is what a model was trained from (a checkpoint's parent is its job's model), ``root`` the base model.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from sqlalchemy import select
+
+from tuneforge.service.auth import Caller
+from tuneforge.service.base_models import registered
+from tuneforge.service.db import Checkpoint, Database, Job
+from tuneforge.service.deps import caller, database
+from tuneforge.service.errors import not_found
+
+router = APIRouter(prefix="/v1")
+
+
+def _model(mid: str, created: int, owner: str, parent: str | None, root: str) -> dict[str, Any]:
+    return {"id": mid, "object": "model", "created": created, "owned_by": owner, "parent": parent, "root": root}
+
+
+def project_models(db: Database, who: Caller) -> list[dict[str, Any]]:
+    out = [_model(name, 0, "tuneforge", None, name) for name in sorted(registered())]
+    with db.session() as s:
+        jobs = list(s.scalars(select(Job).where(Job.project_pk == who.project_pk).order_by(Job.pk)))
+        for job in jobs:
+            if job.fine_tuned_model:
+                out.append(_model(job.fine_tuned_model, job.finished_at or 0, who.project, job.model, job.model))
+            ckpts = s.scalars(select(Checkpoint).where(Checkpoint.job_pk == job.pk).order_by(Checkpoint.step))
+            for c in ckpts:
+                parent = job.fine_tuned_model or job.model
+                out.append(_model(c.model, c.created_at, who.project, parent, job.model))
+    return out
+
+
+@router.get("/models")
+def list_models(who: Annotated[Caller, Depends(caller)], db: Annotated[Database, Depends(database)]) -> dict[str, Any]:
+    return {"object": "list", "data": project_models(db, who)}
+
+
+@router.get("/models/{model:path}")
+def retrieve_model(
+    model: str, who: Annotated[Caller, Depends(caller)], db: Annotated[Database, Depends(database)]
+) -> dict[str, Any]:
+    for m in project_models(db, who):
+        if m["id"] == model:
+            return m
+    raise not_found("model", model, "model")
