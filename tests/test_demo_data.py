@@ -73,7 +73,7 @@ def test_recall_questions_cover_the_tables() -> None:
 
 def test_eval_items_are_balanced_and_answers_short() -> None:
     items = world.general_eval_items(0, 20 * len(SKILLS))
-    assert Counter(i["skill"] for i in items) == {s: 20 for s in SKILLS}
+    assert Counter(i["skill"] for i in items) == dict.fromkeys(SKILLS, 20)
     for item in items:
         assert [m["role"] for m in item["messages"]] == ["user"]
         assert 1 <= len(item["answer"].split()) <= 5
@@ -148,7 +148,7 @@ def test_every_leaf_appears_in_training_and_eval_data() -> None:
     order = [r["messages"][-1]["content"] for r in tickets.ticket_examples(0, 2 * len(labels))]
     assert order[: len(labels)] != order[len(labels) :]
     evals = tickets.ticket_eval_items(0, 2 * len(labels))
-    assert Counter(i["answer"] for i in evals) == {label: 2 for label in labels}
+    assert Counter(i["answer"] for i in evals) == dict.fromkeys(labels, 2)
 
 
 def test_ticket_records_have_expected_shape() -> None:
@@ -226,8 +226,12 @@ def test_base_corpus_knows_the_ticket_words_but_not_the_task() -> None:
 def _named_topics(text: str) -> set[str]:
     """``area/topic`` of every topic noun a ticket's text names."""
     text = text.lower()
-    return {f"{area}/{topic}" for area, topics in tickets.TOPIC_NOUNS.items()
-            for topic, nouns in topics.items() if any(n in text for n in nouns)}
+    return {
+        f"{area}/{topic}"
+        for area, topics in tickets.TOPIC_NOUNS.items()
+        for topic, nouns in topics.items()
+        if any(n in text for n in nouns)
+    }
 
 
 def test_preference_pairs_are_deterministic_hard_negatives() -> None:
@@ -235,7 +239,7 @@ def test_preference_pairs_are_deterministic_hard_negatives() -> None:
     assert tickets.ticket_preferences(5, 300) != tickets.ticket_preferences(6, 300)
     labels = set(tickets.leaf_labels())
     pairs = tickets.ticket_preferences(0, 2 * len(labels))
-    assert Counter(p["chosen"] for p in pairs) == {label: 2 for label in labels}
+    assert Counter(p["chosen"] for p in pairs) == dict.fromkeys(labels, 2)
     kinds: Counter = Counter()
     for p in pairs:
         assert [m["role"] for m in p["prompt"]] == ["user"]
@@ -294,3 +298,27 @@ def test_demo_writes_preference_and_prompt_files_that_validate(tmp_path) -> None
         assert not evals & {_user(p) for p in prompts}
         assert not evals & {p["prompt"][-1]["content"] for p in pairs}
     assert (FULL.ticket_pairs, FULL.ticket_prompts) == (2000, 1200)
+
+
+def test_base_cache_key_follows_only_what_the_base_is_built_from() -> None:
+    """Changing fine-tuning or evaluation keeps the cached base; changing pre-training or its data rebuilds it."""
+    from dataclasses import fields, replace
+
+    from tuneforge.demo.run import _NOT_IN_BASE_KEY, FULL, _base_key
+
+    assert set(_NOT_IN_BASE_KEY) <= {f.name for f in fields(FULL)}  # no stale names
+    for name in ("finetune_steps", "finetune_batch", "finetune_lr", "ticket_train", "general_eval", "ticket_eval"):
+        changed = replace(FULL, **{name: getattr(FULL, name) * 2})
+        assert _base_key(changed) == _base_key(FULL), name
+    for name in (
+        "pretrain_steps",
+        "pretrain_batch",
+        "pretrain_lr",
+        "corpus_docs",
+        "general_chat",
+        "hidden_size",
+        "max_length",
+        "vocab_size",
+    ):
+        changed = replace(FULL, **{name: getattr(FULL, name) * 2})
+        assert _base_key(changed) != _base_key(FULL), name

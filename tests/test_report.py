@@ -7,12 +7,27 @@ from tuneforge.demo.report import HEADLINE, before_after_figure, format_table, v
 
 def _table(base: float, domain: float, mixed: float) -> list[dict]:
     return [
-        {"model": "base", "role": "base", "general_accuracy": base, "domain_macro_f1": 0.004,
-         "skills": {"add": base, "capital": base / 2}},
-        {"model": "domain only", "role": "domain_only", "general_accuracy": domain, "domain_macro_f1": 0.71,
-         "skills": {"add": domain, "capital": domain / 2}},
-        {"model": "mixed 75/25", "role": "mixed", "general_accuracy": mixed, "domain_macro_f1": 0.66,
-         "skills": {"add": mixed, "capital": mixed / 2}},
+        {
+            "model": "base",
+            "role": "base",
+            "general_accuracy": base,
+            "domain_macro_f1": 0.004,
+            "skills": {"add": base, "capital": base / 2},
+        },
+        {
+            "model": "domain only",
+            "role": "domain_only",
+            "general_accuracy": domain,
+            "domain_macro_f1": 0.71,
+            "skills": {"add": domain, "capital": domain / 2},
+        },
+        {
+            "model": "mixed 75/25",
+            "role": "mixed",
+            "general_accuracy": mixed,
+            "domain_macro_f1": 0.66,
+            "skills": {"add": mixed, "capital": mixed / 2},
+        },
     ]
 
 
@@ -107,8 +122,9 @@ def test_every_bar_is_labelled_with_its_value_and_zero_shows_as_zero() -> None:
         assert labels == {(i, j): f"{row[key]:.2f}" for i, row in enumerate(table) for j, key in enumerate(HEADLINE)}
         assert labels[1, 0] == "0.00"  # the bar that used to be invisible
         skills = list(table[0]["skills"])
-        assert _labels_by_bar(per_skill) == {(i, j): f"{row['skills'][s]:.2f}"
-                                             for i, row in enumerate(table) for j, s in enumerate(skills)}
+        assert _labels_by_bar(per_skill) == {
+            (i, j): f"{row['skills'][s]:.2f}" for i, row in enumerate(table) for j, s in enumerate(skills)
+        }
     finally:
         plt.close(fig)
 

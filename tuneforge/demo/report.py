@@ -141,8 +141,7 @@ def before_after_figure(table: list[dict]) -> Any:
         width = 0.8 / max(1, len(table))
         for i, row in enumerate(table):
             values = [get(row, k) for k in keys]
-            bars = ax.bar([x + i * width for x in range(len(keys))], [v or 0.0 for v in values], width,
-                          label=models[i])
+            bars = ax.bar([x + i * width for x in range(len(keys))], [v or 0.0 for v in values], width, label=models[i])
             # Vertical text fits over the narrow per-skill bars without overlapping its neighbours.
             ax.bar_label(bars, labels=[_bar_label(v) for v in values], padding=2, fontsize=6, rotation=90)
         ax.set_xticks([x + width * (len(table) - 1) / 2 for x in range(len(keys))])
@@ -155,14 +154,18 @@ def before_after_figure(table: list[dict]) -> Any:
     return fig
 
 
-def write_report(run_dir: Path, table: list[dict], loss_curves: dict[str, list[tuple[int, float]]],
-                 title: str) -> dict[str, Path]:
+def write_report(
+    run_dir: Path, table: list[dict], loss_curves: dict[str, list[tuple[int, float]]], title: str
+) -> dict[str, Path]:
     """Write ``report.md``, ``loss_curves.png`` and ``before_after.png`` into ``run_dir``; return their paths."""
     plt = _pyplot()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"report": run_dir / "report.md", "loss_curves": run_dir / "loss_curves.png",
-             "before_after": run_dir / "before_after.png"}
+    paths = {
+        "report": run_dir / "report.md",
+        "loss_curves": run_dir / "loss_curves.png",
+        "before_after": run_dir / "before_after.png",
+    }
 
     # Loss curves: one panel per run, since pre-training and fine-tuning losses live on different scales.
     names = list(loss_curves) or ["(no training)"]
@@ -193,7 +196,16 @@ def write_report(run_dir: Path, table: list[dict], loss_curves: dict[str, list[t
     if skills:
         rows = [[s, *(_cell((r.get("skills") or {}).get(s)) for r in table)] for s in skills]
         parts += ["", "## General accuracy per skill", "", _markdown(["skill", *models], rows)]
-    parts += ["", "## Loss", "", "![loss curves](loss_curves.png)", "", "## Before and after", "",
-              "![before and after](before_after.png)", ""]
+    parts += [
+        "",
+        "## Loss",
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        "## Before and after",
+        "",
+        "![before and after](before_after.png)",
+        "",
+    ]
     paths["report"].write_text("\n".join(parts), encoding="utf-8")
     return paths

@@ -43,21 +43,45 @@ class DemoSize:
     hidden_size: int = 192
     num_layers: int = 4
     pretrain_steps: int = 600
-    finetune_steps: int = 150
-    max_length: int = 256
-    batch: int = 16
+    pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
+    finetune_steps: int = 150
+    finetune_batch: int = 16
     finetune_lr: float = 1e-3
+    max_length: int = 256
 
 
 FULL = DemoSize()
-QUICK = DemoSize(corpus_docs=300, general_chat=300, ticket_train=300, general_eval=40, ticket_eval=60,
-                 ticket_pairs=240, ticket_prompts=120, vocab_size=512, hidden_size=64, num_layers=2,
-                 pretrain_steps=20, finetune_steps=10, batch=8)
+QUICK = DemoSize(
+    corpus_docs=300,
+    general_chat=300,
+    ticket_train=300,
+    general_eval=40,
+    ticket_eval=60,
+    ticket_pairs=240,
+    ticket_prompts=120,
+    vocab_size=512,
+    hidden_size=64,
+    num_layers=2,
+    pretrain_steps=20,
+    pretrain_batch=8,
+    finetune_steps=10,
+    finetune_batch=8,
+)
 
 MIXED_MODEL_NAME = "tuneforge-demo-tickets"
-# Sizes of data files the base model never sees: left out of its cache key, so adding one rebuilds nothing.
-_NOT_IN_BASE_KEY = ("ticket_pairs", "ticket_prompts")
+# What the base model does not depend on (fine-tuning, evaluation and the data only later steps read): left out
+# of its cache key, so changing one of them rebuilds nothing.
+_NOT_IN_BASE_KEY = (
+    "ticket_train",
+    "general_eval",
+    "ticket_eval",
+    "ticket_pairs",
+    "ticket_prompts",
+    "finetune_steps",
+    "finetune_batch",
+    "finetune_lr",
+)
 
 
 def _write_jsonl(records: list[dict], path: Path) -> Path:
@@ -72,14 +96,16 @@ def write_data(root: Path, size: DemoSize) -> dict[str, Path]:
     """Generate the bundled data sets as ordinary JSONL files a user can open and reuse in recipes."""
     data = root / "data"
     return {
-        "general_corpus": _write_jsonl([{"text": t} for t in world.general_corpus(1, size.corpus_docs)],
-                                       data / "general_corpus.jsonl"),
+        "general_corpus": _write_jsonl(
+            [{"text": t} for t in world.general_corpus(1, size.corpus_docs)], data / "general_corpus.jsonl"
+        ),
         "general_chat": _write_jsonl(world.general_chat_examples(2, size.general_chat), data / "general_chat.jsonl"),
         "tickets": _write_jsonl(tickets.ticket_examples(3, size.ticket_train), data / "tickets.jsonl"),
         "general_eval": _write_jsonl(world.general_eval_items(4, size.general_eval), data / "general_eval.jsonl"),
         "tickets_eval": _write_jsonl(tickets.ticket_eval_items(5, size.ticket_eval), data / "tickets_eval.jsonl"),
-        "tickets_preferences": _write_jsonl(tickets.ticket_preferences(6, size.ticket_pairs),
-                                            data / "tickets_preferences.jsonl"),
+        "tickets_preferences": _write_jsonl(
+            tickets.ticket_preferences(6, size.ticket_pairs), data / "tickets_preferences.jsonl"
+        ),
         "tickets_prompts": _write_jsonl(tickets.ticket_prompts(7, size.ticket_prompts), data / "tickets_prompts.jsonl"),
     }
 
@@ -100,17 +126,36 @@ def keep_mixed(model_dir: Path, root: Path) -> Path:
     return target
 
 
-def _recipe(name: str, base: Path, sources: list[dict], out: Path, size: DemoSize, *, method: str, steps: int,
-            lr: float, register: str | None = None) -> dict[str, Any]:
+def _recipe(
+    name: str,
+    base: Path,
+    sources: list[dict],
+    out: Path,
+    size: DemoSize,
+    *,
+    method: str,
+    steps: int,
+    batch: int,
+    lr: float,
+    register: str | None = None,
+) -> dict[str, Any]:
     return {
         "name": name,
         "method": method,
         "model": {"path": str(base)},
         "data": {"sources": sources, "max_length": size.max_length, "val_fraction": 0.02},
         "adapter": {"kind": "full"},
-        "train": {"max_steps": steps, "global_batch_size": size.batch, "lr": lr, "warmup_steps": max(1, steps // 20),
-                  "schedule": "cosine", "min_lr_ratio": 0.1, "log_every": max(1, steps // 10),
-                  "eval_every": max(1, steps // 3), "weight_decay": 0.01},
+        "train": {
+            "max_steps": steps,
+            "global_batch_size": batch,
+            "lr": lr,
+            "warmup_steps": max(1, steps // 20),
+            "schedule": "cosine",
+            "min_lr_ratio": 0.1,
+            "log_every": max(1, steps // 10),
+            "eval_every": max(1, steps // 3),
+            "weight_decay": 0.01,
+        },
         "tracking": {"experiment": "tuneforge-demo", "run_name": name, "register_as": register},
         "output": {"dir": str(out)},
     }
@@ -133,15 +178,31 @@ def build_base(root: Path, files: dict[str, Path], size: DemoSize, rebuild: bool
     chats = [json.loads(line) for line in files["general_chat"].read_text().splitlines()]
     texts += [" ".join(m["content"] for m in c["messages"]) for c in chats[:2000]]
     texts += [" ".join(m["content"] for m in c["messages"]) for c in tickets.ticket_examples(99, 500)]
-    spec = TinySpec(hidden_size=size.hidden_size, num_layers=size.num_layers, num_heads=max(2, size.hidden_size // 32),
-                    num_kv_heads=max(1, size.hidden_size // 96), intermediate_size=size.hidden_size * 8 // 3 // 16 * 16,
-                    max_position_embeddings=size.max_length)
+    spec = TinySpec(
+        hidden_size=size.hidden_size,
+        num_layers=size.num_layers,
+        num_heads=max(2, size.hidden_size // 32),
+        num_kv_heads=max(1, size.hidden_size // 96),
+        intermediate_size=size.hidden_size * 8 // 3 // 16 * 16,
+        max_position_embeddings=size.max_length,
+    )
     init = build_tiny(root / f"init-{key}", texts, vocab_size=size.vocab_size, spec=spec, seed=0)
-    sources = [{"path": str(files["general_corpus"]), "name": "corpus", "weight": 0.5},
-               {"path": str(files["general_chat"]), "name": "general_chat", "weight": 0.5}]
+    sources = [
+        {"path": str(files["general_corpus"]), "name": "corpus", "weight": 0.5},
+        {"path": str(files["general_chat"]), "name": "general_chat", "weight": 0.5},
+    ]
     result = tuneforge.train(
-        _recipe("demo-pretrain", init, sources, root / f"pretrain-{key}", size, method="cpt",
-                steps=size.pretrain_steps, lr=size.pretrain_lr),
+        _recipe(
+            "demo-pretrain",
+            init,
+            sources,
+            root / f"pretrain-{key}",
+            size,
+            method="cpt",
+            steps=size.pretrain_steps,
+            batch=size.pretrain_batch,
+            lr=size.pretrain_lr,
+        ),
         progress=True,
     )
     shutil.copytree(result.output_dir, base)
@@ -172,9 +233,9 @@ def evaluate(model_dir: Path, general: list[dict], domain: list[dict]) -> dict[s
 
 def run_demo(quick: bool = False, rebuild: bool = False) -> dict[str, Any]:
     """Run the demo end to end; returns the table and where the report is."""
-    import tuneforge
     from rich.console import Console
 
+    import tuneforge
     from tuneforge.demo.report import format_table, verdict, write_report
 
     console = Console(stderr=True)
@@ -185,16 +246,31 @@ def run_demo(quick: bool = False, rebuild: bool = False) -> dict[str, Any]:
     files = write_data(root, size)
     run_dir = runs_dir() / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     base, pretrain = build_base(root, files, size, rebuild, say)
+    from tuneforge.service.base_models import add_model
+
+    add_model("tuneforge-demo", base)  # the service's short name for it: `model="tuneforge-demo"`
 
     domain_src = {"path": str(files["tickets"]), "name": "tickets"}
-    mixed_sources = [dict(domain_src, weight=0.75),
-                     {"path": str(files["general_chat"]), "name": "general", "weight": 0.25}]
+    mixed_sources = [
+        dict(domain_src, weight=0.75),
+        {"path": str(files["general_chat"]), "name": "general", "weight": 0.25},
+    ]
     runs = {}
     for name, sources, register in (("domain_only", [domain_src], None), ("mixed", mixed_sources, MIXED_MODEL_NAME)):
         say(f"fine-tuning: {name.replace('_', ' ')}")
         runs[name] = tuneforge.train(
-            _recipe(f"demo-{name}", base, sources, run_dir / name, size, method="sft", steps=size.finetune_steps,
-                    lr=size.finetune_lr, register=register),
+            _recipe(
+                f"demo-{name}",
+                base,
+                sources,
+                run_dir / name,
+                size,
+                method="sft",
+                steps=size.finetune_steps,
+                batch=size.finetune_batch,
+                lr=size.finetune_lr,
+                register=register,
+            ),
             progress=True,
         )
 
@@ -204,12 +280,17 @@ def run_demo(quick: bool = False, rebuild: bool = False) -> dict[str, Any]:
     read = lambda p: [json.loads(line) for line in Path(p).read_text().splitlines()]  # noqa: E731
     general, domain = read(files["general_eval"]), read(files["tickets_eval"])
     table = []
-    for role, label, path in (("base", "base", base), ("domain_only", "domain only", runs["domain_only"].output_dir),
-                              ("mixed", "mixed 75/25", runs["mixed"].output_dir)):
+    for role, label, path in (
+        ("base", "base", base),
+        ("domain_only", "domain only", runs["domain_only"].output_dir),
+        ("mixed", "mixed 75/25", runs["mixed"].output_dir),
+    ):
         table.append({"model": label, "role": role, **evaluate(Path(path), general, domain)})
 
-    curves = {"fine-tune: domain only": [(h["step"], h["loss"]) for h in runs["domain_only"].history],
-              "fine-tune: mixed": [(h["step"], h["loss"]) for h in runs["mixed"].history]}
+    curves = {
+        "fine-tune: domain only": [(h["step"], h["loss"]) for h in runs["domain_only"].history],
+        "fine-tune: mixed": [(h["step"], h["loss"]) for h in runs["mixed"].history],
+    }
     if pretrain is not None:
         curves = {"pre-training (cpt)": [(h["step"], h["loss"]) for h in pretrain.history], **curves}
     paths = write_report(run_dir, table, curves, title="tuneforge demo: fine-tuning with and without data mixing")
@@ -218,11 +299,18 @@ def run_demo(quick: bool = False, rebuild: bool = False) -> dict[str, Any]:
     console.print(format_table(table))
     console.print(verdict(table))
     say(f"report: {paths['report']}  ({time.perf_counter() - t0:.0f} s)")
-    return {"table": table, "report": paths["report"], "run_dir": run_dir, "base_cached": pretrain is None,
-            "token_cache_hits": {k: all(d["cache_hit"] for d in r.data.values()) for k, r in runs.items()},
-            "mixed_version": runs["mixed"].model_version, "mix": runs["mixed"].mix, "mixed_dir": mixed_dir,
-            "data": files,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "table": table,
+        "report": paths["report"],
+        "run_dir": run_dir,
+        "base_cached": pretrain is None,
+        "token_cache_hits": {k: all(d["cache_hit"] for d in r.data.values()) for k, r in runs.items()},
+        "mixed_version": runs["mixed"].model_version,
+        "mix": runs["mixed"].mix,
+        "mixed_dir": mixed_dir,
+        "data": files,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _log_demo(run_dir: Path, table: list[dict], paths: dict[str, Path], runs: dict[str, Any]) -> None:
@@ -230,8 +318,12 @@ def _log_demo(run_dir: Path, table: list[dict], paths: dict[str, Path], runs: di
     from tuneforge.tracking.mlflow_tracker import Tracker
 
     params = {"runs": {k: str(v.run_dir) for k, v in runs.items()}}
-    with Tracker.start(experiment="tuneforge-demo", run_name=f"{run_dir.name}-report", params=params,
-                       tags={"tuneforge.kind": "demo-report"}) as tracker:
+    with Tracker.start(
+        experiment="tuneforge-demo",
+        run_name=f"{run_dir.name}-report",
+        params=params,
+        tags={"tuneforge.kind": "demo-report"},
+    ) as tracker:
         for row in table:
             metrics = {f"{row['role']}/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float))}
             metrics.update({f"{row['role']}/skill/{k}": float(v) for k, v in row["skills"].items()})

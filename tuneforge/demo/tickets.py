@@ -80,24 +80,44 @@ TOPIC_NOUNS: dict[str, dict[str, tuple[str, ...]]] = {
 # ticket type -> sentence frames around a topic noun phrase {n}.
 TYPE_FRAMES: dict[str, tuple[str, ...]] = {
     "status": (
-        "what is the status of {n}", "any update on {n}", "i am still waiting on {n}",
-        "{n} is still pending", "nothing has happened with {n} for days", "how long will {n} take",
+        "what is the status of {n}",
+        "any update on {n}",
+        "i am still waiting on {n}",
+        "{n} is still pending",
+        "nothing has happened with {n} for days",
+        "how long will {n} take",
     ),
     "error": (
-        "{n} shows an error", "{n} does not work", "{n} fails every time",
-        "something is broken with {n}", "{n} stopped working", "i get a strange message from {n}",
+        "{n} shows an error",
+        "{n} does not work",
+        "{n} fails every time",
+        "something is broken with {n}",
+        "{n} stopped working",
+        "i get a strange message from {n}",
     ),
     "change": (
-        "i need to change {n}", "please update {n}", "{n} has the wrong details",
-        "can you edit {n}", "i want to modify {n}", "{n} needs a correction",
+        "i need to change {n}",
+        "please update {n}",
+        "{n} has the wrong details",
+        "can you edit {n}",
+        "i want to modify {n}",
+        "{n} needs a correction",
     ),
     "cancel": (
-        "please cancel {n}", "i want to stop {n}", "remove {n} please",
-        "i no longer want {n}", "call off {n} for me", "get rid of {n}",
+        "please cancel {n}",
+        "i want to stop {n}",
+        "remove {n} please",
+        "i no longer want {n}",
+        "call off {n} for me",
+        "get rid of {n}",
     ),
     "question": (
-        "how does {n} work", "i have a question about {n}", "where do i find {n}",
-        "can you explain {n}", "what are the rules for {n}", "i do not understand {n}",
+        "how does {n} work",
+        "i have a question about {n}",
+        "where do i find {n}",
+        "can you explain {n}",
+        "what are the rules for {n}",
+        "i do not understand {n}",
     ),
 }
 
@@ -270,8 +290,10 @@ def ticket_prompts(seed: int, n: int, system_prompt: str | None = None) -> list[
     grader comparing a sampled answer with ``label`` rewards exactly what supervised fine-tuning teaches. Training
     signal combinations only: none of them is an evaluation ticket.
     """
-    return [{"messages": r["messages"][:-1], "label": r["messages"][-1]["content"]}
-            for r in ticket_examples(seed, n, system_prompt)]
+    return [
+        {"messages": r["messages"][:-1], "label": r["messages"][-1]["content"]}
+        for r in ticket_examples(seed, n, system_prompt)
+    ]
 
 
 def hard_negative(rng: random.Random, ticket: Ticket) -> str:
