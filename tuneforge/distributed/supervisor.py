@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
-from tuneforge.distributed import faults as fault_lib
+import tuneforge.distributed.faults as fault_lib
 from tuneforge.distributed.config import JobSpec
 from tuneforge.distributed.lighthouse import Lighthouse
 from tuneforge.distributed.metrics import EventLog, RunReport, analyze
