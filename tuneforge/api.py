@@ -77,12 +77,18 @@ def train(
     ``fault_plan`` injects failures (``"kill:1@10"``) for tests and demos. A run whose memory forecast exceeds
     what the device has is refused before the model loads; ``force`` trains anyway.
     """
+    from tuneforge.models.refs import resolve_recipe_model
+
     if isinstance(recipe, Recipe):
         recipe = load_recipe(recipe.to_dict(), _overrides(overrides))
     else:
         recipe = load_recipe(recipe, set)
         if overrides:
             recipe = load_recipe(recipe.to_dict(), _overrides(overrides))
+    recipe = resolve_recipe_model(recipe)  # model.path may be models:/NAME@ALIAS or ft:…: the directory it names
+    from tuneforge.eval.training import check_recipe
+
+    check_recipe(recipe)  # eval: tasks and their records, before any training
     show = progress if progress is not None else os.isatty(2)
     if (
         replicas
@@ -189,6 +195,7 @@ def _train(recipe: Recipe, *, resume: str | Path | None, show: bool, force: bool
 
     import torch
 
+    from tuneforge.eval.training import periodic as periodic_eval
     from tuneforge.models.adapters import is_peft
     from tuneforge.models.export import save_result
     from tuneforge.planner import resolve
@@ -236,6 +243,8 @@ def _train(recipe: Recipe, *, resume: str | Path | None, show: bool, force: bool
         eval_every=res.eval_every,
         checkpoint_every=res.checkpoint_every,
         keep_checkpoints=recipe.train.keep_checkpoints,
+        eval_hook=periodic_eval(recipe, prepared.tokenizer),  # the recipe's eval.tasks every eval.every steps
+        eval_hook_every=recipe.eval.every if recipe.eval else None,
     )
     bar = Progress(res.total_steps, start_step, enabled=show)
     bar.note(_describe(recipe, res, prepared, run_dir))
@@ -278,12 +287,18 @@ def _finish(
     extra: dict[str, Any] | None = None,
 ) -> TrainResult:
     """What every run does at the end, local or elastic: merge, result.json, final metrics, artifacts, registry."""
+    from tuneforge.lineage import register_result, registered_name
     from tuneforge.models.adapters import is_peft_dir
     from tuneforge.models.export import merge_adapter
 
     merged = None
     if recipe.output.merge and is_peft_dir(out_dir) and recipe.adapter.kind not in PROMPT_LEARNING:
         merged = merge_adapter(out_dir, run_dir / "merged", base=recipe.model.path)
+    evaluation = None
+    if recipe.eval is not None:  # the result and its base on the recipe's tasks: RUN_DIR/eval/ and MLflow
+        from tuneforge.eval.training import evaluate_run
+
+        evaluation = evaluate_run(recipe, run_dir, out_dir, tracker, step=res.total_steps, device=res.device)
     atomic_write(
         run_dir / "result.json",
         json.dumps(
@@ -293,6 +308,7 @@ def _finish(
                 "resolved": res.as_dict(),
                 "data": prepared.data_info,
                 **(extra or {}),
+                **({"eval": evaluation} if evaluation is not None else {}),
             },
             indent=2,
             default=str,
@@ -303,20 +319,10 @@ def _finish(
         if (run_dir / name).exists():
             tracker.log_artifact(run_dir / name)
     version = None
-    if not recipe.tracking.register_as:  # a registered version uploads the weights itself
+    if registered_name(recipe) is None:  # a registered version uploads the weights itself
         tracker.log_artifact(out_dir, out_dir.name)
-    else:
-        version = tracker.register_model(
-            merged or out_dir,
-            recipe.tracking.register_as,
-            tags={
-                "base_model": recipe.model.path,
-                "recipe_hash": recipe.hash(),
-                "method": recipe.method,
-                "adapter": recipe.adapter.kind,
-                **{f"data_hash.{k}": v for k, v in prepared.data_hashes.items()},
-            },
-        )
+    else:  # with its lineage and the prompt versions it was trained with (tuneforge.lineage)
+        version = register_result(recipe, prepared, run_dir, merged or out_dir, tracker)
     return TrainResult(
         run_dir=run_dir,
         output_dir=out_dir,
@@ -329,6 +335,7 @@ def _finish(
         data=prepared.data_info,
         tracking_run_id=getattr(tracker, "run_id", None),
         model_version=version,
+        extra={"eval": evaluation} if evaluation is not None else {},
     )
 
 
@@ -337,6 +344,7 @@ def _train_hash(recipe: Recipe) -> str:
     d = recipe.to_dict()
     d.pop("output", None)
     d.pop("tracking", None)
+    d.pop("eval", None)
     d["train"].pop("checkpoint_every", None)
     d["train"].pop("log_every", None)
     d["train"].pop("eval_every", None)

@@ -280,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     from tuneforge.service.cli import add_commands as add_service_commands
 
     add_service_commands(sub)  # server, keys, models, jobs
+    from tuneforge.eval.cli import add_commands as add_eval_commands
+
+    add_eval_commands(sub)  # eval, compare
+    from tuneforge.tracking.cli import add_commands as add_registry_commands
+
+    add_registry_commands(sub)  # registry list|show|alias
+    from tuneforge.serve.cli import add_commands as add_serve_commands
+
+    add_serve_commands(sub)  # serve, deploy
 
     p = sub.add_parser("grader", help="test a reward grader")
     gsub = p.add_subparsers(dest="grader_command", required=True, metavar="SUBCOMMAND")

@@ -261,11 +261,35 @@ class TrackingConfig(_Section):
     experiment: str = "tuneforge"
     run_name: str | None = None
     register_as: str | None = Field(None, description="Register the result under this model name.")
+    auto_register: bool = Field(
+        True, description="Register every successful run as a model version (named `register_as`, default `name`)."
+    )
+
+    @field_validator("register_as")
+    @classmethod
+    def _model_name_mlflow_accepts(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or "/" in v or ":" in v):
+            raise ValueError("must be a non-empty model name without '/' or ':' (MLflow refuses those)")
+        return v
 
 
 class OutputConfig(_Section):
     dir: str | None = Field(None, description="Run directory; default: $TUNEFORGE_HOME/runs/<name>-<time>.")
     merge: bool = Field(False, description="Also save merged full weights (adapters only).")
+
+
+class EvalConfig(_Section):
+    """Evaluate the base and the result on tasks at the end of the run (and the result every N steps)."""
+
+    tasks: list[str] = Field(
+        min_length=1, description="Task or suite YAML files (relative to the recipe) or bundled names (`general`)."
+    )
+    every: int | None = Field(
+        None, gt=0, description="Also evaluate the model being trained every N steps (single-process runs)."
+    )
+    baseline: bool = Field(True, description="Also evaluate the base model, and report deltas with 95% intervals.")
+    batch_size: int = Field(32, gt=0, description="Sequences per forward pass.")
+    limit: int | None = Field(None, gt=0, description="Only the first N records of each task.")
 
 
 class Recipe(_Section):
@@ -284,6 +308,7 @@ class Recipe(_Section):
     generation: GenerationConfig = GenerationConfig()
     tracking: TrackingConfig = TrackingConfig()
     output: OutputConfig = OutputConfig()
+    eval: EvalConfig | None = None
     resilience: dict[str, Any] = Field(
         default_factory=dict,
         description="Elastic, fault-tolerant data parallelism (see tuneforge.distributed.ResilienceConfig): "
@@ -448,6 +473,8 @@ def _resolve_relative_paths(recipe: Recipe, base_dir: Path) -> None:
         recipe.ppo.reward_model = fix(recipe.ppo.reward_model) or recipe.ppo.reward_model
     if recipe.distill is not None:
         recipe.distill.teacher = fix(recipe.distill.teacher) or recipe.distill.teacher
+    if recipe.eval is not None:  # bundled names stay names: fix() keeps what is not a local path
+        recipe.eval.tasks = [fix(t) or t for t in recipe.eval.tasks]
     if recipe.output.dir is not None:
         recipe.output.dir = fix(recipe.output.dir) if not recipe.output.dir.startswith("/") else recipe.output.dir
 

@@ -23,6 +23,12 @@ class ModelError(TuneforgeError):
     """A model or tokenizer cannot be found or loaded."""
 
 
+class UnknownModelError(ModelError):
+    """A model name, version or alias that nothing is registered under (the registry, fine-tuned names)."""
+
+    exit_code = 1
+
+
 @dataclass(frozen=True)
 class DataIssue:
     """One bad record: where it is, which field, what is wrong and what was expected."""

@@ -101,3 +101,58 @@ def per_skill_accuracy(items: Sequence[dict], preds: Sequence[str], *, lowercase
             raise ValueError(f"item {i}: needs 'skill' and 'answer' keys, has {sorted(item)}")
         hits.setdefault(item["skill"], []).append(exact_match(pred, item["answer"], lowercase=lowercase))
     return {skill: sum(h) / len(h) for skill, h in hits.items()}
+
+
+# ------------------------------------------------------------------------------ library-backed text metrics
+
+
+def rouge_scores(preds: Sequence[str], refs: Sequence[str], kind: str = "rougeL") -> list[float]:
+    """Per-item ROUGE F-measure from Google's ``rouge-score`` (``rouge1``, ``rouge2``, ``rougeL``…).
+
+    Its tokenizer lower-cases and keeps ASCII letters and digits only, as in the papers that report ROUGE.
+    """
+    from rouge_score.rouge_scorer import RougeScorer
+
+    _paired(preds, refs)
+    scorer = RougeScorer([kind])
+    return [scorer.score(r, p)[kind].fmeasure for p, r in zip(preds, refs)]
+
+
+def bleu_statistics(preds: Sequence[str], refs: Sequence[str], max_order: int = 4) -> list[list[int]]:
+    """Per-item sacreBLEU sufficient statistics ``[correct_1..N, total_1..N, hyp_len, ref_len]``.
+
+    Their sum, reduced with sacreBLEU's ``compute_bleu``, is exactly ``BLEU().corpus_score`` (13a tokens, exp
+    smoothing) — which is what lets the bootstrap resample corpus BLEU without re-tokenizing anything.
+    """
+    from sacrebleu.metrics import BLEU
+
+    _paired(preds, refs)
+    bleu = BLEU(max_ngram_order=max_order, effective_order=True)  # effective order only affects the score
+    rows = []
+    for p, r in zip(preds, refs):
+        s = bleu.sentence_score(p, [r])
+        rows.append([*s.counts, *s.totals, s.sys_len, s.ref_len])
+    return rows
+
+
+def regex_scores(preds: Sequence[str], refs: Sequence[str], pattern: str, *, lowercase: bool = False) -> list[float]:
+    """1.0 per item where the pattern fits the output.
+
+    Without a capture group, the pattern only has to be found in the output (``re.search``); with one, the first
+    group of the first match is the extracted answer and must equal the reference (``exact_match``), e.g.
+    ``"answer is (\\d+)"`` for chain-of-thought answers.
+    """
+    import re
+
+    _paired(preds, refs)
+    regex = re.compile(pattern)
+    out = []
+    for p, r in zip(preds, refs):
+        m = regex.search(p)
+        if m is None:
+            out.append(0.0)
+        elif regex.groups:
+            out.append(float(exact_match(m.group(1) or "", r, lowercase=lowercase)))
+        else:
+            out.append(1.0)
+    return out

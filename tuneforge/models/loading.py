@@ -39,12 +39,23 @@ def check_model_path(name: str) -> None:
         )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def check_tokenizer_path(name: str) -> None:
+    """Like :func:`check_model_path`, but a directory with only a tokenizer (an adapter's) is fine too."""
+    path = Path(name).expanduser()
+    if path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES):
+        return
+    check_model_path(name)
+
+
 def load_tokenizer(name: str, chat_template: str | None = None, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     from tuneforge.models.chat_templates import resolve_template
 
-    check_model_path(name)
+    check_tokenizer_path(name)
     quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)

@@ -28,12 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tuneforge.config import load_recipe
     from tuneforge.errors import TuneforgeError
+    from tuneforge.models.refs import resolve_recipe_model
     from tuneforge.planning.forecast import make_forecast, render
     from tuneforge.planning.hardware import parse_hardware
     from tuneforge.planning.resolve import resolve
     from tuneforge.training.build import prepare
 
     recipe = load_recipe(args.recipe, args.set)
+    recipe = resolve_recipe_model(recipe)
     hardware = parse_hardware(args.hardware, recipe.train.device)
     prepared = prepare(recipe)
     res = resolve(recipe, prepared.num_steps, hardware=hardware, prepared=prepared)

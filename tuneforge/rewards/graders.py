@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import yaml
 
 from tuneforge.errors import RecipeError, suggest
-from tuneforge.rewards import similarity, templates
+from tuneforge.rewards import embeddings, similarity, templates
 from tuneforge.rewards.base import Grader, GradeResult
 from tuneforge.rewards.judge import build_score_model
 from tuneforge.rewards.sandbox import Limits, run_graders
@@ -87,7 +87,11 @@ class StringCheckGrader(Grader):
 
 @dataclass
 class TextSimilarityGrader(Grader):
-    """The chosen metric between the rendered ``input`` and ``reference``, in [0, 1]."""
+    """The chosen metric between the rendered ``input`` and ``reference``, in [0, 1].
+
+    ``cosine`` embeds the whole batch at once with ``embedder`` (each distinct text once); an embedder that
+    fails (an endpoint that is down) scores the batch 0 with the error.
+    """
 
     type: ClassVar[str] = "text_similarity"
     name: str
@@ -95,13 +99,40 @@ class TextSimilarityGrader(Grader):
     reference: str
     evaluation_metric: str
     pass_threshold: float | None = None
+    embedder: embeddings.Embedder | None = field(default=None, repr=False)
+    fn: Callable[[str, str], float] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.evaluation_metric != "cosine":
+            self.fn = similarity.metric(self.evaluation_metric)
+        elif self.embedder is None:
+            self.embedder = embeddings.default_embedder()
+
+    def texts(self, sample: dict[str, Any], item: dict[str, Any]) -> tuple[str, str]:
+        return templates.render(self.input, sample, item), templates.render(self.reference, sample, item)
 
     def score(self, sample: dict[str, Any], item: dict[str, Any]) -> float:
-        fn = similarity.metric(self.evaluation_metric)
-        return fn(templates.render(self.input, sample, item), templates.render(self.reference, sample, item))
+        return self._evaluate_batch([sample], [item])[0].score
 
     def _evaluate_batch(self, samples: list[dict[str, Any]], items: list[dict[str, Any]]) -> list[GradeResult]:
-        return _each(self.score, samples, items)
+        fn = self.fn
+        if fn is not None:
+            return _each(lambda sample, item: fn(*self.texts(sample, item)), samples, items)
+        embedder = self.embedder or embeddings.default_embedder()
+        results: list[GradeResult | None] = []
+        pairs: list[tuple[str, str]] = []
+        for sample, item in zip(samples, items):
+            try:
+                pairs.append(self.texts(sample, item))
+                results.append(None)
+            except templates.TemplateError as e:
+                results.append(GradeResult(0.0, str(e)))
+        try:
+            scores = iter(embeddings.cosine_scores(embedder, [o for o, _ in pairs], [r for _, r in pairs]))
+        except Exception as e:  # an endpoint that is down, a reply of the wrong shape: this batch scores 0
+            error = f"embedding failed: {type(e).__name__}: {e}"
+            return [r or GradeResult(0.0, error) for r in results]
+        return [r or GradeResult(next(scores)) for r in results]
 
 
 @dataclass
@@ -240,7 +271,10 @@ _COMMON = {"type": str, "name": str}
 _FIELDS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # type: (required fields, optional fields)
     "string_check": ({"input": str, "reference": str, "operation": str}, {}),
-    "text_similarity": ({"input": str, "reference": str, "evaluation_metric": str}, {"pass_threshold": float}),
+    "text_similarity": (
+        {"input": str, "reference": str, "evaluation_metric": str},
+        {"pass_threshold": float, **embeddings.FIELDS},  # the embedding fields are for the cosine metric
+    ),
     "python": ({"source": str}, {"image_tag": str, "pass_threshold": float, "limits": dict}),
     "score_model": (
         {"model": str, "input": list},
@@ -330,10 +364,7 @@ class _Loader:
                 raise self.error(at("operation"), f"unknown operation {op!r}{hint}")
             return StringCheckGrader(name, raw["input"], raw["reference"], raw["operation"])
         if kind == "text_similarity":
-            similarity.metric(raw["evaluation_metric"], f"{self.origin}: {at('evaluation_metric')}")
-            return TextSimilarityGrader(
-                name, raw["input"], raw["reference"], raw["evaluation_metric"], raw.get("pass_threshold")
-            )
+            return self.text_similarity(raw, name, at)
         if kind == "python":
             source = self.source(raw["source"], at("source"))
             limits = self.limits(raw.get("limits", {}), at("limits"))
@@ -354,6 +385,20 @@ class _Loader:
             subs[str(key)] = self.build(sub, f"{at('graders')}.{key}", str(key))
         formula = parse_formula(raw["calculate_output"], list(subs), f"{self.origin}: {at('calculate_output')}")
         return MultiGrader(name, subs, raw["calculate_output"], formula)
+
+    def text_similarity(self, raw: dict[str, Any], name: str, at: Callable[[str], str]) -> TextSimilarityGrader:
+        metric = raw["evaluation_metric"]
+        embedder = None
+        if metric == "cosine":
+            embedder = embeddings.build_embedder(raw, at, self.error)
+        else:
+            similarity.metric(metric, f"{self.origin}: {at('evaluation_metric')}")
+            for key in embeddings.FIELDS:
+                if key in raw:
+                    raise self.error(at(key), f"only used by evaluation_metric 'cosine', not {metric!r}")
+        return TextSimilarityGrader(
+            name, raw["input"], raw["reference"], metric, raw.get("pass_threshold"), embedder=embedder
+        )
 
     def template(self, text: str, path: str) -> None:
         try:

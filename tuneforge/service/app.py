@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from tuneforge.service import files, graders, jobs, models
+from tuneforge.service import files, graders, inference, jobs, models
 from tuneforge.service.db import Database
 from tuneforge.service.errors import install_handlers
 from tuneforge.service.executors import make_executor
@@ -30,17 +30,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         executor = make_executor(settings.executor, python=settings.python)
         scheduler = Scheduler(db, settings, executor)
         app.state.db, app.state.settings, app.state.scheduler = db, settings, scheduler
+        app.state.catalog = inference.make_catalog(db)  # models load on first use
         scheduler.start()
         try:
             yield
         finally:
             scheduler.stop()
+            app.state.catalog.close()
             db.dispose()
 
     app = FastAPI(title="tuneforge", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     install_handlers(app)
     for module in (files, jobs, graders, models):
         app.include_router(module.router)
+    inference.mount(app)  # chat, completions, embeddings, deployments on the same base URL
 
     @app.get("/health")
     def health() -> dict[str, str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 
 from tuneforge.service.auth import Caller
@@ -37,16 +37,29 @@ def project_models(db: Database, who: Caller) -> list[dict[str, Any]]:
     return out
 
 
+def visible_models(request: Request, db: Database, who: Caller) -> list[dict[str, Any]]:
+    """The project's models, then those the inference routes serve beyond them (deployments), one list."""
+    out = project_models(db, who)
+    known = {m["id"] for m in out}
+    catalog = getattr(request.app.state, "catalog", None)
+    return out + [m.card() for m in (catalog.list(who.project) if catalog else []) if m.id not in known]
+
+
 @router.get("/models")
-def list_models(who: Annotated[Caller, Depends(caller)], db: Annotated[Database, Depends(database)]) -> dict[str, Any]:
-    return {"object": "list", "data": project_models(db, who)}
+def list_models(
+    request: Request, who: Annotated[Caller, Depends(caller)], db: Annotated[Database, Depends(database)]
+) -> dict[str, Any]:
+    return {"object": "list", "data": visible_models(request, db, who)}
 
 
 @router.get("/models/{model:path}")
 def retrieve_model(
-    model: str, who: Annotated[Caller, Depends(caller)], db: Annotated[Database, Depends(database)]
+    model: str,
+    request: Request,
+    who: Annotated[Caller, Depends(caller)],
+    db: Annotated[Database, Depends(database)],
 ) -> dict[str, Any]:
-    for m in project_models(db, who):
+    for m in visible_models(request, db, who):
         if m["id"] == model:
             return m
     raise not_found("model", model, "model")

@@ -32,6 +32,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.models import fine_tuned
 from tuneforge.service import mapping
 from tuneforge.service.base_models import display_name, resolve_base
 from tuneforge.service.db import Checkpoint, Database, Event, File, Job, Project, insert_ignore, new_id, now
@@ -282,6 +283,7 @@ class Scheduler:
             )
             if added:
                 add_event(s, job, f"checkpoint:{step}", f"Checkpoint created at step {step}")
+                _record_name(model, path, job, step)
 
     def _project(self, s: Session, job: Job) -> str:
         project = s.get(Project, job.project_pk)
@@ -329,6 +331,8 @@ class Scheduler:
                 model=f"{job.fine_tuned_model}:ckpt-step-{step}",
                 created_at=now(),
             )
+            _record_name(job.fine_tuned_model, out, job)
+            _record_name(f"{job.fine_tuned_model}:ckpt-step-{step}", out, job, step)
             add_event(s, job, "model", f"New fine-tuned model created: {job.fine_tuned_model}")
             add_event(s, job, "succeeded", "The job has successfully completed")
             self.followers.pop(job.id, None)
@@ -463,6 +467,14 @@ def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _record_name(name: str, path: Path, job: Job, step: int | None = None) -> None:
+    """Index a fine-tuned model name so that eval, serve and train resolve it without the service."""
+    try:
+        fine_tuned.record(name, path, job=job.id, base=job.model, step=step)
+    except (OSError, TuneforgeError) as e:  # the job's result stands; only ``ft:`` references to it would fail
+        log.warning("could not record %s in the fine-tuned model index: %s", name, e)
 
 
 def _output_dir(run_dir: Path) -> Path:

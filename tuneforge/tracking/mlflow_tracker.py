@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -138,7 +138,7 @@ def _clean_tags(tags: Mapping[str, Any], limit: int) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- MLflow
 
 
-def _import_mlflow() -> None:
+def import_mlflow() -> None:
     """Import MLflow (slow: 2.4-3 s on a busy 2-core machine) with its usage telemetry off unless the user asked for it (tuneforge
     is offline-first) and without the INFO lines it prints whenever it creates or migrates a database."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -239,7 +239,7 @@ class Tracker:
         """Open (or create) ``experiment`` and start a run with ``params`` flattened to dotted keys."""
         uri = resolve_tracking_uri(tracking_uri)
         _check_reachable(uri)
-        _import_mlflow()
+        import_mlflow()
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
@@ -324,9 +324,23 @@ class Tracker:
         """Store ``text`` as artifact file ``name`` (e.g. ``recipe.yaml``)."""
         self.client.log_text(self.run_id, text, name)
 
-    def register_model(self, local_dir: str | Path, name: str, tags: Mapping[str, Any]) -> str:
+    def register_prompt(self, name: str, text: str | list[dict[str, str]], message: str | None = None) -> str:
+        """``text`` as the latest version of prompt ``name`` (a new version only when it changed), linked to this
+        run; returns its ``prompts:/NAME/VERSION`` URI."""
+        from tuneforge.tracking.prompts import LINKED_PROMPTS_TAG, linked_prompts, register_text
+
+        ref = register_text(self.client, name, text, message=message)
+        # MLflow's link_prompt_version_to_run reads the *global* tracking store; the same tag, on our client:
+        current = self.client.get_run(self.run_id).data.tags.get(LINKED_PROMPTS_TAG)
+        self.client.set_tag(self.run_id, LINKED_PROMPTS_TAG, linked_prompts(current, [ref.uri]))
+        return ref.uri
+
+    def register_model(
+        self, local_dir: str | Path, name: str, tags: Mapping[str, Any], prompts: Sequence[str] = ()
+    ) -> str:
         """Upload ``local_dir`` (a saved HF model or PEFT adapter) as a logged model of this run and register
-        it as a new version of ``name``; ``tags`` go on both. Returns the version number."""
+        it as a new version of ``name``; ``tags`` go on both, and the ``prompts:/…`` versions it was trained with
+        are linked to it. Returns the version number."""
         from mlflow.entities import LoggedModelOutput
         from mlflow.exceptions import MlflowException
         from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
@@ -352,6 +366,11 @@ class Tracker:
             self.client.finalize_logged_model(model.model_id, "FAILED")
             raise
         self.client.finalize_logged_model(model.model_id, "READY")
+        if prompts:  # as link_prompt_version_to_model would, without its global tracking store
+            from tuneforge.tracking.prompts import LINKED_PROMPTS_TAG, linked_prompts
+
+            current = self.client.get_logged_model(model.model_id).tags.get(LINKED_PROMPTS_TAG)
+            self.client.set_logged_model_tags(model.model_id, {LINKED_PROMPTS_TAG: linked_prompts(current, prompts)})
         self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=self._last_step)])
         try:
             self.client.create_registered_model(name)
@@ -428,7 +447,12 @@ class NullTracker:
     def log_text(self, text: str, name: str) -> None:
         pass
 
-    def register_model(self, local_dir: str | Path, name: str, tags: Mapping[str, Any]) -> str | None:
+    def register_prompt(self, name: str, text: str | list[dict[str, str]], message: str | None = None) -> str | None:
+        return None
+
+    def register_model(
+        self, local_dir: str | Path, name: str, tags: Mapping[str, Any], prompts: Sequence[str] = ()
+    ) -> str | None:
         return None
 
     def finish(self, status: str = "FINISHED") -> None:

@@ -34,6 +34,10 @@ class LoopSettings:
     eval_every: int | None
     checkpoint_every: int | None
     keep_checkpoints: int
+    # Called with (model, step) every eval_hook_every steps before the last (the end of a run evaluates the saved
+    # result): the recipe's evaluation tasks. Its metrics are logged; the model is back in train mode after it.
+    eval_hook: Callable[[torch.nn.Module, int], dict[str, float]] | None = None
+    eval_hook_every: int | None = None
 
 
 @dataclass
@@ -142,6 +146,11 @@ def train_loop(
                     result.evals.append({"step": done, **ev})
                     log_fn(ev, done)
                     progress.note(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            if s.eval_hook is not None and s.eval_hook_every and done % s.eval_hook_every == 0 and not last:
+                ev = s.eval_hook(model, done)
+                model.train()
+                log_fn(ev, done)
+                progress.note(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in list(ev.items())[:6]))
             if s.checkpoint_every and (done % s.checkpoint_every == 0) and not last:
                 save_checkpoint(
                     run_dir / "checkpoints",
