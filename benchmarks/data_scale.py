@@ -8,23 +8,32 @@ What is measured, in one run:
 * **warm** — the same call again with the cache in place (what a restart or a replacement replica does).
 * **datasets** — the anchor: the same cold work done the usual Hugging Face way, ``load_dataset("json")`` then
   ``map(num_proc=cores)`` with the very same template, tokenizer and assistant-mask function
-  (``tuneforge.data.templates.encode_chats``), into its own fresh Arrow cache. It does no validation, dedup or
-  split, so it does less work than the cold prepare.
+  (``tuneforge.data.templates.encode_chats``: the same renders and tokenizer calls as the cold prepare's workers,
+  so the comparison is of the pipelines around it), into its own fresh Arrow cache. It does no validation, dedup
+  or split, so it does less work than the cold prepare.
 
 Each measurement runs in a fresh subprocess; peak memory is the peak of the memory of the subprocess and all
 its children (tokenizer workers, ``num_proc`` workers) summed — PSS, so pages a forked worker shares with its
 parent count once — sampled every 100 ms with psutil; the imports (torch, transformers) are included on both
 sides. Wall times are taken inside the subprocess around the call, after a first tokenizer load (transformers
-imports itself lazily, ~3 s, once per process whatever the data); ``*_process_s`` is the whole subprocess.
+imports itself lazily, ~3 s, once per process whatever the data); ``*_process_s`` is the whole subprocess and
+``*_cpu_s`` the CPU time of the subprocess and every descendant (imports included) — on a machine shared with
+other work, the steadier of the two comparisons (Linux's autogroup scheduling gives a session a share of the CPUs
+however many processes it runs, so there a parallel pipeline's wall time says less than its CPU time).
+
+``--repeats N`` runs N rounds of cold, warm, ``datasets`` — interleaved, so each ratio compares two runs under the
+same load — and reports medians, with the range of the per-round speed-ups.
 The data: support-ticket chats from the demo's generator (``tuneforge.demo.tickets``), a system prompt on half,
 a second user/assistant turn on a third, each made unique by a reference number; the tokenizer is a 1k BPE
 trained on a sample of them (ChatML), as the demo's base model has.
 
     python benchmarks/data_scale.py                      # 1,000,000 records (long on 2 cores)
-    python benchmarks/data_scale.py --records 200000
+    python benchmarks/data_scale.py --records 100000 --repeats 3
 
 The last line printed is one JSON object: ``{"records", "cold_s", "cold_peak_rss_mb", "warm_s",
-"datasets_cold_s", "datasets_peak_rss_mb", "cold_vs_datasets", "warm_vs_cold", ...}``.
+"datasets_cold_s", "datasets_peak_rss_mb", "cold_vs_datasets", "cold_vs_datasets_range", "cold_cpu_s",
+"datasets_cpu_s", "cpu_vs_datasets", "warm_vs_cold", ...}``. Generated data and caches are removed at the end
+unless ``--workdir`` keeps them.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ import argparse
 import json
 import os
 import random
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,9 +174,12 @@ def _tree_memory(proc: Any) -> int:
 
 
 def run_child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run one measurement in a fresh interpreter; returns its JSON plus the peak RSS of its process tree."""
+    """Run one measurement in a fresh interpreter; returns its JSON plus the peak memory and CPU time of its tree."""
+    import resource
+
     import psutil
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, __file__, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -195,15 +209,18 @@ def run_child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
         sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"child {args[:2]} failed ({proc.returncode}):\n{err[-4000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child and every descendant it waited for
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_rss_mb"] = peak[0] / 2**20
     result["process_s"] = time.perf_counter() - started
+    result["process_cpu_s"] = sum(getattr(after, f) - getattr(before, f) for f in ("ru_utime", "ru_stime"))
     return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--repeats", type=int, default=1, help="cold / warm / datasets rounds, interleaved (medians)")
     ap.add_argument("--workdir", default=None, help="keep inputs and caches here (default: a temporary directory)")
     ap.add_argument("--skip-datasets", action="store_true", help="leave out the datasets anchor")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -221,40 +238,65 @@ def main() -> None:
     print(
         f"generated {args.records} records ({data.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s"
     )
-    env = dict(os.environ, TUNEFORGE_HOME=str(work / "home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     spec = json.dumps(recipe(model, data, work))
+    rounds: list[dict[str, Any]] = []
+    try:
+        for r in range(args.repeats):  # A B A B: the machine's load drifts; each pair shares it
+            home = work / f"home-{r}"
+            env = dict(os.environ, TUNEFORGE_HOME=str(home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+            cold = run_child(["--child", "prepare", spec], env)
+            print(f"round {r} cold:", json.dumps(cold), flush=True)
+            warm = run_child(["--child", "prepare", spec], env)
+            print(f"round {r} warm:", json.dumps(warm), flush=True)
+            if not warm["cache_hit"]:
+                raise SystemExit("the warm prepare missed the token cache")
+            shutil.rmtree(home, ignore_errors=True)
+            anchor: dict[str, Any] = {"wall_s": None, "peak_rss_mb": None, "process_cpu_s": None}
+            if not args.skip_datasets:
+                cache = work / f"hf-cache-{r}"
+                anchor = run_child(["--child", "datasets", str(model), str(data), str(cache), str(cores())], env)
+                print(f"round {r} datasets:", json.dumps(anchor), flush=True)
+                shutil.rmtree(cache, ignore_errors=True)
+            rounds.append({"cold": cold, "warm": warm, "datasets": anchor})
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(summary(args.records, rounds)))
 
-    cold = run_child(["--child", "prepare", spec], env)
-    print("cold:", json.dumps(cold))
-    warm = run_child(["--child", "prepare", spec], env)
-    print("warm:", json.dumps(warm))
-    if not warm["cache_hit"]:
-        raise SystemExit("the warm prepare missed the token cache")
-    anchor: dict[str, Any] = {"wall_s": None, "peak_rss_mb": None}
-    if not args.skip_datasets:
-        anchor = run_child(["--child", "datasets", str(model), str(data), str(work / "hf-cache"), str(cores())], env)
-        print("datasets:", json.dumps(anchor))
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return round(a / b, 2) if a and b else None
+def summary(records: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the rounds; ratios are per round (same load), then their median and range."""
 
-    print(
-        json.dumps(
-            {
-                "records": args.records,
-                "cold_s": round(cold["wall_s"], 2),
-                "cold_peak_rss_mb": round(cold["peak_rss_mb"]),
-                "warm_s": round(warm["wall_s"], 3),
-                "warm_peak_rss_mb": round(warm["peak_rss_mb"]),
-                "warm_process_s": round(warm["process_s"], 2),
-                "datasets_cold_s": anchor["wall_s"] and round(anchor["wall_s"], 2),
-                "datasets_peak_rss_mb": anchor["peak_rss_mb"] and round(anchor["peak_rss_mb"]),
-                "cold_vs_datasets": ratio(anchor["wall_s"], cold["wall_s"]),
-                "warm_vs_cold": ratio(cold["wall_s"], warm["wall_s"]),
-                "cores": cores(),
-            }
-        )
-    )
+    def med(kind: str, key: str) -> float | None:
+        values = [r[kind][key] for r in rounds if r[kind][key] is not None]
+        return statistics.median(values) if values else None
+
+    def ratios(a: str, b: str, key: str) -> list[float]:
+        return [r[a][key] / r[b][key] for r in rounds if r[a][key] and r[b][key]]
+
+    def rnd(x: float | None, digits: int) -> float | None:
+        return None if x is None else round(x, digits)
+
+    speed, cpu = ratios("datasets", "cold", "wall_s"), ratios("datasets", "cold", "process_cpu_s")
+    warm = ratios("cold", "warm", "wall_s")
+    return {
+        "records": records,
+        "cold_s": rnd(med("cold", "wall_s"), 2),
+        "cold_peak_rss_mb": round(max(r["cold"]["peak_rss_mb"] for r in rounds)),
+        "warm_s": rnd(med("warm", "wall_s"), 3),
+        "warm_peak_rss_mb": round(max(r["warm"]["peak_rss_mb"] for r in rounds)),
+        "warm_process_s": rnd(med("warm", "process_s"), 2),
+        "datasets_cold_s": rnd(med("datasets", "wall_s"), 2),
+        "datasets_peak_rss_mb": rnd(med("datasets", "peak_rss_mb"), 0),
+        "cold_vs_datasets": rnd(statistics.median(speed), 2) if speed else None,
+        "cold_vs_datasets_range": [round(min(speed), 2), round(max(speed), 2)] if speed else None,
+        "cold_cpu_s": rnd(med("cold", "process_cpu_s"), 1),
+        "datasets_cpu_s": rnd(med("datasets", "process_cpu_s"), 1),
+        "cpu_vs_datasets": rnd(statistics.median(cpu), 2) if cpu else None,
+        "warm_vs_cold": rnd(statistics.median(warm), 1) if warm else None,
+        "rounds": len(rounds),
+        "cores": cores(),
+    }
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ Fairness, concretely:
   no logging, saving or evaluation inside the measured steps, no dataloader workers, dropout off on both sides.
 * Timing: wall time from one ``optimizer.step()`` to the next (PyTorch's global optimizer hook, the same on both
   sides), so data loading, collation and bookkeeping count. Warm-up steps are left out; a run's figure is the median
-  of its measured steps, and each side's result is its best repeat (a shared machine's load only ever slows a run
-  down). Every (system, method, repeat) runs in a fresh subprocess with the same thread count, alternating the order.
+  of its measured steps. Repeats are interleaved (tuneforge, TRL, then TRL, tuneforge, …: ``benchmarks/common.py``)
+  and each back-to-back pair gives one speedup; the reported speedup is the median over the pairs, with its spread,
+  so load drifting on a shared machine slows both halves of a pair rather than one side. Every (system, method,
+  repeat) runs in a fresh subprocess with the same thread count.
 * KTO: the same pairs unpaired (each pair's chosen answer desirable, its rejected one undesirable: 8 examples per
   step, the same 8 sequences as DPO), beta 0.1, a frozen reference copy on both sides, and on both sides the KL
   reference point from mismatched (prompt, other completion) pairs of the step — two more no-grad forward passes.
@@ -32,16 +34,21 @@ Fairness, concretely:
   the equivalent Python reward function), beta 0 (no reference model, TRL's default), one optimizer step per
   generation (``steps_per_generation=1``, ``num_iterations=1``), the token-level ``dapo`` loss on both sides. TRL
   generates with ``model.generate`` (KV cache); tuneforge prefills the prompt once for its whole group and decodes
-  with its own KV-cached sampler, then projects only completion positions to the vocabulary.
+  with its own KV-cached sampler, then trains on the group as one row (the prompt once, each completion behind a
+  block mask: 1.3x faster steps than one row per completion, measured here) and projects only completion
+  positions to the vocabulary.
 * What differs is how the step is computed: tuneforge feeds each pair as one row with the prompt computed once and
   projects only answer positions to the vocabulary; TRL feeds prompt + chosen and prompt + rejected as two rows and
   computes log-probs and logging statistics (entropy, mean logits, top-1 accuracy) at every position.
 
-    python benchmarks/methods_throughput.py                  # ~3 min on 2 idle cores
+    python benchmarks/methods_throughput.py                  # ~7 min on 2 idle cores
+    python benchmarks/methods_throughput.py --only grpo --repeats 5
     python benchmarks/methods_throughput.py --steps 40 --repeats 3 --threads 1 --precomputed
 
-The last line printed is one JSON object ``{"dpo": {"tuneforge_s_per_step", "trl_s_per_step", "speedup"},
-"grpo": {...}, "reward": {...}, "kto": {...}}`` (speedup = TRL seconds per step / tuneforge's).
+The last line printed is one JSON object ``{"dpo": {"tuneforge_s_per_step", "trl_s_per_step", "speedup",
+"speedup_spread", "speedups"}, "grpo": {...}, "reward": {...}, "kto": {...}}``: seconds per step are medians over
+repeats, ``speedup`` (TRL seconds per step / tuneforge's) the median over interleaved pairs, ``speedup_spread`` its
+``{n, min, q1, median, q3, max, iqr}``.
 """
 
 from __future__ import annotations
@@ -51,12 +58,13 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from common import describe, interleaved, paired_summary, run_child
 
 PAIRS = 4
 MAX_LEN = 160
@@ -443,7 +451,7 @@ def run_worker(system: str, method: str, work: Path, steps: int, threads: int) -
         "--out",
         str(out_file),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = run_child(cmd, env)
     if proc.returncode != 0:
         raise RuntimeError(f"{system}/{method} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(out_file.read_text())
@@ -454,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing (at least 1)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved pairs of runs per method")
     p.add_argument("--precomputed", action="store_true", help="also time DPO with precomputed reference log-probs")
     p.add_argument("--only", nargs="+", choices=METHODS, help="time only these methods")
     p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
@@ -487,47 +495,48 @@ def main(argv: list[str] | None = None) -> None:
             f"{a.steps}; {a.threads} thread(s); {a.repeats} repeat(s)",
             flush=True,
         )
-        runs: dict[tuple[str, str], list[dict[str, Any]]] = {(s, m): [] for s in SYSTEMS for m in methods}
-        k = 0
-        for rep in range(a.repeats):
-            for method in methods:
-                order = SYSTEMS if k % 2 == 0 else SYSTEMS[::-1]
-                k += 1
-                for system in order:
-                    t0 = time.perf_counter()
-                    r = run_worker(system, method, work, a.steps, a.threads)
-                    runs[(system, method)].append(r)
-                    timed, cpu = r["step_s"][a.warmup - 1 :], r["cpu_s"][a.warmup - 1 :]
-                    print(
-                        f"  repeat {rep + 1} {method:15s} {system:9s}: median step "
-                        f"{statistics.median(timed) * 1e3:6.1f} ms (cpu {statistics.median(cpu) * 1e3:6.1f} ms)  "
-                        f"mean loss {r['mean_loss']:.4f}"
-                        + (f"  completion {r['completion_length']:.1f} tokens" if "completion_length" in r else "")
-                        + f"  [{time.perf_counter() - t0:.0f} s]",
-                        flush=True,
-                    )
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for method in methods:
 
-    summary: dict[str, dict[str, float]] = {}
-    print("\nsummary: seconds per optimizer step, median over the timed steps of the best repeat")
+            def one(system: str, rep: int, method: str = method) -> dict[str, Any]:
+                t0 = time.perf_counter()
+                r = run_worker(system, method, work, a.steps, a.threads)
+                timed, cpu = r["step_s"][a.warmup - 1 :], r["cpu_s"][a.warmup - 1 :]
+                print(
+                    f"  repeat {rep + 1} {method:15s} {system:9s}: median step "
+                    f"{statistics.median(timed) * 1e3:6.1f} ms (cpu {statistics.median(cpu) * 1e3:6.1f} ms)  "
+                    f"mean loss {r['mean_loss']:.4f}"
+                    + (f"  completion {r['completion_length']:.1f} tokens" if "completion_length" in r else "")
+                    + f"  [{time.perf_counter() - t0:.0f} s]",
+                    flush=True,
+                )
+                return r
+
+            runs[method] = interleaved(SYSTEMS, a.repeats, one)
+
+    summary: dict[str, dict[str, Any]] = {}
+    print("\nsummary: seconds per optimizer step (each run's median step; median over repeats); speedup = median over")
+    print("back-to-back pairs of TRL's seconds per step / tuneforge's")
     for method in methods:
 
-        def pooled(system: str, key: str, method: str = method) -> float:
-            """The best repeat's median: a repeat slowed by other load on the machine does not count."""
-            return min(statistics.median(r[key][a.warmup - 1 :]) for r in runs[(system, method)])
+        def per_run(system: str, key: str, method: str = method) -> list[float]:
+            """Each repeat's median step (seconds), in repeat order."""
+            return [statistics.median(r[key][a.warmup - 1 :]) for r in runs[method][system]]
 
-        med = {s: pooled(s, "step_s") for s in SYSTEMS}
-        cpu = {s: pooled(s, "cpu_s") for s in SYSTEMS}
+        tf, trl = per_run("tuneforge", "step_s"), per_run("trl", "step_s")
+        paired = paired_summary(trl, tf)
         summary[method] = {
-            "tuneforge_s_per_step": round(med["tuneforge"], 5),
-            "trl_s_per_step": round(med["trl"], 5),
-            "speedup": round(med["trl"] / med["tuneforge"], 3),
+            "tuneforge_s_per_step": round(statistics.median(tf), 5),
+            "trl_s_per_step": round(statistics.median(trl), 5),
+            "speedup": paired["ratio"],
+            "speedup_spread": paired["spread"],
+            "speedups": paired["ratios"],
         }
+        cpu = paired_summary(per_run("trl", "cpu_s"), per_run("tuneforge", "cpu_s"))
         print(
-            f"  {method:15s}: tuneforge {med['tuneforge'] * 1e3:6.1f} ms  TRL {med['trl'] * 1e3:6.1f} ms  "
-            f"speedup {summary[method]['speedup']:.2f}x\n"
-            f"  {'':15s}  CPU seconds per step (less sensitive to other load): tuneforge "
-            f"{cpu['tuneforge'] * 1e3:6.1f} ms  TRL {cpu['trl'] * 1e3:6.1f} ms  "
-            f"speedup {cpu['trl'] / cpu['tuneforge']:.2f}x"
+            f"  {method:15s}: tuneforge {statistics.median(tf) * 1e3:6.1f} ms  TRL {statistics.median(trl) * 1e3:6.1f} "
+            f"ms  speedup {describe(paired)}\n"
+            f"  {'':15s}  CPU seconds per step (less sensitive to other load): speedup {describe(cpu)}"
         )
     print(f"total {time.perf_counter() - t_all:.0f} s")
     print(json.dumps(summary))  # "dpo", "kto", "grpo", "reward" (and "dpo_precomputed" with --precomputed)

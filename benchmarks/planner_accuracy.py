@@ -1,6 +1,6 @@
 """How well does ``tuneforge plan`` forecast a run? Forecast vs measured peak memory and step time over a grid.
 
-    python benchmarks/planner_accuracy.py            # 14 configurations, 3 model sizes (~12 min on 2 busy cores)
+    python benchmarks/planner_accuracy.py            # 14 configurations, 3 model sizes (~30 min on 2 busy cores)
     python benchmarks/planner_accuracy.py --quick    # 4 configurations, the smallest model (~2 min)
 
 The grid spans model sizes (3.3 M, 18 M and 53 M parameters, Llama-architecture, built here), methods (sft, dpo,
@@ -8,9 +8,13 @@ grpo), adapters (full, LoRA), gradient checkpointing on/off and sequence lengths
 fresh interpreter (nothing another configuration allocated is in its numbers):
 
 * **forecast** — :func:`tuneforge.planning.forecast.make_forecast` from the model's config and the prepared data,
-  before any weight loads. The step time uses the FLOP rate calibrated *once per model* on a configuration that is
-  not in the grid (sft, full, 128 tokens) — so each row's time is a prediction across method, adapter,
-  checkpointing and length, not a replay.
+  before any weight loads. The step time uses a calibration (:func:`tuneforge.planning.calibrate.calibrate`: FLOP
+  rate, fixed cost per pass, optimizer cost per parameter) of the same model and adapter family on a configuration
+  that is not in the grid (sft on raw text, 128 tokens, 4 sequences a step, no checkpointing) — so each row's time
+  is a prediction across method, checkpointing, length and batch split, not a replay. The calibration runs right
+  before its row, in its own interpreter and its own cache: on a machine shared with other work the load drifts
+  over the half hour the grid takes, and a calibration from the start would hold every later row against another
+  machine.
 * **measured step time** — the median of 5 optimizer steps after a warm-up step, through the real training loop,
   single-threaded and timed by the process's CPU time (``PLANNER_CLOCK=wall`` for the wall clock on a quiet
   machine): the calibration and every row use the same clock.
@@ -162,8 +166,13 @@ def run_one(root: Path, cfg: tuple, calibrate_only: bool) -> dict:
     prepared = prepare(recipe)
     res = resolve(recipe, prepared.num_steps, prepared=prepared)
     if calibrate_only:
-        m = calibrate(recipe, res, prepared, steps=4, clock=CLOCK)
-        return {"calibrated_step_s": m.median_step_s, "decode_step_s": m.decode_step_s}
+        m = calibrate(recipe, res, prepared, steps=5, clock=CLOCK)
+        return {
+            "calibrated_step_s": m.median_step_s,
+            "pass_s": m.pass_s,
+            "optimizer_s": m.optimizer_s,
+            "decode_step_s": m.decode_step_s,
+        }
     f = make_forecast(res.apply(recipe), res, local_hardware(), prepared)
     timed = run_steps(recipe, res, prepared, steps=6, clock=CLOCK)
     profiled = run_steps(recipe, res, prepared, steps=2, profile_memory=True)
@@ -199,6 +208,7 @@ def child(root: Path, cfg: tuple, calibrate_only: bool, home: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default=None, help="comma-separated methods: run only their rows (sft,dpo,grpo)")
     parser.add_argument("--root", default=None, help="where models and data are built (default: a temp dir)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -207,18 +217,20 @@ def main() -> None:
         print(json.dumps(run_one(Path(root), tuple(cfg), calibrate_only)))
         return
     grid = QUICK if args.quick else GRID
+    if args.only:
+        grid = [g for g in grid if g[1] in args.only.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root or tmp)
         root.mkdir(parents=True, exist_ok=True)
         home = root / "home"
         build_assets(root)
         t0 = time.perf_counter()
-        for model in dict.fromkeys(g[0] for g in grid):  # the one calibration per model, outside the grid
-            cal = child(root, (model, "sft", "full", False, 128, 2, 2), True, home)
-            print(f"calibrated {model}: {cal}", file=sys.stderr)
         rows = []
-        for cfg in grid:
-            row = child(root, cfg, False, home)
+        for i, cfg in enumerate(grid):
+            calibration = (cfg[0], "sft", "full" if cfg[2] == "full" else "lora", False, 128, 4, 4)  # not in the grid
+            cal = child(root, calibration, True, home / f"row-{i}")
+            print(f"calibrated {calibration}: {cal}", file=sys.stderr)
+            row = child(root, cfg, False, home / f"row-{i}")
             row["memory_error"] = round((row["forecast_mb"] - row["measured_mb"]) / row["measured_mb"], 4)
             row["time_error"] = round((row["forecast_step_s"] - row["measured_step_s"]) / row["measured_step_s"], 4)
             row["rss_error"] = round((row["forecast_rss_mb"] - row["measured_rss_mb"]) / row["measured_rss_mb"], 4)

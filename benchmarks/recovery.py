@@ -17,9 +17,12 @@ batch assignment, so their final parameters agree too (reported).
     python benchmarks/recovery.py --real     # the demo's SFT LoRA recipe on its base model, >= 10 min per system,
                                              # one SIGKILL per minute at seeded random times (--minutes, --seed)
 
-``--real`` trains the real model (``tuneforge demo`` must have built its base; the task is
-``tuneforge.training.elastic:make_task``, the same code a ``tuneforge train --replicas`` run uses) instead of the
-stand-in, with the same three runs and the same JSON shape.
+``--real`` trains the real model (``tuneforge demo`` must have built its base under ``$TUNEFORGE_HOME``; the task
+is ``tuneforge.training.elastic:make_task``, the same code a ``tuneforge train --replicas`` run uses) instead of
+the stand-in, with the same three runs and the same JSON shape. Its length in steps comes from a probe of a few
+steps (``--minutes`` of training on 3 replicas; ``--steps`` overrides), LoRA dropout is off (each process draws
+its own dropout masks, so no run that loses a process could end on the fault-free weights), and token caches
+and runs live in the work directory, not in ``$TUNEFORGE_HOME``.
 
 The last line printed is one JSON object (see ``main``).
 """
@@ -45,16 +48,32 @@ REPLICAS = 3
 REAL_TASK: dict[str, Any] = {}  # --real: task, task_config, batch sizes of the demo recipe (see real_task)
 
 
-def real_task(steps: int) -> dict[str, Any]:
-    """The demo's SFT LoRA recipe on the demo's base model, as an elastic task (data tokenized once, here)."""
+def real_task(minutes: float, steps: int | None, work: Path) -> dict[str, Any]:
+    """The demo's SFT LoRA recipe on the demo's base model, as an elastic task (data tokenized once, here).
+
+    The recipe's paths are resolved against the current ``$TUNEFORGE_HOME`` (where ``tuneforge demo`` built the
+    base); caches and runs then go to a home inside `work`, never the user's. LoRA dropout is set to 0: a dropout
+    mask is drawn from each process's own random stream, which a replacement replica does not share, so with
+    dropout no elastic run (nor a restarted one) could end on the fault-free run's weights. Without ``steps``,
+    the run is as long as a probe of a few steps here says `minutes` of training take on ``REPLICAS`` replicas.
+    """
     from tuneforge.config import load_recipe
     from tuneforge.planner import resolve
     from tuneforge.training.build import prepare
 
     recipe_path = Path(__file__).resolve().parents[1] / "recipes" / "sft-lora.yaml"
-    recipe = load_recipe(recipe_path, [f"train.max_steps={steps}", "tracking.enabled=false"])
+    overrides = ["tracking.enabled=false", "adapter.dropout=0"]
+    recipe = load_recipe(recipe_path, [*overrides, "train.max_steps=100000"])  # paths against $TUNEFORGE_HOME
     if not Path(recipe.model.path).is_dir():
         raise SystemExit(f"--real needs the demo's base model at {recipe.model.path}: run `tuneforge demo` first")
+    os.environ["TUNEFORGE_HOME"] = str(work / "home")  # token caches and plans: not the user's home
+    res = resolve(recipe, 100_000)
+    task_config = {"recipe": recipe.to_dict(), "micro_batch_size": res.micro_batch_size, "threads": 1}
+    if steps is None:
+        step_s = probe_step_s(task_config, recipe.train.global_batch_size, res.micro_batch_size)
+        steps = int(minutes * 60 / step_s * 1.15) + 1  # a margin: the last kill must land before the end
+        print(f"probe: ~{step_s:.3f} s per step on {REPLICAS} replicas -> {steps} steps", file=sys.stderr)
+    recipe = load_recipe(recipe.to_dict(), [f"train.max_steps={steps}"])
     prepared = prepare(recipe)  # warms the token cache every replica (and every restart) maps
     res = resolve(recipe, prepared.num_steps)
     return {
@@ -64,6 +83,34 @@ def real_task(steps: int) -> dict[str, Any]:
         "micro_batch_size": res.micro_batch_size,
         "steps": prepared.num_steps,
     }
+
+
+def probe_step_s(task_config: dict[str, Any], global_batch: int, micro: int, steps: int = 4) -> float:
+    """Seconds per step of a ``REPLICAS``-replica run, estimated from one replica's share timed here.
+
+    The replicas share this machine's cores: with more replicas than cores each runs correspondingly slower.
+    """
+    import statistics
+
+    from tuneforge.training.elastic import make_task
+
+    task = make_task(task_config)
+    model, optimizer, scheduler = task.build(0)
+    share = max(1, global_batch // REPLICAS)
+    times = []
+    for step in range(steps + 1):  # the first step warms up
+        t0 = time.perf_counter()
+        rows = list(task.rows_for_step(step))[:share]
+        task.prepare_step(model, step, rows, rows, lambda t: t)
+        scale = 1.0 / max(task.loss_tokens(rows), 1)
+        for i in range(0, len(rows), micro):
+            task.forward_backward(model, rows[i : i + micro], scale)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - t0)
+    cores = len(os.sched_getaffinity(0))
+    return statistics.median(times[1:]) * max(1.0, REPLICAS / cores)
 
 
 def job_spec(steps: int, faults: list[tuple[float, int]], checkpoint_every: int, hot_spares: int) -> Any:
@@ -96,12 +143,12 @@ def job_spec(steps: int, faults: list[tuple[float, int]], checkpoint_every: int,
 
 
 # -- tuneforge ------------------------------------------------------------------------------------
-def run_tuneforge(run_dir: Path, spec: Any) -> Any:
+def run_tuneforge(run_dir: Path, spec: Any, timeout_s: float) -> Any:
     from tuneforge.distributed import Supervisor
 
     sup = Supervisor(spec, run_dir)
     try:
-        return sup.run(timeout_s=1200)
+        return sup.run(timeout_s=timeout_s)
     finally:
         sup.shutdown()
 
@@ -113,7 +160,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(run_dir: Path, spec: Any, faults: list[tuple[float, int]]) -> dict[str, Any]:
+def run_torchrun(run_dir: Path, spec: Any, faults: list[tuple[float, int]], timeout_s: float) -> dict[str, Any]:
     """Three torchrun agents (one worker each) + the same kills, delivered to the worker processes."""
     from tuneforge.distributed.metrics import EventLog, analyze
 
@@ -157,7 +204,7 @@ def run_torchrun(run_dir: Path, spec: Any, faults: list[tuple[float, int]]) -> d
                 time.sleep(0.5)  # let the store host bind first
         pending = sorted(faults)
         t_train: float | None = None
-        deadline = time.monotonic() + 1500
+        deadline = time.monotonic() + timeout_s
         while any(a.poll() is None for a in agents):
             if time.monotonic() > deadline:
                 raise RuntimeError("baseline did not finish in time")
@@ -179,14 +226,34 @@ def run_torchrun(run_dir: Path, spec: Any, faults: list[tuple[float, int]]) -> d
         if any(codes):
             raise RuntimeError(f"torchrun agents exited with {codes}; see {run_dir / 'logs'}")
     finally:
-        for a in agents:  # stop only what we started: each agent's own session (agent + its worker)
-            if a.poll() is None:
-                os.killpg(a.pid, signal.SIGKILL)
-                a.wait()
+        stop_baseline(agents, run_dir)
         log.log("supervisor_done")
     report = analyze(run_dir)
     report.wall_s = time.time() - t_start
     return {"report": report}
+
+
+def stop_baseline(agents: list[subprocess.Popen[bytes]], run_dir: Path) -> None:
+    """Stop every process the baseline started, by PID: the agents (each in its own session, with its process
+    group) and their workers — torchrun starts each worker in a session of its own, which outlives its agent."""
+    for a in agents:
+        if a.poll() is None:
+            try:
+                os.killpg(a.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        a.wait()
+    for status in _worker_status(run_dir).values():  # the newest worker of each agent wrote its PID here
+        pid = int(status["pid"])
+        try:  # only if that PID is still our worker (not a process that reused the number)
+            ours = str(run_dir) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if ours:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _worker_status(run_dir: Path) -> dict[int, dict[str, Any]]:
@@ -240,7 +307,7 @@ def torchrun_worker(run_dir: Path) -> None:
         step = int(blob["step"])
         log.log("ckpt_loaded", step=step, path=str(ckpts[-1]))
     policy = spec.batch_policy()
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the frozen base has no gradients
     saver: threading.Thread | None = None
     every = spec.resilience.checkpoint_every
     while step < spec.steps:
@@ -250,11 +317,11 @@ def torchrun_worker(run_dir: Path) -> None:
         optimizer.zero_grad(set_to_none=False)
         for mb in plan.micro_batches:
             task.forward_backward(model, mb, scale)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0
         for p in params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
         optimizer.step()
         scheduler.step()
@@ -333,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         torchrun_worker(args.torchrun_worker)
         return 0
 
+    # SIGTERM runs the same cleanup as Ctrl-C: every replica, agent and worker started here is stopped by PID
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="tuneforge-recovery-"))
+    work.mkdir(parents=True, exist_ok=True)
     steps = args.steps or (150 if args.quick else 600)
     times = [float(t) for t in (args.fault_times or ("12" if args.quick else "30,90")).split(",")]
     faults = [(t, 1 + i % (REPLICAS - 1)) for i, t in enumerate(times)]  # never the same slot twice in a row
@@ -345,18 +416,24 @@ def main(argv: list[str] | None = None) -> int:
             slot = rng.choice([r for r in range(REPLICAS) if r != last])
             faults.append((60.0 * minute + rng.uniform(20.0, 50.0), slot))
             last = slot
-        REAL_TASK.update(real_task(args.steps or 100_000))
+        REAL_TASK.update(real_task(args.minutes, args.steps, work))
         steps = REAL_TASK["steps"]
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="tuneforge-recovery-"))
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"work dir: {work}; {steps} steps, kills at {times} s", file=sys.stderr)
+    else:
+        os.environ["TUNEFORGE_HOME"] = str(work / "home")  # the stand-in writes nothing to the user's home either
+    kills = ", ".join(f"{t:.0f}s:{r}" for t, r in faults)
+    print(f"work dir: {work}; {steps} steps; kills (seconds after training start: replica) {kills}", file=sys.stderr)
+    timeout_s = max(1200.0, 3 * 60.0 * (args.minutes if args.real else 5))
 
-    no_faults = run_tuneforge(work / "no_faults", job_spec(steps, [], args.checkpoint_every, args.hot_spares))
+    no_faults = run_tuneforge(
+        work / "no_faults", job_spec(steps, [], args.checkpoint_every, args.hot_spares), timeout_s
+    )
     print(f"no faults: wall {no_faults.wall_s:.1f}s train {no_faults.train_s:.1f}s", file=sys.stderr)
-    baseline = run_torchrun(work / "baseline", job_spec(steps, [], args.checkpoint_every, 0), faults)["report"]
-    b = _summary(baseline, with_survivor=False)
+    baseline = run_torchrun(work / "baseline", job_spec(steps, [], args.checkpoint_every, 0), faults, timeout_s)
+    b = _summary(baseline["report"], with_survivor=False)
     print(f"baseline: {json.dumps(b)}", file=sys.stderr)
-    tuneforge = run_tuneforge(work / "tuneforge", job_spec(steps, faults, args.checkpoint_every, args.hot_spares))
+    tuneforge = run_tuneforge(
+        work / "tuneforge", job_spec(steps, faults, args.checkpoint_every, args.hot_spares), timeout_s
+    )
     t = _summary(tuneforge, with_survivor=True)
     print(f"tuneforge: {json.dumps(t)}", file=sys.stderr)
 

@@ -96,6 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
     p.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="threads per replica (default: the cores shared out, at least 1); on a machine busy with other work "
+        "use 1 — threads that wait for a descheduled sibling spin, and a 2-thread process can run many times slower",
+    )
     a = p.parse_args(argv)
     if a.steps <= a.warmup + 2:
         p.error("need --steps > --warmup + 2")
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         rates: dict[str, float] = {}
         finals: dict[int, dict[str, Any]] = {}
         for n in a.replicas:
-            threads = max(1, cores // n)
+            threads = a.threads or max(1, cores // n)
             r = recipe(model, data, work / f"run-{n}", a.steps, threads)
             result = tuneforge.train(r, progress=False) if n == 1 else tuneforge.train(r, replicas=f"{n}:{n}")
             step_s = statistics.median(h["step_s"] for h in result.history[a.warmup :])

@@ -19,17 +19,20 @@ Fairness, concretely:
 * Timing: PyTorch's global optimizer-step hook timestamps the end of every ``optimizer.step()`` on both
   sides, so a step is everything between two updates (data loading, collation, forward, backward,
   clipping, update, bookkeeping) and the probe depends on neither system's internals. Steps
-  ``warmup + 1 .. steps`` are timed on both sides; a run's figure is its median step; a configuration's
-  figure is its fastest run (other processes on the machine only ever slow a run down). CPU seconds per
-  step and the time inside a step (without TRL's data loading) are printed as cross-checks.
+  ``warmup + 1 .. steps`` are timed on both sides; a run's figure is its median step. Repeats are
+  interleaved (tuneforge, TRL, then TRL, tuneforge, …: ``benchmarks/common.py``), each back-to-back pair
+  gives one ratio, and the reported ratio is the median of the pairs' ratios, with its spread — load
+  drifting on a shared machine slows both halves of a pair. CPU seconds per step and the time inside a
+  step (without TRL's data loading) are printed as cross-checks.
 * Isolation: every (system, adapter, repeat) runs in a fresh subprocess with the same thread count
-  (``torch.set_num_threads`` and ``OMP_NUM_THREADS``), and the order alternates between repeats.
+  (``torch.set_num_threads`` and ``OMP_NUM_THREADS``).
 
-    python benchmarks/sft_throughput.py                       # ~2-3 min on 2 idle cores
-    python benchmarks/sft_throughput.py --steps 60 --repeats 5 --threads 1
+    python benchmarks/sft_throughput.py                       # ~7 min on 2 idle cores
+    python benchmarks/sft_throughput.py --steps 60 --repeats 7 --threads 1 --adapters lora
 
-The last line printed is one JSON object:
-``{"full": {"tuneforge_tok_s", "trl_tok_s", "ratio"}, "lora": {...}}`` (ratio = tuneforge / TRL).
+The last line printed is one JSON object: ``{"full": {"tuneforge_tok_s", "trl_tok_s", "ratio",
+"ratio_spread", "ratios"}, "lora": {...}}`` — tok/s are medians over repeats, ``ratio`` (tuneforge / TRL)
+the median of the paired ratios, ``ratio_spread`` their ``{n, min, q1, median, q3, max, iqr}``.
 """
 
 from __future__ import annotations
@@ -39,12 +42,13 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from common import describe, interleaved, paired_summary, run_child
 
 SEQ_LEN = 128
 BATCH = 8
@@ -310,7 +314,7 @@ def run_worker(system: str, adapter: str, work: Path, steps: int, threads: int) 
         "--out",
         str(out_file),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = run_child(cmd, env)
     if proc.returncode != 0:
         raise RuntimeError(f"{system}/{adapter} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(out_file.read_text())
@@ -330,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing (at least 1)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
-    p.add_argument("--repeats", type=int, default=3, help="runs per configuration; the fastest counts")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved pairs of runs per adapter")
     p.add_argument("--adapters", default=",".join(ADAPTERS), help="comma-separated subset of: full,lora")
     p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     p.add_argument("--adapter", choices=ADAPTERS, help=argparse.SUPPRESS)
@@ -366,46 +370,47 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
 
-        runs: dict[tuple[str, str], list[dict[str, Any]]] = {(s, ad): [] for s in SYSTEMS for ad in adapters}
-        k = 0
-        for rep in range(a.repeats):
-            for adapter in adapters:
-                order = SYSTEMS if k % 2 == 0 else SYSTEMS[::-1]
-                k += 1
-                for system in order:
-                    t0 = time.perf_counter()
-                    r = run_worker(system, adapter, work, a.steps, a.threads)
-                    runs[(system, adapter)].append(r)
-                    step = timed(r, "step_s", a.warmup)
-                    print(
-                        f"  repeat {rep + 1} {adapter:4s} {system:9s}: {tokens_per_s(step):7.0f} tok/s  "
-                        f"median step {statistics.median(step) * 1e3:6.1f} ms (cpu "
-                        f"{statistics.median(timed(r, 'cpu_s', a.warmup)) * 1e3:6.1f} ms)  threads {r['threads']}  "
-                        f"trainable {r['trainable']}  mean loss {r['mean_loss']:.3f}  "
-                        f"[{time.perf_counter() - t0:.0f} s]",
-                        flush=True,
-                    )
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for adapter in adapters:
 
-    def best(system: str, adapter: str, key: str) -> float:
-        """Tokens/s of the fastest run's median step: other load only ever slows a run down."""
-        return max(tokens_per_s(timed(r, key, a.warmup)) for r in runs[(system, adapter)])
+            def one(system: str, rep: int, adapter: str = adapter) -> dict[str, Any]:
+                t0 = time.perf_counter()
+                r = run_worker(system, adapter, work, a.steps, a.threads)
+                step = timed(r, "step_s", a.warmup)
+                print(
+                    f"  repeat {rep + 1} {adapter:4s} {system:9s}: {tokens_per_s(step):7.0f} tok/s  "
+                    f"median step {statistics.median(step) * 1e3:6.1f} ms (cpu "
+                    f"{statistics.median(timed(r, 'cpu_s', a.warmup)) * 1e3:6.1f} ms)  threads {r['threads']}  "
+                    f"trainable {r['trainable']}  mean loss {r['mean_loss']:.3f}  "
+                    f"[{time.perf_counter() - t0:.0f} s]",
+                    flush=True,
+                )
+                return r
 
-    summary: dict[str, dict[str, float]] = {}
-    print("\nsummary: tokens/s = tokens per step / median step time, of the fastest of the repeats")
+            runs[adapter] = interleaved(SYSTEMS, a.repeats, one)
+
+    def per_run(adapter: str, system: str, key: str) -> list[float]:
+        """Tokens/s of each repeat's median step, in repeat order."""
+        return [tokens_per_s(timed(r, key, a.warmup)) for r in runs[adapter][system]]
+
+    summary: dict[str, dict[str, Any]] = {}
+    print("\nsummary: tokens/s = tokens per step / median step time; ratio = median over back-to-back pairs")
     for adapter in adapters:
-        entry = {
-            "tuneforge_tok_s": round(best("tuneforge", adapter, "step_s"), 1),
-            "trl_tok_s": round(best("trl", adapter, "step_s"), 1),
+        tf, trl = per_run(adapter, "tuneforge", "step_s"), per_run(adapter, "trl", "step_s")
+        paired = paired_summary(tf, trl)
+        summary[adapter] = {
+            "tuneforge_tok_s": round(statistics.median(tf), 1),
+            "trl_tok_s": round(statistics.median(trl), 1),
+            "ratio": paired["ratio"],
+            "ratio_spread": paired["spread"],
+            "ratios": paired["ratios"],
         }
-        entry["ratio"] = round(entry["tuneforge_tok_s"] / entry["trl_tok_s"], 3)
-        summary[adapter] = entry
-        cpu = {s: best(s, adapter, "cpu_s") for s in SYSTEMS}
-        inner = {s: best(s, adapter, "inner_s") for s in SYSTEMS}
+        cpu = paired_summary(per_run(adapter, "tuneforge", "cpu_s"), per_run(adapter, "trl", "cpu_s"))
+        inner = {s: statistics.median(per_run(adapter, s, "inner_s")) for s in SYSTEMS}
         print(
-            f"  {adapter:4s}: tuneforge {entry['tuneforge_tok_s']:7.0f}  TRL {entry['trl_tok_s']:7.0f}  "
-            f"ratio {entry['ratio']:.2f}x\n"
-            f"        per CPU-second of the process: tuneforge {cpu['tuneforge']:.0f}  TRL {cpu['trl']:.0f}  "
-            f"ratio {cpu['tuneforge'] / cpu['trl']:.2f}x\n"
+            f"  {adapter:4s}: tuneforge {summary[adapter]['tuneforge_tok_s']:7.0f}  "
+            f"TRL {summary[adapter]['trl_tok_s']:7.0f}  ratio {describe(paired)}\n"
+            f"        per CPU-second of the process: ratio {describe(cpu)}\n"
             f"        inside the step only (TRL's data loading left out): tuneforge {inner['tuneforge']:.0f}  "
             f"TRL {inner['trl']:.0f}"
         )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from chat_families import FAMILIES, family_tokenizer
 
 from tuneforge.config import load_recipe
 from tuneforge.data import pipeline
@@ -18,6 +19,8 @@ from tuneforge.data.hashset import HashSet
 from tuneforge.data.pipeline import load_sources, tokenize_sources
 from tuneforge.data.sanitize import content_hash
 from tuneforge.data.stream import MAX_ISSUES, scan_sources
+from tuneforge.data.templates import render_chat
+from tuneforge.data.tokenize import control_tokens, encode_texts_ids
 from tuneforge.errors import DataError
 from tuneforge.models.loading import load_tokenizer
 from tuneforge.paths import cache_dir
@@ -68,6 +71,79 @@ def test_hash_set_keeps_first_occurrences_like_a_python_set() -> None:
             seen.add(k)
         assert table.add(keys).tolist() == expected
     assert len(table) == len(seen)
+
+
+def _sentencepiece_style(prepend_scheme: str | None, lstrip: bool = False):
+    """A Llama-2-like tokenizer: ``▁`` for spaces, prepended by the normalizer (None) or by ``Metaspace``."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(byte_fallback=False))
+    if prepend_scheme is None:
+        core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        core.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend_scheme)
+    corpus = [" ".join(random.Random(i).sample(WORDS, 5)) + " é 🙂 42" for i in range(200)]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "[INST]", "[/INST]"])
+    core.train_from_iterator(corpus, trainer=trainer)
+    core.add_tokens([AddedToken("<tool>", lstrip=lstrip, normalized=True)])  # matched after normalisation
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+
+
+def _texts_for(tokenizer) -> list[str]:
+    """Rendered chats (when the tokenizer has a template) and the awkward cases: control tokens first, last,
+    back to back, inside a word, alone; no control token; nothing; spaces and non-ASCII at the cuts."""
+    specials = sorted(control_tokens(tokenizer) or {"</s>": 0}, key=len)
+    a, b = specials[0], specials[-1]
+    texts = [
+        "",
+        "plain words only",
+        f"{a}",
+        f"{a}{b}",
+        f"{a}start",
+        f"end{b}",
+        f"in{a}side{b}out",
+        f" {a} spaced {b} ",
+        f"é🙂{a}\n\nüber {b}  <tool> two  spaces<tool>x",
+    ]
+    if getattr(tokenizer, "chat_template", None):
+        convs = [
+            [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"}],
+            [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": " é🙂 spaced "},
+                {"role": "assistant", "content": "ok "},
+                {"role": "user", "content": "again"},
+                {"role": "assistant", "content": "\nsure"},
+            ],
+        ]
+        for conv in convs:
+            try:
+                texts += [render_chat(tokenizer, conv, None), render_chat(tokenizer, conv[:-1], None, True)]
+            except Exception:  # a template with demands of its own (alternation, a system slot): the cases above
+                pass
+    return texts * 2  # repeated pieces come from the cache of the same call
+
+
+@pytest.mark.parametrize(
+    "name", [*FAMILIES, "sentencepiece-normalizer", "metaspace-first", "metaspace-always", "lstrip-token"]
+)
+def test_piecewise_tokenization_is_exactly_the_tokenizers(name: str) -> None:
+    if name in FAMILIES:
+        tokenizer = family_tokenizer(name)
+    elif name == "lstrip-token":  # an added token that eats the space before it: pieces are not independent
+        tokenizer = _sentencepiece_style("first", lstrip=True)
+        assert control_tokens(tokenizer) == {}
+    else:
+        tokenizer = _sentencepiece_style({"sentencepiece-normalizer": None}.get(name, name.split("-")[1]))
+    texts = _texts_for(tokenizer)
+    expected = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    got = encode_texts_ids(tokenizer, texts)
+    for text, ids, offsets, (got_ids, got_offsets) in zip(
+        texts, expected["input_ids"], expected["offset_mapping"], got
+    ):
+        assert got_ids.tolist() == ids, text
+        assert [tuple(o) for o in got_offsets.tolist()] == [tuple(o) for o in offsets], text
 
 
 @pytest.mark.parametrize("n", [600, 2400])  # the exact split (< 1000 examples) and the threshold split

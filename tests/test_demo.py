@@ -70,6 +70,45 @@ def test_every_method_has_a_shipped_recipe() -> None:
     assert {p.stem for p in RECIPES} >= {"sft-lora", "sft-full", "cpt", "dpo", "reward", "grpo", "ppo", "distill"}
 
 
+def test_the_lora_recipe_is_what_the_demos_lora_row_trains() -> None:
+    """recipes/sft-lora.yaml (the README's "Train your own" path) is measured by every demo run: its LoRA row."""
+    from tuneforge.config import load_recipe
+    from tuneforge.demo.run import FULL, LORA
+
+    recipe = load_recipe(next(p for p in RECIPES if p.stem == "sft-lora"))
+    assert {k: getattr(recipe.adapter, k) for k in LORA} == LORA
+    train = recipe.train
+    assert (train.lr, train.max_steps, train.global_batch_size) == (
+        FULL.lora_lr,
+        FULL.finetune_steps,
+        FULL.finetune_batch,
+    )
+    assert [(Path(s.path).name, s.weight) for s in recipe.data.sources] == [
+        ("tickets.jsonl", 0.75),
+        ("general_chat.jsonl", 0.25),
+    ]
+    assert recipe.data.max_length == FULL.max_length
+
+
+def test_the_verdict_compares_lora_with_full_fine_tuning_on_the_same_mixture() -> None:
+    from tuneforge.demo.report import verdict
+
+    def table(lora_general: float, lora_f1: float) -> list[dict]:
+        rows = [
+            ("base", 0.8, 0.0),
+            ("domain_only", 0.0, 0.96),
+            ("mixed", 0.82, 0.95),
+            ("lora_mixed", lora_general, lora_f1),
+        ]
+        return [{"model": r, "role": r, "general_accuracy": g, "domain_macro_f1": f} for r, g, f in rows]
+
+    assert "LoRA on the same mixture reached 95% of full fine-tuning's domain macro-F1" in verdict(table(0.81, 0.9025))
+    assert "kept the base's general skills" in verdict(table(0.81, 0.9025))
+    assert "kept more general skill than domain-only fine-tuning, but not all of it" in verdict(table(0.5, 0.9))
+    assert "did not keep general skills" in verdict(table(0.01, 0.9))
+    assert "LoRA" not in verdict(table(0.8, 0.9)[:3])
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(demo: SimpleNamespace, demo_home: Path) -> None:
     from mlflow.tracking import MlflowClient
@@ -78,7 +117,7 @@ def test_quick_demo_end_to_end(demo: SimpleNamespace, demo_home: Path) -> None:
     from tuneforge.paths import default_tracking_uri
 
     first = demo.first
-    assert [row["role"] for row in first["table"]] == ["base", "domain_only", "mixed"]
+    assert [row["role"] for row in first["table"]] == ["base", "domain_only", "mixed", "lora_mixed"]
     data = demo_home / "demo" / "quick" / "data"
     general, domain = read_jsonl(data / "general_eval.jsonl"), read_jsonl(data / "tickets_eval.jsonl")
     per_skill = Counter(item["skill"] for item in general)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -154,6 +155,28 @@ def test_a_finished_run_calibrates_the_next_forecast(sft: dict) -> None:
     after = make_forecast(res.apply(recipe), res, local_hardware(), prepared)
     assert after.time_source == "calibrated (1)"
     assert after.step_s == pytest.approx(measured, rel=1e-6)  # same shape: the rate it measured, replayed
+
+
+@pytest.mark.slow
+def test_calibration_measures_the_fixed_costs_and_the_forecast_charges_them_per_pass(sft: dict) -> None:
+    from tuneforge.planning.calibrate import calibrate
+    from tuneforge.planning.hardware import local_hardware
+
+    recipe, prepared, res = _resolved(sft, micro_batch_size=4, num_threads=1, precision="fp32")
+    measured = calibrate(recipe, res, prepared, steps=3)
+    assert measured.optimizer_s > 0 and measured.trainable > 0 and measured.pass_s >= 0
+    hw = local_hardware()
+    forecasts = {}
+    for micro in (4, 2, 1):  # the same samples in 4, 8 and 16 micro-batches: the same FLOPs, more passes
+        r = dataclasses.replace(res, micro_batch_size=micro, grad_accumulation=16 // micro)
+        forecasts[micro] = make_forecast(res.apply(recipe), r, hw, prepared)
+    assert {f.time_source for f in forecasts.values()} == {"calibrated (1)"}
+    assert len({f.step_flops for f in forecasts.values()}) == 1
+    # each extra pass costs the measured fixed cost; the rest of the step does not change
+    assert forecasts[2].step_s - forecasts[4].step_s == pytest.approx(4 * measured.pass_s, abs=1e-9)
+    assert forecasts[1].step_s - forecasts[4].step_s == pytest.approx(12 * measured.pass_s, abs=1e-9)
+    # the calibration replays its own steps: FLOP rate plus fixed costs give back the measured median
+    assert forecasts[4].step_s == pytest.approx(measured.median_step_s, rel=1e-6)
 
 
 @pytest.mark.slow

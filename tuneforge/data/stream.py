@@ -153,6 +153,7 @@ def scan(spec: ScanSpec, digest: str) -> tuple[ValidationReport, dict[str, Any] 
     sanitizer = Sanitizer(**spec.sanitize.model_dump()) if spec.sanitize is not None else None
     lines, keys = array("q"), array("d")
     data = hashlib.sha256()
+    by_key = [hashlib.sha256(), hashlib.sha256()]  # each side of the threshold split (what a large set gets)
     try:
         with spool.examples.open("wb") as out:
             good = iter_valid(read_records(spec.path), report, spec.format, allow_extra=spec.allow_extra)
@@ -168,17 +169,22 @@ def scan(spec: ScanSpec, digest: str) -> tuple[ValidationReport, dict[str, Any] 
                         out.write(blob)
                         data.update(blob)
                         lines.append(line)
-                        keys.append(split_key(canonical, spec.seed) if spec.val_fraction else 1.0)
+                        key = split_key(canonical, spec.seed) if spec.val_fraction else 1.0
+                        keys.append(key)
+                        by_key[key < spec.val_fraction].update(blob)
         if report.n_issues:
             spool.remove()
             return report, None, None
-        is_val = split_mask(np.frombuffer(keys, dtype=np.float64), spec.val_fraction)
+        key_array = np.frombuffer(keys, dtype=np.float64)
+        is_val = split_mask(key_array, spec.val_fraction)
         np.save(spool.dir / "lines.npy", np.frombuffer(lines, dtype=np.int64))
         np.save(spool.dir / "is_val.npy", is_val)
-        hashes = [hashlib.sha256(), hashlib.sha256()]
-        with spool.examples.open("rb") as f:
-            for raw, v in zip(f, is_val.tolist()):
-                hashes[v].update(raw)
+        hashes = by_key
+        if not np.array_equal(is_val, key_array < spec.val_fraction):  # split by rank (a small set): hash again
+            hashes = [hashlib.sha256(), hashlib.sha256()]
+            with spool.examples.open("rb") as f:
+                for raw, v in zip(f, is_val.tolist()):
+                    hashes[v].update(raw)
         n_val = int(is_val.sum())
         stats = sanitizer.stats.as_dict() if sanitizer is not None else {}
         manifest = {

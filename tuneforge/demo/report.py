@@ -5,8 +5,8 @@ A table row is a dict::
     {"model": "base", "role": "base", "general_accuracy": 0.61, "domain_macro_f1": 0.01,
      "skills": {"add": 0.4, ...}}
 
-``model`` is the display name; ``role`` (``base`` / ``domain_only`` / ``mixed``) tells the verdict which
-row is which (without roles, three rows are taken in that order); every other scalar is a column;
+``model`` is the display name; ``role`` (``base`` / ``domain_only`` / ``mixed``, optionally ``lora_mixed``) tells
+the verdict which row is which (without roles, three rows are taken in that order); every other scalar is a column;
 ``skills`` (optional) holds per-skill general accuracy. The verdict is computed, never written in, so the
 report says what this run measured even when that is "mixing did not help".
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 ROLES = ("base", "domain_only", "mixed")
+LORA_ROLE = "lora_mixed"  # LoRA on the mixed data: compared with full fine-tuning on the same mixture
 HEADLINE = ("general_accuracy", "domain_macro_f1")
 _HIDDEN = {"model", "role", "skills"}
 
@@ -108,7 +109,25 @@ def verdict(table: list[dict], margin: float = 0.02) -> str:
         head = "Mixing general data into fine-tuning did not preserve general skills: domain-only fine-tuning kept more"
     else:
         head = "Mixing general data into fine-tuning made no measurable difference to general skills"
-    return f"{head}: {numbers}."
+    lora = next((r for r in table if r.get("role") == LORA_ROLE), None)
+    return f"{head}: {numbers}." + ("" if lora is None else " " + _lora_sentence(lora, rows, margin))
+
+
+def _lora_sentence(lora: dict, rows: dict[str, dict], margin: float) -> str:
+    """LoRA against full fine-tuning on the same mixture: its share of the macro-F1, and what general skill it kept."""
+    base, dom, g = rows["base"]["general_accuracy"], rows["domain_only"]["general_accuracy"], lora["general_accuracy"]
+    f1, f1_full = lora["domain_macro_f1"], rows["mixed"]["domain_macro_f1"]
+    share = f"{f1 / f1_full:.0%} of" if f1_full > 0 else "a macro-F1 against 0 for"
+    if g >= base - margin:
+        kept = "kept the base's general skills"
+    elif g - dom >= margin:
+        kept = "kept more general skill than domain-only fine-tuning, but not all of it"
+    else:
+        kept = "did not keep general skills"
+    return (
+        f"LoRA on the same mixture reached {share} full fine-tuning's domain macro-F1 ({f1:.3f} vs {f1_full:.3f}) "
+        f"and {kept} (general accuracy {g:.3f})."
+    )
 
 
 def _pyplot() -> Any:

@@ -2,10 +2,11 @@
 
 1. Build a base model once (cached): a BPE tokenizer trained here and a small Llama pre-trained with
    tuneforge's own ``cpt`` method on a generated general-skills corpus.
-2. Fine-tune it on a generated support-ticket task (120 leaf categories) twice: domain data alone, and
-   domain data mixed 75/25 with general data. The mixed model is also kept at ``demo/<size>/mixed``, a fixed
+2. Fine-tune it on a generated support-ticket task (120 leaf categories) three times: fully on domain data
+   alone, fully on domain data mixed 75/25 with general data, and with LoRA on the same mixture (the adapter of
+   ``recipes/sft-lora.yaml``). The fully fine-tuned mixed model is also kept at ``demo/<size>/mixed``, a fixed
    path recipes can name (the distillation example's teacher).
-3. Evaluate base and both results (domain macro-F1, general-skill accuracy), print the table, write a
+3. Evaluate the base and every result (domain macro-F1, general-skill accuracy), print the table, write a
    report with plots, log everything to MLflow and register the mixed model.
 
 Every number is measured in this run; the report's verdict is read off them.
@@ -14,6 +15,7 @@ Every number is measured in this run; the report's verdict is read off them.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import time
@@ -25,7 +27,9 @@ from typing import Any
 from tuneforge.demo import tickets, world
 from tuneforge.paths import runs_dir, state_dir
 
-DEMO_VERSION = 2  # 2: a smaller base (hidden 128) trained with more, smaller steps, so the demo fits its time budget
+# 2: a smaller base (hidden 128) trained with more, smaller steps, so the demo fits its time budget.
+# 3: the corpus has path-like text (world._index_doc), so the base can write the tokens ticket labels are made of.
+DEMO_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class DemoSize:
     """
 
     corpus_docs: int = 6000
+    page_docs: int = 200  # help centre page indexes in the corpus (world.page_indexes): paths the base can write
     general_chat: int = 6000
     ticket_train: int = 3000
     general_eval: int = 300
@@ -56,12 +61,14 @@ class DemoSize:
     finetune_steps: int = 250
     finetune_batch: int = 8
     finetune_lr: float = 3e-3
+    lora_lr: float = 3e-3
     max_length: int = 256
 
 
 FULL = DemoSize()
 QUICK = DemoSize(
     corpus_docs=300,
+    page_docs=10,
     general_chat=300,
     ticket_train=300,
     general_eval=40,
@@ -78,6 +85,7 @@ QUICK = DemoSize(
 )
 
 MIXED_MODEL_NAME = "tuneforge-demo-tickets"
+ROW_LABELS = {"base": "base", "domain_only": "domain only", "mixed": "mixed 75/25", "lora_mixed": "LoRA, mixed 75/25"}
 # What the base model does not depend on (fine-tuning, evaluation and the data only later steps read): left out
 # of its cache key, so changing one of them rebuilds nothing.
 _NOT_IN_BASE_KEY = (
@@ -89,7 +97,10 @@ _NOT_IN_BASE_KEY = (
     "finetune_steps",
     "finetune_batch",
     "finetune_lr",
+    "lora_lr",
 )
+# The LoRA row's adapter: the one recipes/sft-lora.yaml ships (tests/test_demo.py keeps the two the same).
+LORA = {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
 
 
 def _write_jsonl(records: list[dict], path: Path) -> Path:
@@ -104,9 +115,7 @@ def write_data(root: Path, size: DemoSize) -> dict[str, Path]:
     """Generate the bundled data sets as ordinary JSONL files a user can open and reuse in recipes."""
     data = root / "data"
     return {
-        "general_corpus": _write_jsonl(
-            [{"text": t} for t in world.general_corpus(1, size.corpus_docs)], data / "general_corpus.jsonl"
-        ),
+        "general_corpus": _write_jsonl([{"text": t} for t in pretraining_corpus(size)], data / "general_corpus.jsonl"),
         "general_chat": _write_jsonl(world.general_chat_examples(2, size.general_chat), data / "general_chat.jsonl"),
         "tickets": _write_jsonl(tickets.ticket_examples(3, size.ticket_train), data / "tickets.jsonl"),
         "general_eval": _write_jsonl(world.general_eval_items(4, size.general_eval), data / "general_eval.jsonl"),
@@ -116,6 +125,26 @@ def write_data(root: Path, size: DemoSize) -> dict[str, Path]:
         ),
         "tickets_prompts": _write_jsonl(tickets.ticket_prompts(7, size.ticket_prompts), data / "tickets_prompts.jsonl"),
     }
+
+
+def pretraining_corpus(size: DemoSize) -> list[str]:
+    """The base's raw-text corpus: the general-skills documents with help centre page indexes spread among them."""
+    pages = iter(world.page_indexes(8, size.page_docs))
+    every = max(1, size.corpus_docs // max(1, size.page_docs))
+    docs = []
+    for i, doc in enumerate(world.general_corpus(1, size.corpus_docs), 1):
+        docs.append(doc)
+        if i % every == 0:
+            docs.extend(itertools.islice(pages, 1))
+    return docs + list(pages)
+
+
+def tokenizer_texts(corpus: list[str], chats: list[dict]) -> list[str]:
+    """What the base's BPE tokenizer is trained on: the corpus, some general chats and some tickets' text."""
+    texts = list(corpus)
+    texts += [" ".join(m["content"] for m in c["messages"]) for c in chats[:2000]]
+    texts += [" ".join(m["content"] for m in c["messages"]) for c in tickets.ticket_examples(99, 500)]
+    return texts
 
 
 def _base_key(size: DemoSize) -> str:
@@ -146,13 +175,14 @@ def _recipe(
     batch: int,
     lr: float,
     register: str | None = None,
+    adapter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "name": name,
         "method": method,
         "model": {"path": str(base)},
         "data": {"sources": sources, "max_length": size.max_length, "val_fraction": 0.02},
-        "adapter": {"kind": "full"},
+        "adapter": adapter or {"kind": "full"},
         "train": {
             "max_steps": steps,
             "global_batch_size": batch,
@@ -165,7 +195,8 @@ def _recipe(
             "weight_decay": 0.01,
         },
         "tracking": {"experiment": "tuneforge-demo", "run_name": name, "register_as": register},
-        "output": {"dir": str(out)},
+        # an adapter is also saved merged into its base: the evaluation loads plain full weights for every row
+        "output": {"dir": str(out), "merge": adapter is not None},
     }
 
 
@@ -182,10 +213,9 @@ def build_base(root: Path, files: dict[str, Path], size: DemoSize, rebuild: bool
         return base, None
     shutil.rmtree(base, ignore_errors=True)
     say("base model: training a BPE tokenizer and pre-training a small Llama on the general-skills corpus")
-    texts = [json.loads(line)["text"] for line in files["general_corpus"].read_text().splitlines()]
+    corpus = [json.loads(line)["text"] for line in files["general_corpus"].read_text().splitlines()]
     chats = [json.loads(line) for line in files["general_chat"].read_text().splitlines()]
-    texts += [" ".join(m["content"] for m in c["messages"]) for c in chats[:2000]]
-    texts += [" ".join(m["content"] for m in c["messages"]) for c in tickets.ticket_examples(99, 500)]
+    texts = tokenizer_texts(corpus, chats)
     spec = TinySpec(
         hidden_size=size.hidden_size,
         num_layers=size.num_layers,
@@ -264,8 +294,12 @@ def run_demo(quick: bool = False, rebuild: bool = False) -> dict[str, Any]:
         {"path": str(files["general_chat"]), "name": "general", "weight": 0.25},
     ]
     runs = {}
-    for name, sources, register in (("domain_only", [domain_src], None), ("mixed", mixed_sources, MIXED_MODEL_NAME)):
-        say(f"fine-tuning: {name.replace('_', ' ')}")
+    for name, sources, register, adapter, lr in (
+        ("domain_only", [domain_src], None, None, size.finetune_lr),
+        ("mixed", mixed_sources, MIXED_MODEL_NAME, None, size.finetune_lr),
+        ("lora_mixed", mixed_sources, None, LORA, size.lora_lr),
+    ):
+        say(f"fine-tuning: {ROW_LABELS[name]}")
         runs[name] = tuneforge.train(
             _recipe(
                 f"demo-{name}",
@@ -276,32 +310,29 @@ def run_demo(quick: bool = False, rebuild: bool = False) -> dict[str, Any]:
                 method="sft",
                 steps=size.finetune_steps,
                 batch=size.finetune_batch,
-                lr=size.finetune_lr,
+                lr=lr,
                 register=register,
+                adapter=adapter,
             ),
             progress=True,
         )
 
     mixed_dir = keep_mixed(Path(runs["mixed"].output_dir), root)
 
-    say("evaluating base, domain-only and mixed models")
+    say("evaluating the base and the fine-tuned models")
     read = lambda p: [json.loads(line) for line in Path(p).read_text().splitlines()]  # noqa: E731
     general, domain = read(files["general_eval"]), read(files["tickets_eval"])
-    table = []
-    for role, label, path in (
-        ("base", "base", base),
-        ("domain_only", "domain only", runs["domain_only"].output_dir),
-        ("mixed", "mixed 75/25", runs["mixed"].output_dir),
-    ):
-        table.append({"model": label, "role": role, **evaluate(Path(path), general, domain)})
+    table = [{"model": ROW_LABELS["base"], "role": "base", **evaluate(base, general, domain)}]
+    for role, result in runs.items():
+        model_dir = Path(result.merged_dir or result.output_dir)
+        table.append({"model": ROW_LABELS[role], "role": role, **evaluate(model_dir, general, domain)})
 
-    curves = {
-        "fine-tune: domain only": [(h["step"], h["loss"]) for h in runs["domain_only"].history],
-        "fine-tune: mixed": [(h["step"], h["loss"]) for h in runs["mixed"].history],
-    }
+    curves = {f"fine-tune: {ROW_LABELS[role]}": [(h["step"], h["loss"]) for h in r.history] for role, r in runs.items()}
     if pretrain is not None:
         curves = {"pre-training (cpt)": [(h["step"], h["loss"]) for h in pretrain.history], **curves}
-    paths = write_report(run_dir, table, curves, title="tuneforge demo: fine-tuning with and without data mixing")
+    paths = write_report(
+        run_dir, table, curves, title="tuneforge demo: fine-tuning with and without data mixing, fully and with LoRA"
+    )
     (run_dir / "table.json").write_text(json.dumps(table, indent=2))
     _log_demo(run_dir, table, paths, runs)
     console.print(format_table(table))

@@ -459,6 +459,26 @@ def general_corpus(seed: int, n_docs: int, render: Render | None = None) -> list
     return docs
 
 
+# Words of a help centre's page paths: the everyday topics and a few more everyday nouns.
+_PAGE_WORDS = (*_EVERYDAY_TOPICS, "subscription", "login", "profile", "delivery", "app", "data")
+
+
+def page_indexes(seed: int, n_docs: int) -> list[str]:
+    """Help centre page indexes for pre-training: one path of one or two everyday words per line (``shipping/returns``).
+
+    Real base models have read paths and URLs everywhere, so ``/`` and words at the start of a line or after a
+    slash are tokens they can write. Without such text those tokens were never a training target, and the ticket
+    labels (``type/area/topic``) were made of embeddings only full fine-tuning trains: LoRA, which leaves the
+    (tied) embedding and LM head alone, could not learn to write them. Two words at most, so no path is a label.
+    """
+    rng = random.Random(f"pages:{seed}")
+    docs = []
+    for _ in range(n_docs):
+        paths = ("/".join(rng.sample(_PAGE_WORDS, rng.randint(1, 2))) for _ in range(rng.randint(8, 16)))
+        docs.append("\n".join(["Help centre pages:", *paths]))
+    return docs
+
+
 def general_chat_examples(seed: int, n: int) -> list[dict]:
     """``n`` single-turn chat records (OpenAI shape), skills drawn uniformly, training side of the split."""
     rng = random.Random(f"chat:{seed}")

@@ -12,7 +12,7 @@ from tuneforge.methods import method_spec
 from tuneforge.models.loading import model_fingerprint
 from tuneforge.planning.hardware import Hardware
 from tuneforge.planning.resolve import ALLOCATOR_OVERHEAD, SAFETY, Resolved
-from tuneforge.planning.timing import Rate, cached_rate, hardware_key, step_flops, step_seconds
+from tuneforge.planning.timing import Rate, cached_rate, family, hardware_key, step_flops, step_seconds
 from tuneforge.planning.workload import memory, policy_shape, sample_size, step_work
 
 MB = 2**20
@@ -51,7 +51,9 @@ def rate_for(recipe: Recipe, res: Resolved, hardware: Hardware, flops: float) ->
     """The calibrated rate for this hardware and model, else the FLOP model's device peak × utilisation."""
     if hardware.local:
         rate = cached_rate(
-            hardware_key(hardware.kind, res.num_threads, res.precision), model_fingerprint(recipe.model.path)
+            hardware_key(hardware.kind, res.num_threads, res.precision),
+            model_fingerprint(recipe.model.path),
+            family(recipe.adapter.kind),
         )
         if rate is not None:
             return rate
@@ -74,7 +76,12 @@ def make_forecast(recipe: Recipe, res: Resolved, hardware: Hardware, prepared: A
     without = memory(recipe, shape, gradient_checkpointing=False, **common).peak
     with_ckpt = memory(recipe, shape, gradient_checkpointing=True, **common).peak
     work = step_work(
-        recipe, shape, per_replica=per_replica, gradient_checkpointing=res.gradient_checkpointing, prepared=prepared
+        recipe,
+        shape,
+        per_replica=per_replica,
+        gradient_checkpointing=res.gradient_checkpointing,
+        prepared=prepared,
+        micro=res.micro_batch_size,
     )
     flops = step_flops(shape, work)
     rate = rate_for(recipe, res, hardware, flops)

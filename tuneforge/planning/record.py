@@ -18,7 +18,8 @@ from tuneforge.planning.forecast import Forecast, check_fits, make_forecast, ver
 from tuneforge.planning.hardware import local_hardware
 from tuneforge.planning.measure import MemoryMeter
 from tuneforge.planning.resolve import Resolved
-from tuneforge.planning.timing import hardware_key, rate_entry, record_rate
+from tuneforge.planning.timing import Rate, cached_rate, family, fixed_seconds, hardware_key, rate_entry, record_rate
+from tuneforge.planning.workload import policy_shape, step_work
 
 MB = 2**20
 
@@ -30,6 +31,7 @@ class RunCheck:
     forecast: Forecast | None
     meter: MemoryMeter | None = None
     t0: float = field(default_factory=time.perf_counter)
+    prepared: Any = None
 
     def start_measuring(self) -> None:
         """Right before the model is built: the peak from here on is the training phase's."""
@@ -74,11 +76,26 @@ class RunCheck:
         from tuneforge.planning.calibrate import shape_key
 
         device = torch.device(self.res.device)
-        record_rate(
+        hardware, model = (
             hardware_key(device.type, self.res.num_threads, self.res.precision),
             model_fingerprint(self.recipe.model.path),
-            rate_entry(shape_key(self.recipe, self.res), self.forecast.step_flops, step_s),
         )
+        kind = family(self.recipe.adapter.kind)
+        fixed = cached_rate(hardware, model, kind) or Rate(0.0)  # the fixed costs a calibration measured, if any
+        shape = policy_shape(self.recipe, spec)
+        work = step_work(
+            self.recipe,
+            shape,
+            per_replica=self.recipe.train.global_batch_size // self.res.data_parallel,
+            gradient_checkpointing=self.res.gradient_checkpointing,
+            prepared=self.prepared,
+            micro=self.res.micro_batch_size,
+        )
+        entry = rate_entry(
+            shape_key(self.recipe, self.res), self.forecast.step_flops, step_s - fixed_seconds(work, fixed), kind, fixed
+        )
+        if entry is not None:
+            record_rate(hardware, model, entry)
 
 
 def check_run(recipe: Recipe, res: Resolved, prepared: Any, *, force: bool = False) -> RunCheck:
@@ -88,4 +105,4 @@ def check_run(recipe: Recipe, res: Resolved, prepared: Any, *, force: bool = Fal
     except (ModelError, OSError):
         return RunCheck(recipe, res, None)  # e.g. a hub model not in the local cache: nothing to plan from
     check_fits(forecast, force=force)
-    return RunCheck(recipe, res, forecast)
+    return RunCheck(recipe, res, forecast, prepared=prepared)

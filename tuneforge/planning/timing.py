@@ -8,11 +8,21 @@ adapter's low-rank products count as trained weights — and
 gradient checkpointing adds one forward. Reference and KL passes add forwards without a backward; sampling adds
 one decode step per generated token.
 
-The rate comes from a short calibration — a few timed optimizer steps on the real model and data
-(:func:`tuneforge.planning.calibrate.calibrate`), cached per hardware, model and shape under
-``$TUNEFORGE_HOME/cache/calibration`` — and every finished run adds its own measured rate to that cache. Only for
+FLOPs are not all of a step: every micro-batch's forward and backward pays a fixed cost besides its arithmetic
+(operator dispatch and autograd bookkeeping in every layer, streaming the weights from memory once per pass — on a
+CPU that is 5–30 % of a small model's pass), and the optimizer touches every trainable parameter once a step
+(clipping, AdamW, fresh gradients). So a step takes::
+
+    FLOPs / rate  +  passes × pass_s × (1 + (extra forwards + recomputation) / 3)  +  trainable × param_s
+
+(a forward is about a third of a forward + backward) plus one ``decode_step_s`` per batched decode step when the
+method samples. ``rate``, ``pass_s`` and ``param_s`` come from a short calibration — timed optimizer steps of the
+real model on the real data, once as the recipe splits its batch and once one sample per micro-batch (the same
+FLOPs, so the difference is the fixed cost of the extra passes), and a timed optimizer step
+(:func:`tuneforge.planning.calibrate.calibrate`) — cached per hardware, model and adapter family (full fine-tuning
+or a frozen base) under ``$TUNEFORGE_HOME/cache/calibration``; every finished run adds its own measured rate. Only for
 hardware with no calibration at all is the rate the device's peak × a typical utilisation
-(:meth:`Hardware.peak_flops`), and the forecast says so.
+(:meth:`Hardware.peak_flops`) with no fixed costs, and the forecast says so.
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ class StepWork:
     decode_tokens: int = 0  # sampled tokens (each a decode step of one sequence)
     decode_steps: int = 0  # decode steps (batched over sequences)
     adapter_params: int = 0  # LoRA/DoRA weights every token also multiplies through (trained: full backward)
+    passes: int = 1  # micro-batches: forward + backward passes, each with a fixed cost
+    trainable: int = 0  # parameters the optimizer updates every step
 
 
 def forward_flops(s: ModelShape, tokens: int, supervised: int, context: int) -> float:
@@ -60,11 +72,18 @@ def step_flops(s: ModelShape, w: StepWork) -> float:
 
 @dataclass
 class Rate:
-    """A measured FLOP rate (FLOP/s) and a per-decode-step overhead (seconds), where it came from."""
+    """A measured FLOP rate (FLOP/s), the fixed costs that come on top (seconds), and where they came from."""
 
     flops_per_s: float
     decode_step_s: float = 0.0  # fixed cost of one batched decode step (kernel launches, Python), measured
     source: str = "flop model"
+    pass_s: float = 0.0  # fixed cost of one micro-batch's forward + backward
+    param_s: float = 0.0  # optimizer time per trainable parameter per step
+
+
+def family(adapter_kind: str) -> str:
+    """Calibrations are kept apart for full fine-tuning and for a frozen base (adapters): their passes differ."""
+    return "full" if adapter_kind == "full" else "adapter"
 
 
 def hardware_key(kind: str, threads: int, precision: str) -> str:
@@ -78,17 +97,29 @@ def _cache_file(hardware: str, model_fingerprint: str) -> Path:
     return cache_dir("calibration") / f"{safe}.json"
 
 
-def cached_rate(hardware: str, model_fingerprint: str) -> Rate | None:
-    """The calibrated rate for this hardware and model, if any (the median of what was measured)."""
+def cached_rate(hardware: str, model_fingerprint: str, adapter_family: str | None = None) -> Rate | None:
+    """The calibrated rate for this hardware and model, if any: medians of what was measured, from entries of the
+    adapter family when there are some (fixed costs from any entry that measured them)."""
     path = _cache_file(hardware, model_fingerprint)
     if not path.exists():
         return None
     entries = json.loads(path.read_text()).get("entries", [])
+    same = [e for e in entries if e.get("family") == adapter_family]
+    entries = same or entries
     if not entries:
         return None
-    rates = sorted(e["flops_per_s"] for e in entries)
-    decode = sorted(e.get("decode_step_s", 0.0) for e in entries if e.get("decode_step_s"))
-    return Rate(rates[len(rates) // 2], decode[len(decode) // 2] if decode else 0.0, f"calibrated ({len(entries)})")
+
+    def median(key: str) -> float:
+        values = sorted(e[key] for e in entries if e.get(key))
+        return values[len(values) // 2] if values else 0.0
+
+    return Rate(
+        median("flops_per_s"),
+        median("decode_step_s"),
+        f"calibrated ({len(entries)})",
+        pass_s=median("pass_s"),
+        param_s=median("param_s"),
+    )
 
 
 def record_rate(hardware: str, model_fingerprint: str, entry: dict, keep: int = 16) -> None:
@@ -99,9 +130,23 @@ def record_rate(hardware: str, model_fingerprint: str, entry: dict, keep: int = 
     atomic_write(path, json.dumps({"hardware": hardware, "model": model_fingerprint, "entries": entries[-keep:]}))
 
 
+def fixed_seconds(w: StepWork, rate: Rate) -> float:
+    """What a step costs besides its FLOPs: each pass's fixed cost, the optimizer, the decode steps."""
+    forwards = 1 + (w.extra_forwards + int(w.gradient_checkpointing)) / 3  # a forward: ~⅓ of forward + backward
+    return w.passes * rate.pass_s * forwards + w.trainable * rate.param_s + w.decode_steps * rate.decode_step_s
+
+
 def step_seconds(s: ModelShape, w: StepWork, rate: Rate) -> float:
-    return step_flops(s, w) / rate.flops_per_s + w.decode_steps * rate.decode_step_s
+    return step_flops(s, w) / rate.flops_per_s + fixed_seconds(w, rate)
 
 
-def rate_entry(shape_key: str, flops: float, seconds: float, decode_step_s: float = 0.0) -> dict:
-    return asdict(Rate(flops / seconds, decode_step_s, "measured")) | {"shape": shape_key}
+def rate_entry(
+    shape_key: str, flops: float, seconds: float, adapter_family: str, fixed: Rate | None = None
+) -> dict | None:
+    """A cache entry from a measured step: `seconds` of arithmetic (the step's time less :func:`fixed_seconds` with
+    the costs in `fixed`) for `flops`; None when nothing is left (a step that is all fixed cost)."""
+    fixed = fixed or Rate(0.0)
+    if seconds <= 0:
+        return None
+    rate = Rate(flops / seconds, fixed.decode_step_s, "measured", pass_s=fixed.pass_s, param_s=fixed.param_s)
+    return asdict(rate) | {"shape": shape_key, "family": adapter_family}

@@ -15,6 +15,7 @@ from tuneforge.methods import PROMPT_LEARNING, MethodSpec, method_spec
 from tuneforge.planning.memory import FP32, MemoryForecast, Workload, forecast_memory
 from tuneforge.planning.shape import ModelShape, model_shape
 from tuneforge.planning.timing import StepWork
+from tuneforge.training.forward import sharing_pays
 
 
 @dataclass(frozen=True)
@@ -25,13 +26,16 @@ class SampleSize:
     supervised: int
     prompt: int = 0  # online methods: the longest prompt (the completion comes on top)
     source: str = "data.max_length"  # where the numbers came from
+    rows: int = 0  # rows of a forward pass one sample takes (0: one per sequence)
+    causal: bool = True  # False: a row's attention is a block mask, every (query, key) pair computed
 
 
 def sample_size(recipe: Recipe, spec: MethodSpec, prepared: Any = None) -> SampleSize:
     """The largest sample of the prepared data, or the recipe's length bound when there is none yet.
 
     Packed rows are always padded to ``data.max_length``; preference pairs share their prompt (one row of prompt,
-    chosen and rejected answer); online methods train on ``group`` sequences of prompt + ``max_new_tokens``.
+    chosen and rejected answer); online methods train on ``group`` sequences of prompt + ``max_new_tokens`` —
+    in one row, the prompt computed once, where the rollout's layout shares it (:func:`shares_prompt`).
     """
     length = recipe.data.max_length
     seqs = spec.sequences_per_sample(recipe)
@@ -41,7 +45,10 @@ def sample_size(recipe: Recipe, spec: MethodSpec, prepared: Any = None) -> Sampl
         sets = getattr(prepared, "train_sets", None)
         if sets:
             prompt = max(max((len(x) for x in s.ids), default=1) for s in sets)
-        return SampleSize(seqs * (prompt + new), seqs * new, prompt, "data" if sets else "data.max_length")
+        source = "data" if sets else "data.max_length"
+        if shares_prompt(recipe, prompt, new, seqs):
+            return SampleSize(prompt + seqs * new, seqs * new, prompt, source, rows=1, causal=False)
+        return SampleSize(seqs * (prompt + new), seqs * new, prompt, source)
     pairs = getattr(prepared, "train_sources", None) if spec.sample == "pair" else None
     if pairs:
         sizes = []
@@ -50,11 +57,21 @@ def sample_size(recipe: Recipe, spec: MethodSpec, prepared: Any = None) -> Sampl
             sup = p.completion_tokens
             sizes.append(np.stack([lengths[:, 0] + sup[:, 1], sup.sum(1)], axis=1))
         both = np.concatenate(sizes)
-        return SampleSize(int(both[:, 0].max()), int(both[:, 1].max()), source="data")
+        shared = recipe.model.attn_implementation in ("sdpa", "eager")  # one row, a block mask (training.pairs)
+        rows = 1 if shared else 2
+        return SampleSize(int(both[:, 0].max()), int(both[:, 1].max()), source="data", rows=rows, causal=not shared)
     plan = getattr(prepared, "plan", None)
     if spec.sample == "sequence" and plan is not None and len(plan.row_tokens):
         return SampleSize(length, int(plan.row_tokens.max()), source="data")
     return SampleSize(seqs * length, seqs * length)
+
+
+def shares_prompt(recipe: Recipe, prompt: int, new: int, group: int) -> bool:
+    """Whether a group's completions train in one row behind one copy of their prompt: the rollout does so where
+    the attention takes block masks and one row costs less (``training.forward.sharing_pays``, at full length)."""
+    if group < 2 or recipe.model.attn_implementation not in ("sdpa", "eager"):
+        return False
+    return sharing_pays(prompt, [new] * group, policy_shape(recipe).hidden)
 
 
 def trainable_params(recipe: Recipe, spec: MethodSpec, shape: ModelShape) -> int:
@@ -124,11 +141,12 @@ def step_work(
     per_replica: int,
     gradient_checkpointing: bool,
     prepared: Any = None,
+    micro: int | None = None,
 ) -> StepWork:
-    """One replica's optimizer step, `per_replica` samples."""
+    """One replica's optimizer step, `per_replica` samples in micro-batches of `micro` (default: one)."""
     spec = method_spec(recipe.method)
     size = sample_size(recipe, spec, prepared)
-    seq_len = size.tokens / max(spec.sequences_per_sample(recipe), 1)
+    seq_len = size.tokens / (size.rows or max(spec.sequences_per_sample(recipe), 1))
     extra = 1 if spec.reference(recipe) else 0
     extra += len(spec.frozen_models(recipe))  # a teacher's or reward model's forward (same size: an estimate)
     decode_tokens = decode_steps = 0
@@ -140,13 +158,15 @@ def step_work(
     return StepWork(
         tokens=per_replica * size.tokens,
         supervised=per_replica * size.supervised,
-        context=max(int(seq_len // 2), 1),
+        context=max(int(seq_len if not size.causal else seq_len // 2), 1),
         full_backward=recipe.adapter.kind == "full",
         gradient_checkpointing=gradient_checkpointing,
         extra_forwards=extra,
         decode_tokens=decode_tokens,
         decode_steps=decode_steps,
         adapter_params=adapter_params(recipe, shape),
+        passes=-(-per_replica // micro) if micro else 1,
+        trainable=trainable_params(recipe, spec, shape),
     )
 
 

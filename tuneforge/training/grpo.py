@@ -31,7 +31,6 @@ from tuneforge.training.online import (
     RolloutSpec,
     StepRollout,
     prepare_prompts,
-    sequence_batch,
     sequence_forward,
 )
 from tuneforge.training.precision import autocast
@@ -180,9 +179,7 @@ class GRPOTask(OnlineTask):
         stats = MetricSums()
         for i in range(0, len(seqs), s.micro_batch_size):
             idx = seqs[i : i + s.micro_batch_size]
-            batch = sequence_batch(
-                [ro.prompt_ids[j] for j in idx], ro.completions.tokens[idx], ro.completions.mask[idx], s.pad_id
-            )
+            batch = self.batch(idx)
             mask = self.trim(ro.completions.mask, idx, batch)
             with autocast(s.precision, s.device):
                 logps, _ = sequence_forward(model, batch, selective=s.selective, temperature=s.sampling.temperature)

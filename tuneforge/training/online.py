@@ -15,6 +15,10 @@ seeded by (seed, step), so resuming from a checkpoint samples exactly what the u
 Each batch of rollouts serves ``updates_per_batch`` optimizer steps (GRPO ``num_iterations``, PPO ``epochs``;
 default 1: on-policy). From the second step on a batch the policy has moved away from the one that sampled it:
 the sampler's log-probs are kept, and the clipped importance ratio bounds each update.
+
+Every completion of a GRPO group shares its prompt: the sampler prefills it once for the group, and the training
+and log-prob forwards put a group in one row (prompt, then each completion behind a block mask) whenever that is
+less work than one row per completion (:meth:`OnlineTask.batch`).
 """
 
 from __future__ import annotations
@@ -29,9 +33,17 @@ from tuneforge.config import Recipe
 from tuneforge.data.prompts import PromptSet, PromptSource, prompt_sources
 from tuneforge.data.sampler import Plan, build_plan
 from tuneforge.errors import DataError, RecipeError
+from tuneforge.models.adapters import unwrap
 from tuneforge.models.reference import Reference
 from tuneforge.training.build import Inputs, load_inputs
-from tuneforge.training.forward import SequenceBatch, sequence_batch, sequence_forward, supports_selective_head
+from tuneforge.training.forward import (
+    SequenceBatch,
+    attention_allows_masks,
+    completion_batch,
+    sequence_forward,
+    shared_layout_agrees,
+    supports_selective_head,
+)
 from tuneforge.training.precision import autocast
 from tuneforge.training.rollout import (
     Completions,
@@ -70,11 +82,16 @@ class OnlinePrepared(PreparedBase):
         self, model: torch.nn.Module, micro_batch_size: int, precision: str, device: torch.device, group: int = 1
     ) -> RolloutSpec:
         r = self.recipe
+        selective = supports_selective_head(model)
+        share = group > 1 and selective and attention_allows_masks(model)
+        if share:  # a decoder that ignored 4-D masks or position ids would silently compute something else
+            first = next((ps.ids[0] for ps in self.train_sets if len(ps)), None)
+            share = first is not None and shared_layout_agrees(model, first, self.tokenizer.pad_token_id)
         return RolloutSpec(
             micro_batch_size=micro_batch_size * group,
             precision=precision,
             device=device,
-            selective=supports_selective_head(model),
+            selective=selective,
             pad_id=self.tokenizer.pad_token_id,
             eos_ids=eos_token_ids(self.tokenizer),
             seed=r.train.seed,
@@ -87,6 +104,8 @@ class OnlinePrepared(PreparedBase):
             ),
             stop=list(r.generation.stop),
             updates_per_batch=self.updates_per_batch,
+            share_prompts=share,
+            hidden_size=int(getattr(unwrap(model).config.get_text_config(), "hidden_size", 0) or 0),
         )
 
 
@@ -161,6 +180,8 @@ class RolloutSpec:
     sampling: Sampling
     stop: list[str]
     updates_per_batch: int = 1
+    share_prompts: bool = False  # a group's sequences may share one row, the prompt computed once (see ``batch``)
+    hidden_size: int = 0  # the decoder's width, for the cost estimate of sharing
 
 
 # --------------------------------------------------------------------------------------------- tasks
@@ -420,15 +441,16 @@ class OnlineTask(TaskBase):
         model.eval()
         for i in range(0, len(seqs), s.micro_batch_size):
             idx = list(seqs[i : i + s.micro_batch_size])
-            batch = sequence_batch(
-                [ro.prompt_ids[j] for j in idx], ro.completions.tokens[idx], ro.completions.mask[idx], s.pad_id
-            )
+            batch = self.batch(idx)
             with torch.no_grad(), autocast(s.precision, s.device):
                 if reference:
                     assert self.reference is not None
                     with self.reference.use(model) as ref:
+                        selective = supports_selective_head(ref)
+                        if batch.attention_mask is not None and not selective:  # the plain layout, then
+                            batch = self.batch(idx, share=False)
                         res: Any = sequence_forward(
-                            ref, batch, selective=supports_selective_head(ref), temperature=s.sampling.temperature
+                            ref, batch, selective=selective, temperature=s.sampling.temperature
                         )[0]
                 else:
                     res = sequence_forward(
@@ -437,6 +459,16 @@ class OnlineTask(TaskBase):
             out.append((idx, batch, res))
         model.train(was_training)
         return out
+
+    def batch(self, idx: Sequence[int], share: bool = True) -> SequenceBatch:
+        """The rollout's sequences `idx` as model input: a GRPO group in one shared-prompt row when that costs less
+        (``forward.completion_batch``), for a model checked to honour that layout at set-up."""
+        ro = self.rollout
+        assert ro is not None
+        s = self.spec
+        prompts = [ro.prompt_ids[j] for j in idx]
+        tokens, mask = ro.completions.tokens[idx], ro.completions.mask[idx]
+        return completion_batch(prompts, tokens, mask, s.pad_id, share=share and s.share_prompts, hidden=s.hidden_size)
 
     def trim(self, t: torch.Tensor, idx: Sequence[int], batch: SequenceBatch) -> torch.Tensor:
         return t[idx][:, : batch.width].to(self.spec.device)
