@@ -484,7 +484,7 @@ def test_a_high_priority_job_shrinks_an_elastic_one_which_regrows_and_matches_a_
         training_file=train,
         method={
             "type": "supervised",
-            "supervised": {"hyperparameters": {"n_epochs": 120, "batch_size": 8, "learning_rate_multiplier": 0.02}},
+            "supervised": {"hyperparameters": {"n_epochs": 300, "batch_size": 8, "learning_rate_multiplier": 0.02}},
         },
         extra_body={"tuneforge": {"replicas": "1:2", "priority": 0}},
     )
