@@ -195,3 +195,27 @@ def test_bad_references_are_clear_errors(tmp_path: Path, tiny_model: Path) -> No
         resolve_model(str(adapter))
     with pytest.raises(UnknownModelError, match="none recorded yet"):
         resolve_model("ft:tiny:p::nothing")
+
+
+def test_a_distillation_teacher_and_a_reward_model_can_be_references(lora_run: Any, tmp_path: Path) -> None:
+    """``distill.teacher`` and ``ppo.reward_model`` take the same ``ft:``/``models:/`` names as ``model.path``."""
+    from tuneforge.config import load_recipe
+    from tuneforge.models.refs import resolve_recipe_model
+
+    name = "ft:tiny:acme::teach1"
+    fine_tuned.record(name, lora_run.output_dir, job="ftjob-teach1", base="tiny")
+    data = write_jsonl(tmp_path / "more.jsonl", reverse_task(16, seed=4))
+    recipe = base_recipe(Path(resolve_model(name).base), data, tmp_path / "run", max_steps=2)
+    recipe |= {"method": "distill", "distill": {"teacher": name}}
+    resolved = resolve_recipe_model(load_recipe(recipe))
+    teacher = Path(resolved.distill.teacher)
+    assert source_of(teacher)["ref"] == name and (teacher / "model.safetensors").is_file()  # merged once
+    assert resolved.model.path == recipe["model"]["path"]  # a plain directory is left as it is
+
+    recipe["distill"]["teacher"] = "ft:tiny:acme::teach2"
+    with pytest.raises(UnknownModelError, match=r"^distill\.teacher: .*did you mean 'ft:tiny:acme::teach1'\?"):
+        resolve_recipe_model(load_recipe(recipe))
+
+    ppo = base_recipe(Path(recipe["model"]["path"]), data, tmp_path / "run3", max_steps=2)
+    ppo |= {"method": "ppo", "ppo": {"reward_model": name}}
+    assert resolve_recipe_model(load_recipe(ppo)).ppo.reward_model == str(lora_run.output_dir)

@@ -17,6 +17,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import yaml
+
+from tuneforge.models.refs import source_of
 
 from conftest import free_port, preference_pairs, rel_diff, reverse_task, write_jsonl
 
@@ -266,6 +269,24 @@ def test_supervised_job_end_to_end_with_the_openai_client(service: Server, tmp_p
     listed = client.fine_tuning.jobs.list(metadata={"team": "search"}).data
     assert [j.id for j in listed] == [job.id]
     assert client.fine_tuning.jobs.list(metadata={"team": "other"}).data == []
+
+    # A job may continue the project's fine-tuned model, as OpenAI's do: it starts from those weights (merged once,
+    # with the reference as its provenance) and its name keeps the root base. Another project cannot name it.
+    again = client.fine_tuning.jobs.create(
+        model=done.fine_tuned_model, training_file=file_id, method=SFT, suffix="more"
+    )
+    more = wait_for(client, again.id)
+    assert more.status == "succeeded", more.error
+    assert more.fine_tuned_model == f"ft:tiny:acme:more:{again.id.removeprefix('ftjob-')}"
+    card = {m.id: m for m in client.models.list().data}[more.fine_tuned_model]
+    assert (card.parent, card.root) == (done.fine_tuned_model, "tiny")  # type: ignore[attr-defined]
+    start = next(Path(more.tuneforge["output_dir"]).parents[0].glob("recipe.yaml"), None)  # type: ignore[attr-defined]
+    started_from = yaml.safe_load(start.read_text())["model"]["path"] if start else None
+    assert started_from and source_of(started_from)["ref"] == done.fine_tuned_model
+    other = service.client(service.key("other"))
+    with pytest.raises(openai.BadRequestError) as err:
+        other.fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=upload(other, train), method=SFT)
+    assert err.value.body["param"] == "model" and "no fine-tuned model" in err.value.message  # type: ignore[index]
 
 
 def test_a_bad_file_fails_its_job_naming_the_line(service: Server, tmp_path: Path) -> None:

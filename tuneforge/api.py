@@ -7,6 +7,7 @@ then the plan, and only then is the model loaded.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -266,6 +267,10 @@ def _train(recipe: Recipe, *, resume: str | Path | None, show: bool, force: bool
         prepared.finish(model, run_dir)  # e.g. PPO's value head: kept next to the result, not in it
         out_dir = save_result(model, prepared.tokenizer, run_dir / ("adapter" if is_peft(model) else "model"))
         metrics = _final_metrics(loop.history, loop.evals, loop.train_seconds, loop.tokens, prepared.num_steps, wall0)
+        # What follows (merge, end-of-run evaluation) loads the saved result from disk: free the trained copy, its
+        # optimizer states and the task's models (reference, teacher) first, so peak memory does not double.
+        del model, optimizer, scheduler, task
+        gc.collect()
         result = _finish(
             recipe, prepared, res, run_dir, out_dir, tracker, metrics, loop.history, loop.evals, {"planner": planner}
         )

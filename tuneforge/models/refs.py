@@ -100,7 +100,7 @@ def training_start(ref: str, *, tracking_uri: str | None = None) -> tuple[str, d
     model, so every method, adapter kind and reference model works unchanged, and the saved result needs only
     that one directory as its base (an adapter on an adapter would need both at every load).
     """
-    if not ref.startswith((REGISTRY_SCHEME, FT_PREFIX)):
+    if not is_reference(ref):
         return ref, None
     resolved = resolve_model(ref, tracking_uri=tracking_uri)
     source = {"ref": ref, "label": resolved.label, "base": resolved.base, "adapter": resolved.adapter}
@@ -110,13 +110,32 @@ def training_start(ref: str, *, tracking_uri: str | None = None) -> tuple[str, d
 
 
 def resolve_recipe_model(recipe: Recipe) -> Recipe:
-    """``recipe`` with a ``models:/`` or ``ft:`` ``model.path`` replaced by the directory it starts from."""
-    path, source = training_start(recipe.model.path, tracking_uri=recipe.tracking.uri)
-    if source is None:
-        return recipe
+    """``recipe`` with every model it names that is a ``models:/`` or ``ft:`` reference replaced by a directory.
+
+    ``model.path`` and ``distill.teacher`` become full-weights directories (:func:`training_start`: an adapter is
+    merged into its base once); ``ppo.reward_model`` becomes the reward model's own directory — a full model or
+    the scalar-head adapter a ``method: reward`` run saved, which is what PPO loads. Errors name the field.
+    """
+    uri = recipe.tracking.uri
     out = recipe.model_copy(deep=True)
-    out.model.path = path
-    return out
+    changed = False
+    path, source = training_start(recipe.model.path, tracking_uri=uri)
+    if source is not None:
+        out.model.path, changed = path, True
+    if out.distill is not None and is_reference(out.distill.teacher):
+        out.distill.teacher = _field(
+            lambda: training_start(recipe.distill.teacher, tracking_uri=uri)[0], "distill.teacher"
+        )
+        changed = True
+    if out.ppo is not None and is_reference(out.ppo.reward_model):
+        ref = _field(lambda: resolve_model(recipe.ppo.reward_model, tracking_uri=uri), "ppo.reward_model")
+        out.ppo.reward_model, changed = ref.adapter or ref.base, True
+    return out if changed else recipe
+
+
+def is_reference(text: str) -> bool:
+    """Whether ``text`` names a registered version or a jobs-service model rather than a path or hub id."""
+    return text.startswith((REGISTRY_SCHEME, FT_PREFIX))
 
 
 def source_of(model_dir: str | Path) -> dict[str, Any] | None:
@@ -270,6 +289,14 @@ def _start_dir(resolved: ModelRef, source: dict[str, Any]) -> Path:
     except OSError:  # made by another process meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _field(resolve: Any, field: str) -> Any:
+    """``resolve()``, with a failure's message prefixed by the recipe field the reference came from."""
+    try:
+        return resolve()
+    except ModelError as e:
+        raise type(e)(f"{field}: {e}") from None
 
 
 def _files_fingerprint(root: Path) -> str:

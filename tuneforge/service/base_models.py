@@ -58,5 +58,10 @@ def resolve_base(model: str) -> str:
 
 
 def display_name(model: str) -> str:
-    """The BASE part of ``ft:BASE:PROJECT:SUFFIX:JOBID``: a name as given, a directory's last component."""
+    """The BASE part of ``ft:BASE:PROJECT:SUFFIX:JOBID``: a name as given, a directory's last component.
+
+    A job that continues a fine-tuned model keeps its root base's name, as OpenAI's names do.
+    """
+    if model.startswith("ft:"):
+        return model.split(":")[1]
     return Path(model).name if "/" in model and not HUB_ID.match(model) else model.replace("/", "-")

@@ -20,6 +20,7 @@ from tuneforge.service.db import Checkpoint, Database, Event, Job, new_id
 from tuneforge.service.deps import caller, database
 from tuneforge.service.errors import APIError, not_found
 from tuneforge.service.files import get_file, page
+from tuneforge.service.models import check_fine_tuned
 from tuneforge.service.scheduler import add_event
 from tuneforge.service.schemas import JobCreate
 
@@ -99,7 +100,10 @@ def create_job(
     for i, mix in enumerate(body.tuneforge.mixture if body.tuneforge else []):
         get_file(db, who, mix.file, f"tuneforge.mixture[{i}].file")
     try:
-        resolve_base(body.model)
+        if body.model.startswith("ft:"):  # continuing one of the project's fine-tuned models, as OpenAI allows
+            check_fine_tuned(db, who, body.model)
+        else:
+            resolve_base(body.model)
     except TuneforgeError as e:
         raise APIError(400, str(e), "model", "model_not_found") from None
     job = Job(

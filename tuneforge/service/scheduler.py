@@ -34,12 +34,14 @@ from sqlalchemy.orm import Session
 from tuneforge.errors import TuneforgeError
 from tuneforge.models import fine_tuned
 from tuneforge.service import mapping
-from tuneforge.service.base_models import display_name, resolve_base
+from tuneforge.service.auth import Caller
+from tuneforge.service.base_models import display_name
 from tuneforge.service.db import Checkpoint, Database, Event, File, Job, Project, insert_ignore, new_id, now
 from tuneforge.service.errors import APIError
 from tuneforge.service.executors.base import Executor, Launch
 from tuneforge.service.files import add_file, file_path
 from tuneforge.service.follow import RunFollower, results_csv
+from tuneforge.service.models import start_model
 from tuneforge.service.schemas import JobCreate
 from tuneforge.service.settings import Settings
 
@@ -166,7 +168,7 @@ class Scheduler:
             if param == "training_file":
                 n_examples = len(report.examples)
                 fmt = report.format or fmt  # the other files must hold the same format
-        model_path = resolve_base(body.model)
+        model_path = start_model(self.db, Caller(project.pk, project.name), body.model)
         workdir = self.settings.jobs_dir / self._job_id(pk)
         tracking: dict[str, Any] = {"enabled": self.settings.tracking, "experiment": f"project-{project.name}"}
         if self.settings.tracking_uri:
