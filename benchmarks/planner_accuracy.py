@@ -1,10 +1,11 @@
 """How well does ``tuneforge plan`` forecast a run? Forecast vs measured peak memory and step time over a grid.
 
-    python benchmarks/planner_accuracy.py            # 14 configurations, 3 model sizes (~30 min on 2 busy cores)
+    python benchmarks/planner_accuracy.py            # 17 configurations, 3 model sizes (~35 min on 2 busy cores)
+    python benchmarks/planner_accuracy.py --only qlora   # the 3 QLoRA rows (4-bit NF4 base, LoRA on top)
     python benchmarks/planner_accuracy.py --quick    # 4 configurations, the smallest model (~2 min)
 
 The grid spans model sizes (3.3 M, 18 M and 53 M parameters, Llama-architecture, built here), methods (sft, dpo,
-grpo), adapters (full, LoRA), gradient checkpointing on/off and sequence lengths. Every configuration runs in a
+grpo), adapters (full, LoRA, QLoRA), gradient checkpointing on/off and sequence lengths. Every configuration runs in a
 fresh interpreter (nothing another configuration allocated is in its numbers):
 
 * **forecast** — :func:`tuneforge.planning.forecast.make_forecast` from the model's config and the prepared data,
@@ -80,6 +81,9 @@ GRID = [
     ("L", "sft", "full", True, 256, 1, 1),
     ("L", "dpo", "lora", True, 128, 1, 1),
     ("L", "sft", "full", False, 192, 2, 2),
+    ("S", "sft", "qlora", False, 256, 4, 8),
+    ("M", "sft", "qlora", True, 512, 2, 2),
+    ("L", "sft", "qlora", False, 256, 1, 1),
 ]
 QUICK = [g for g in GRID if g[0] == "S"][:4]
 # Step time is the single thread's CPU time per step: on a shared machine the wall clock measures the neighbours
@@ -160,6 +164,7 @@ def run_one(root: Path, cfg: tuple, calibrate_only: bool) -> dict:
     from tuneforge.planning.forecast import make_forecast
     from tuneforge.planning.hardware import local_hardware
     from tuneforge.planning.resolve import resolve
+    from tuneforge.planning.workload import policy_shape
     from tuneforge.training.build import prepare
 
     recipe = load_recipe(recipe_for(root, cfg))
@@ -179,7 +184,7 @@ def run_one(root: Path, cfg: tuple, calibrate_only: bool) -> dict:
     model, method, adapter, ckpt, length, micro, batch = cfg
     return {
         "model": model,
-        "params_m": round(f.memory["weights_mb"] * 2**20 / 4 / 1e6, 1),
+        "params_m": round(policy_shape(recipe).params / 1e6, 1),
         "method": method,
         "adapter": adapter,
         "grad_ckpt": ckpt,
@@ -208,7 +213,9 @@ def child(root: Path, cfg: tuple, calibrate_only: bool, home: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default=None, help="comma-separated methods: run only their rows (sft,dpo,grpo)")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated methods or adapters: run only their rows (sft,dpo,grpo,qlora)"
+    )
     parser.add_argument("--root", default=None, help="where models and data are built (default: a temp dir)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,7 +225,7 @@ def main() -> None:
         return
     grid = QUICK if args.quick else GRID
     if args.only:
-        grid = [g for g in grid if g[1] in args.only.split(",")]
+        grid = [g for g in grid if g[1] in args.only.split(",") or g[2] in args.only.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root or tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -227,7 +234,8 @@ def main() -> None:
         t0 = time.perf_counter()
         rows = []
         for i, cfg in enumerate(grid):
-            calibration = (cfg[0], "sft", "full" if cfg[2] == "full" else "lora", False, 128, 4, 4)  # not in the grid
+            family = cfg[2] if cfg[2] in ("full", "qlora") else "lora"  # calibrations are kept per family
+            calibration = (cfg[0], "sft", family, False, 128, 4, 4)  # not in the grid
             cal = child(root, calibration, True, home / f"row-{i}")
             print(f"calibrated {calibration}: {cal}", file=sys.stderr)
             row = child(root, cfg, False, home / f"row-{i}")

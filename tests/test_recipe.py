@@ -73,3 +73,42 @@ def test_shipped_recipes_validate() -> None:
     assert recipes
     for path in recipes:
         load_recipe(path)
+
+
+def test_modules_to_save_needs_a_lora_style_adapter() -> None:
+    for kind in ("full", "prompt_tuning"):
+        with pytest.raises(RecipeError, match=f"adapter: modules_to_save .* not with kind '{kind}'"):
+            load_recipe({**MIN, "adapter": {"kind": kind, "modules_to_save": ["embed_tokens"]}})
+    assert load_recipe({**MIN, "adapter": {"modules_to_save": ["embed_tokens"]}}).adapter.modules_to_save == [
+        "embed_tokens"
+    ]
+
+
+def test_lora_with_a_trained_tied_embedding_merges_into_the_model_it_trained(tiny_model: Path, tmp_path: Path) -> None:
+    """A tied LM head follows the trained embedding: the merged model is the trained one, head and embedding one."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import tuneforge
+
+    from conftest import base_recipe, reverse_task, write_jsonl
+
+    data = write_jsonl(tmp_path / "reverse.jsonl", reverse_task(64))
+    recipe = base_recipe(tiny_model, data, tmp_path / "run", max_steps=6, lr=1e-2)
+    recipe["adapter"] = {"kind": "lora", "r": 4, "alpha": 8, "modules_to_save": ["embed_tokens"]}
+    recipe["output"]["merge"] = True
+    result = tuneforge.train(recipe, progress=False)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert base.config.tie_word_embeddings
+    saved = load_file(str(result.output_dir / "adapter_model.safetensors"))
+    [embedding] = [v for k, v in saved.items() if "embed_tokens" in k]  # one trained copy: the head is tied to it
+    assert not torch.equal(embedding, base.get_input_embeddings().weight)
+    trained = PeftModel.from_pretrained(base, str(result.output_dir)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(result.merged_dir).eval()
+    assert torch.equal(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight)
+    ids = torch.tensor([[5, 17, 42, 9, 77, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trained(ids).logits, rtol=1e-5, atol=1e-5)

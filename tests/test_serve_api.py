@@ -459,6 +459,23 @@ def test_serve_refuses_what_it_cannot_serve(models: dict[str, Path], capsys: pyt
     assert "--engine vllm" in capsys.readouterr().err
 
 
+def test_serve_and_server_take_the_same_engine_flags(
+    models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tuneforge.cli import build_parser, main
+    from tuneforge.serve.cli import engine_factory
+
+    for command in ("serve", "server"):
+        args = build_parser().parse_args([command, "--max-batch-size", "3", "--max-model-len", "48"])
+        engine = engine_factory(args)(models["base"])
+        try:
+            assert (engine.max_batch_size, engine.max_model_len) == (3, 48)
+        finally:
+            engine.stop()
+    assert main(["server", "--engine", "vllm", "--no-tracking"]) != 0  # no vLLM, no GPU here: refused at once
+    assert "--engine vllm" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------ as processes
 
 

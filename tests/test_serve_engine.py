@@ -202,6 +202,45 @@ def test_rows_joining_and_leaving_mid_decode_keep_every_answer_exact(base, adapt
         assert got[i] == peft_greedy(base, adapters, [(ids, adapter)], n)[0], f"request {i}"
 
 
+def test_rows_grouped_by_adapter_follow_every_change_of_the_batch():
+    """Rows go through their adapter's stacks group by group, however the batch is laid out and as rows join,
+    leave and change adapter (and a prefill comes between decode steps): every output equals each row computed
+    alone with its own adapter (plain LoRA of two ranks, and DoRA)."""
+    from torch import nn
+
+    from tuneforge.serve.lora import LayerDelta, LoraBank
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    bank = LoraBank(model)
+    s1, s2, s3 = (
+        bank.install({"0": LayerDelta(torch.randn(r, 6), torch.randn(5, r), 0.5, mag)})
+        for r, mag in ((2, None), (3, None), (2, torch.rand(5) + 0.5))  # the last one DoRA
+    )
+    layer = model[0]
+    compositions = {  # the batch → whether its rows must move to be grouped
+        (0, s1, s2, s3): False,  # every row its own group (the base's too)
+        (s1, s1, s2, s2): False,  # groups of one width in consecutive rows, in slot order (as admitted)
+        (s2, s2, s1, s1): True,
+        (s1, s2, s1, s2): True,
+        (s1, s2, s1): True,  # the last row left: groups of unequal width, padded
+        (s2, s2): False,  # uniform: a prefill between two decode steps
+        (s1, s2, s1, 0, s3, s3, 0): True,  # rows joined; the base's rows are left out of the groups
+        (0, 0, s1, 0, 0): True,
+        (0, 0, 0): False,
+    }
+    with torch.inference_mode():
+        for composition, moves in compositions.items():
+            x = torch.randn(len(composition), 2, 6)
+            bank.use(list(composition))
+            assert (bank.rows.groups is not None and bank.rows.groups.moves) == moves
+            got = layer(x)
+            for i, s in enumerate(composition):
+                bank.use([s])
+                assert torch.allclose(got[i], layer(x[i : i + 1])[0], atol=1e-6), (composition, i)
+                bank.use(list(composition))
+
+
 # --------------------------------------------------------------------------------------- continuous batching
 
 
@@ -522,18 +561,86 @@ def test_adapters_that_cannot_be_served_are_refused_with_the_reason(base, adapte
     for name, config in {
         "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
         "bias": peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True),
-        "saved": peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        # Trained in full beside LoRA: served for the embedding and LM head (see below), not for other modules.
+        "saved": peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["norm"]),
     }.items():
         model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
         model.save_pretrained(tmp_path / name)
         with pytest.raises(
             AdapterError,
-            match={"prompt": "PROMPT_TUNING.*cannot share a batch", "bias": "lora_bias", "saved": "modules_to_save"}[
-                name
-            ],
+            match={
+                "prompt": "PROMPT_TUNING.*cannot share a batch",
+                "bias": "lora_bias",
+                "saved": "modules_to_save lists 'norm'",
+            }[name],
         ):
             engine.add_adapter(name, tmp_path / name)
     assert engine.adapters() == []
+
+
+@pytest.mark.filterwarnings("ignore:.*ensure_weight_tying")  # the untied head of a tied base, on purpose
+def test_adapters_that_train_the_embedding_or_head_share_the_batch(base, adapters, engines, tmp_path):
+    """``modules_to_save=[embed_tokens]`` as the shipped sft-lora recipe trains it (the tied head stays tied to the
+    trained embedding), and an untied ``lm_head``: each row reads its own adapter's tables, in one batch with base
+    rows and an ordinary LoRA adapter; greedy answers equal PEFT's token for token; the tables count in the budget."""
+    import peft
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.config import AdapterConfig
+    from tuneforge.models.adapters import apply_adapter
+
+    def trained(model, out: Path, seed: int) -> Path:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3)
+                elif "modules_to_save" in name:
+                    p.add_(torch.randn_like(p) * 0.2)
+        model.save_pretrained(out)
+        return out
+
+    tied = AutoModelForCausalLM.from_pretrained(base)
+    assert tied.config.tie_word_embeddings
+    recipe = AdapterConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"])
+    embed_model = apply_adapter(tied, recipe)
+    inner = embed_model.base_model.model
+    assert inner.lm_head.weight is inner.model.embed_tokens.modules_to_save["default"].weight  # the head follows
+    untied_head = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], modules_to_save=["lm_head"])
+    head_model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), untied_head)
+    paths = {
+        "e": trained(embed_model, tmp_path / "e", 5),
+        "h": trained(head_model, tmp_path / "h", 6),
+        "a": adapters["a"],
+    }
+    engine = new_engine(engines, base, max_batch_size=8)
+    for name, path in paths.items():
+        engine.add_adapter(name, path)
+    jobs = [(ids_of(engine, PROMPTS[0]), a) for a in (None, "e", "h", "a")]
+    jobs += [(ids_of(engine, p), a) for p, a in zip(PROMPTS[1:], ("e", None, "e", "h"))]
+
+    async def run():
+        return await asyncio.gather(*[collect(engine, ids, adapter=a) for ids, a in jobs])
+
+    got = [tokens(events) for events in asyncio.run(run())]
+    # PEFT with one adapter at a time (each adapter's own PeftModel, as it was trained and saved).
+    expected = [peft_greedy(base, {a: paths[a]} if a else paths, [(ids, a)], GREEDY.max_tokens)[0] for ids, a in jobs]
+    assert got == expected
+    assert len({tuple(t) for t in got[:4]}) == 4  # each adapter's tables change its answers
+
+    def own_bytes(name: str) -> int:  # LoRA's A and B, and one [vocab, hidden] table, in fp32
+        tensors = load_file(str(paths[name] / "adapter_model.safetensors"))
+        lora = sum(t.numel() for k, t in tensors.items() if "lora_" in k)
+        return 4 * (lora + engine.vocab_size * engine.model.config.hidden_size)
+
+    # The tied adapter's file holds its table twice (as the embedding and as the head): resident once, counted once.
+    for name in ("h", "a"):
+        engine.remove_adapter(name)
+    assert engine.stats()["adapter_bytes"] == own_bytes("e")
+    engine.remove_adapter("e")
+    engine.add_adapter("h", paths["h"], pin=True)
+    assert engine.stats()["adapter_bytes"] == own_bytes("h")
 
 
 # ---------------------------------------------------------------------------------------------- embeddings

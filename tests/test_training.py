@@ -109,15 +109,6 @@ def test_other_adapters_train_and_save(kind: str, tiny_model: Path, data: Path, 
     assert out[0, :3].tolist() == [1, 5, 9] and out.shape[-1] == 5  # the prompt, then two generated tokens
 
 
-def test_qlora_without_cuda_explains(tiny_model: Path, data: Path, tmp_path: Path) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present")
-    recipe = base_recipe(tiny_model, data, tmp_path / "run")
-    recipe["adapter"] = {"kind": "qlora"}
-    with pytest.raises(tuneforge.api.TuneforgeError, match="needs a CUDA GPU"):
-        tuneforge.train(recipe, progress=False)
-
-
 def test_cpt_on_raw_text(tiny_model: Path, tmp_path: Path) -> None:
     texts = [{"text": " ".join(r["messages"][0]["content"].split()[1:] * 6)} for r in reverse_task(80)]
     data = write_jsonl(tmp_path / "corpus.jsonl", texts)

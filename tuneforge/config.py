@@ -80,7 +80,20 @@ class AdapterConfig(_Section):
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: str | list[str] = Field("all-linear", description="`all-linear` or module names.")
+    modules_to_save: list[str] = Field(
+        [],
+        description="LoRA/DoRA: modules trained in full beside the adapter (PEFT's modules_to_save), e.g. "
+        "[embed_tokens]; a tied LM head stays tied to the trained embedding.",
+    )
     num_virtual_tokens: int = Field(20, gt=0, description="Prompt/P-/prefix tuning.")
+
+    @model_validator(mode="after")
+    def _modules_to_save_beside_lora(self) -> AdapterConfig:
+        if self.modules_to_save and (self.kind == "full" or self.kind in PROMPT_LEARNING):
+            raise ValueError(
+                f"modules_to_save trains modules beside a lora, dora or qlora adapter, not with kind {self.kind!r}"
+            )
+        return self
 
 
 class TrainConfig(_Section):
@@ -107,7 +120,14 @@ class TrainConfig(_Section):
         None, description="Memory the run may use (e.g. 16GB); default: what the device has free. `tuneforge plan`."
     )
     eval_every: int | None = Field(None, gt=0, description="Validation loss every N steps (default: 10 times a run).")
-    checkpoint_every: int | None = Field(None, gt=0)
+    checkpoint_every: int | Literal["auto"] | None = Field(
+        None,
+        description="Save a resumable checkpoint every N steps; auto: Young's optimal interval from the forecast "
+        "checkpoint write time, step time and train.mtbf_hours; null: none.",
+    )
+    mtbf_hours: float = Field(
+        24.0, gt=0, description="Mean time between failures that stop a run (checkpoint_every: auto)."
+    )
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
     seed: int = 0
@@ -119,6 +139,13 @@ class TrainConfig(_Section):
     def _positive(cls, v: float | str) -> float | str:
         if v != "auto" and float(v) <= 0:
             raise ValueError("must be greater than 0 (or auto)")
+        return v
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _positive_steps(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be greater than 0 (or auto, or null for no checkpoints)")
         return v
 
 

@@ -77,19 +77,44 @@ def load_model(
     device: Any = "cpu",
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    quantization: Any = None,
 ) -> Any:
-    """A causal LM in `dtype` on `device`; errors name the path and what was expected."""
+    """A causal LM in `dtype` on `device`; errors name the path and what was expected.
+
+    ``quantization``: a transformers quantization config (QLoRA's 4-bit NF4,
+    :func:`tuneforge.models.adapters.qlora_quantization`); each weight is quantized as it loads, straight onto
+    `device` (a quantized model cannot be moved afterwards), so no full-precision copy of the model is allocated.
+    """
     from transformers import AutoModelForCausalLM
 
     check_model_path(name)
     quiet_transformers()
+    placement = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(device)}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+            name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, **placement
         )
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load a causal LM from {name}: {e}") from None
-    return model.to(device)
+    if quantization is None:
+        return model.to(device)
+    _own_storage(model)
+    return model
+
+
+def _own_storage(model: Any) -> None:
+    """Give the weights that stayed in full precision (embeddings, norms, head) their own memory.
+
+    On a CPU they are loaded as views into the memory-mapped checkpoint, and a view keeps the whole mapping: every
+    page of the full-precision file that quantizing read would stay in the process for the whole run (measured:
+    212 MB of file pages next to a 30 MB 4-bit model). Copying them lets the mapping go once loading is done.
+    """
+    import torch
+
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu" and tensor.dtype.is_floating_point and type(tensor).__name__ != "Params4bit":
+            with torch.no_grad():
+                tensor.data = tensor.data.clone()
 
 
 def load_frozen(

@@ -160,9 +160,14 @@ def decode_step_seconds(
     """Seconds of one batched decode step with a KV cache (the fixed cost sampling pays per generated token): the
     median of `blocks` runs of `steps` steps, each from a fresh 8-token prefill (one short run is at the mercy of
     whatever else the machine does in those milliseconds)."""
+    from tuneforge.models.adapters import prepare_qlora, qlora_quantization
     from tuneforge.models.loading import load_model
+    from tuneforge.training.precision import pick_precision
 
-    model = load_model(recipe.model.path, dtype=torch.float32, device=device).eval()
+    qlora = recipe.adapter.kind == "qlora"  # QLoRA samples from its 4-bit base: time that
+    quantization = qlora_quantization(pick_precision(recipe.train.precision, device)) if qlora else None
+    model = load_model(recipe.model.path, dtype=torch.float32, device=device, quantization=quantization)
+    model = (prepare_qlora(model) if qlora else model).eval()
     ids = torch.ones((rows, 8), dtype=torch.long, device=device)
     now = time.perf_counter if clock == "wall" else time.process_time
     per_step = []

@@ -9,10 +9,9 @@ from typing import Any
 from tuneforge.config import Recipe
 from tuneforge.errors import TuneforgeError
 from tuneforge.methods import method_spec
-from tuneforge.models.loading import model_fingerprint
 from tuneforge.planning.hardware import Hardware
 from tuneforge.planning.resolve import ALLOCATOR_OVERHEAD, SAFETY, Resolved
-from tuneforge.planning.timing import Rate, cached_rate, family, hardware_key, step_flops, step_seconds
+from tuneforge.planning.timing import rate_for, step_flops, step_seconds
 from tuneforge.planning.workload import memory, policy_shape, sample_size, step_work
 
 MB = 2**20
@@ -47,20 +46,6 @@ class Forecast:
         return asdict(self)
 
 
-def rate_for(recipe: Recipe, res: Resolved, hardware: Hardware, flops: float) -> Rate:
-    """The calibrated rate for this hardware and model, else the FLOP model's device peak × utilisation."""
-    if hardware.local:
-        rate = cached_rate(
-            hardware_key(hardware.kind, res.num_threads, res.precision),
-            model_fingerprint(recipe.model.path),
-            family(recipe.adapter.kind),
-        )
-        if rate is not None:
-            return rate
-    threads = res.num_threads if hardware.kind == "cpu" else 1
-    return Rate(Hardware(hardware.kind, 0, threads).peak_flops(res.precision), 0.0, "flop model (no calibration)")
-
-
 def make_forecast(recipe: Recipe, res: Resolved, hardware: Hardware, prepared: Any = None) -> Forecast:
     spec = method_spec(recipe.method)
     shape = policy_shape(recipe, spec)
@@ -71,6 +56,7 @@ def make_forecast(recipe: Recipe, res: Resolved, hardware: Hardware, prepared: A
         precision=res.precision,
         prepared=prepared,
         data_parallel=res.data_parallel,
+        device=hardware.kind,
     )
     mem = memory(recipe, shape, gradient_checkpointing=res.gradient_checkpointing, **common)
     without = memory(recipe, shape, gradient_checkpointing=False, **common).peak
@@ -84,7 +70,7 @@ def make_forecast(recipe: Recipe, res: Resolved, hardware: Hardware, prepared: A
         micro=res.micro_batch_size,
     )
     flops = step_flops(shape, work)
-    rate = rate_for(recipe, res, hardware, flops)
+    rate = rate_for(recipe, hardware, res.num_threads, res.precision)
     step_s = step_seconds(shape, work, rate)
     evals = res.total_steps // res.eval_every if res.eval_every else 0
     wall = res.total_steps * step_s + evals * step_s / 3  # an evaluation is about a forward over a batch

@@ -14,6 +14,15 @@ SwiGLU), per token per layer::
 positions, four vocabulary-wide rows per position at the start of the backward pass (logits, log-softmax, their
 gradients). Gradient checkpointing keeps each layer's input and recomputes one layer at a time. Checked against
 PyTorch's own allocation log by ``benchmarks/planner_accuracy.py``.
+
+QLoRA stores the decoder's linear weights in 4-bit NF4 (bitsandbytes, double quantization): half a byte per weight,
+one 8-bit absmax per block of 64 and one fp32 absmax of those per 256 blocks, plus each layer's 256-entry
+second-level code table; embeddings, norms, biases and the LM head stay fp32. Each 4-bit layer dequantizes its
+weight for the matmul (forward, and again in the backward: only the packed weight is saved), so one layer's
+weight in full precision is live on top of the training pass. On a CPU the full-precision checkpoint is memory-mapped
+while it is quantized, so loading peaks at the checkpoint file plus the 4-bit model (``loading``; the mapping is
+released once the model is loaded, see :func:`tuneforge.models.loading.load_model`); on a GPU the mapping is host
+memory and only one layer at a time is quantized on the device.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from dataclasses import dataclass, field
 from tuneforge.planning.shape import ModelShape
 
 FP32 = 4
+NF4_BYTES = 0.5 + 1 / 64 + FP32 / (64 * 256)  # per 4-bit weight: packed nibble, 8-bit absmax / 64, fp32 absmax / 16384
+NF4_TENSOR_BYTES = (256 + 16) * FP32  # per 4-bit layer: the absmax code table and the NF4 code (measured: 1.1 kB)
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,10 @@ class Workload:
     generation_kv_tokens: int = 0  # sequences × context held in a KV cache while sampling (online methods)
     generation_rows: int = 0  # sequences decoded together (their logits are live at each decode step)
     frozen_base: bool = False  # an adapter trains: norms' weights are frozen, so autograd keeps less (see below)
+    quantized: int = 0  # base weights stored in 4-bit NF4 (QLoRA: the decoder's linears)
+    quantized_layers: int = 0  # 4-bit layers (each has its own quantization tables)
+    largest_quantized: int = 0  # weights of the largest 4-bit layer (dequantized for each matmul)
+    mapped_checkpoint: int = 0  # bytes of the checkpoint mapped into memory while it is quantized (CPU)
 
 
 @dataclass
@@ -86,19 +101,27 @@ def forecast_memory(s: ModelShape, w: Workload) -> MemoryForecast:
     Gradients are freed between steps (``zero_grad(set_to_none=True)``), so with one micro-batch per step the
     backward pass's activations and the gradients it writes overlap only partly: the later of the two is counted.
     """
-    weights = s.params * FP32
+    weights = (s.params - w.quantized) * FP32 + w.quantized * NF4_BYTES + w.quantized_layers * NF4_TENSOR_BYTES
     trainable_extra = 0 if w.trainable >= s.params else w.trainable * FP32  # adapter weights next to the base
+    # A 4-bit layer's weight dequantized to fp32 (then cast to the compute dtype under autocast) for one matmul.
+    dequant = w.largest_quantized * (FP32 + (w.act_bytes if w.act_bytes != FP32 else 0))
     parts = {
-        "weights": weights + trainable_extra,
+        "weights": int(weights) + trainable_extra,
         "frozen_models": w.frozen_params * FP32,
         "gradients": w.trainable * FP32,
         "optimizer": 2 * w.trainable * FP32,  # AdamW's exp_avg and exp_avg_sq
         "activations": activation_bytes(s, w),
         "generation": generation_bytes(s, w),
+        "dequantized": dequant,
+        # Quantizing one layer takes about 1.5× its fp32 weight in temporaries (absolute values, scaled, clamped;
+        # measured 1.2–1.5× on 3–53 M-parameter models).
+        "loading": int(w.mapped_checkpoint + weights + 1.5 * w.largest_quantized * FP32) if w.mapped_checkpoint else 0,
     }
     static = parts["weights"] + parts["frozen_models"] + parts["optimizer"]
     if w.grad_accumulation > 1:
         train = parts["gradients"] + parts["activations"]
     else:
         train = max(parts["activations"], parts["gradients"] + parts["activations"] // 2)
-    return MemoryForecast(parts, static + max(train, parts["generation"]))  # sampling runs with no gradients
+    train += dequant
+    peak = static + max(train, parts["generation"])  # sampling runs with no gradients
+    return MemoryForecast(parts, max(peak, parts["loading"]))  # loading comes before the optimizer exists

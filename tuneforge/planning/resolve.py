@@ -17,6 +17,8 @@ The rules, and what they follow:
 * **epochs** (``auto``) — OpenAI's ``n_epochs: auto`` rule (:func:`tuneforge.data.sampler.auto_epochs`).
 * **warmup** — ``warmup_ratio`` of the steps unless ``warmup_steps`` is set; **evaluation** 10 times a run;
   **threads** — every core this process may run on.
+* **checkpoint cadence** (``auto``) — Young's optimal interval √(2 × write time × MTBF) (Young 1974; Daly 2006),
+  in steps of the forecast step time (:mod:`tuneforge.planning.cadence`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from tuneforge.config import Recipe
 from tuneforge.data.sampler import auto_epochs
 from tuneforge.errors import ModelError, RecipeError
 from tuneforge.methods import PROMPT_LEARNING, method_spec
+from tuneforge.planning.cadence import auto_checkpoint_every, run_disk
 from tuneforge.planning.hardware import Hardware, local_hardware, parse_size
 from tuneforge.planning.shape import ModelShape
-from tuneforge.planning.workload import memory, policy_shape
+from tuneforge.planning.timing import rate_for, step_seconds
+from tuneforge.planning.workload import memory, policy_shape, step_work, trainable_params
 from tuneforge.training.precision import pick_device, pick_precision
 from tuneforge.training.schedule import warmup_steps_for
 
@@ -68,11 +72,13 @@ class Resolved:
         return {k: v for k, v in asdict(self).items() if k != "explain"}
 
     def apply(self, recipe: Recipe) -> Recipe:
-        """The recipe with this plan's learning rate and checkpointing in place of ``auto`` (what the run trains
-        with, what ``recipe.yaml`` records, what elastic replicas receive)."""
+        """The recipe with this plan's learning rate, gradient checkpointing and checkpoint cadence in place of
+        ``auto`` (what the run trains with, what ``recipe.yaml`` records, what elastic replicas receive)."""
         d = recipe.to_dict()
         d["train"]["lr"] = self.lr
         d["train"]["gradient_checkpointing"] = self.gradient_checkpointing
+        if d["train"]["checkpoint_every"] == "auto":
+            d["train"]["checkpoint_every"] = self.checkpoint_every
         return Recipe.model_validate(d)
 
 
@@ -193,6 +199,7 @@ def resolve(
                 precision=precision,
                 prepared=prepared,
                 data_parallel=data_parallel,
+                device=device.type,
             )
             return int(mem.peak * overhead)
 
@@ -235,6 +242,26 @@ def resolve(
     threads = t.num_threads or len(os.sched_getaffinity(0))
     if not t.num_threads:
         explain["num_threads"] = f"threads {threads}: every core this process may use"
+    checkpoint_every = t.checkpoint_every
+    if checkpoint_every == "auto":
+        multiple = int(getattr(prepared, "updates_per_batch", 1))  # online methods: steps per batch of rollouts
+        if shape is None:
+            checkpoint_every = max(multiple, round(max(1, total_steps // 10) / multiple) * multiple)
+            explain["checkpoint_every"] = (
+                f"checkpoint every {checkpoint_every}: no model config to forecast the step time from, so 10 a run"
+            )
+        else:
+            work = step_work(
+                recipe, shape, per_replica=per_replica, gradient_checkpointing=ckpt, prepared=prepared, micro=micro
+            )
+            checkpoint_every, explain["checkpoint_every"] = auto_checkpoint_every(
+                trainable=trainable_params(recipe, method_spec(recipe.method), shape),
+                step_s=step_seconds(shape, work, rate_for(recipe, hardware, threads, precision)),
+                mtbf_hours=t.mtbf_hours,
+                total_steps=total_steps,
+                disk=run_disk(recipe.output.dir, hardware.local),
+                multiple=multiple,
+            )
     return Resolved(
         device=str(device),
         precision=precision,
@@ -244,7 +271,7 @@ def resolve(
         total_steps=total_steps,
         warmup_steps=warmup,
         eval_every=eval_every,
-        checkpoint_every=t.checkpoint_every,
+        checkpoint_every=checkpoint_every,
         num_threads=threads,
         lr=float(lr),
         gradient_checkpointing=bool(ckpt),

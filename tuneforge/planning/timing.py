@@ -31,10 +31,16 @@ import json
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuneforge.files import atomic_write
+from tuneforge.models.loading import model_fingerprint
 from tuneforge.paths import cache_dir
+from tuneforge.planning.hardware import Hardware
 from tuneforge.planning.shape import ModelShape
+
+if TYPE_CHECKING:
+    from tuneforge.config import Recipe
 
 
 @dataclass(frozen=True)
@@ -82,8 +88,23 @@ class Rate:
 
 
 def family(adapter_kind: str) -> str:
-    """Calibrations are kept apart for full fine-tuning and for a frozen base (adapters): their passes differ."""
-    return "full" if adapter_kind == "full" else "adapter"
+    """Calibrations are kept apart for full fine-tuning, a frozen base (adapters) and a frozen 4-bit base (QLoRA,
+    which dequantizes every weight in every pass): their passes differ."""
+    return {"full": "full", "qlora": "qlora"}.get(adapter_kind, "adapter")
+
+
+def rate_for(recipe: Recipe, hardware: Hardware, threads: int, precision: str) -> Rate:
+    """The calibrated rate for this hardware and model, else the FLOP model's device peak × utilisation."""
+    if hardware.local:
+        rate = cached_rate(
+            hardware_key(hardware.kind, threads, precision),
+            model_fingerprint(recipe.model.path),
+            family(recipe.adapter.kind),
+        )
+        if rate is not None:
+            return rate
+    n = threads if hardware.kind == "cpu" else 1
+    return Rate(Hardware(hardware.kind, 0, n).peak_flops(precision), 0.0, "flop model (no calibration)")
 
 
 def hardware_key(kind: str, threads: int, precision: str) -> str:

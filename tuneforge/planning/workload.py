@@ -6,6 +6,7 @@ from here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,7 +109,9 @@ def workload(
     precision: str,
     prepared: Any = None,
     data_parallel: int = 1,
+    device: str = "cpu",
 ) -> Workload:
+    """``device``: the device kind the run trains on (a CPU maps the checkpoint into memory while QLoRA quantizes)."""
     spec = method_spec(recipe.method)
     size = sample_size(recipe, spec, prepared)
     kv_tokens = rows = 0
@@ -116,6 +119,7 @@ def workload(
         per_replica = recipe.train.global_batch_size // data_parallel
         rows = min(recipe.generation.batch_size, per_replica * spec.sequences_per_sample(recipe))
         kv_tokens = rows * (size.prompt + recipe.generation.max_new_tokens)
+    quantized = shape.linears if recipe.adapter.kind == "qlora" else ()  # the decoder's linears, in 4 bits
     return Workload(
         tokens=micro * size.tokens,
         supervised=micro * size.supervised,
@@ -127,7 +131,18 @@ def workload(
         generation_kv_tokens=kv_tokens,
         generation_rows=rows,
         frozen_base=recipe.adapter.kind != "full",
+        quantized=sum(i * o for _, i, o in quantized),
+        quantized_layers=len(quantized),
+        largest_quantized=max((i * o for _, i, o in quantized), default=0),
+        mapped_checkpoint=checkpoint_file_bytes(recipe.model.path, shape) if quantized and device == "cpu" else 0,
     )
+
+
+def checkpoint_file_bytes(path: str, shape: ModelShape) -> int:
+    """Size of the model's weight files (what loading maps into memory); fp32 weights when there are none here."""
+    root = Path(path).expanduser()
+    files = [f for f in root.iterdir() if f.suffix in (".safetensors", ".bin")] if root.is_dir() else []
+    return sum(f.stat().st_size for f in files) or shape.params * FP32
 
 
 def memory(recipe: Recipe, shape: ModelShape, **kw: Any) -> MemoryForecast:

@@ -1,7 +1,7 @@
 """Serving: one base model in memory, many LoRA adapters in the same batch, continuous batching.
 
 The engine (``engine.py``) is what the HTTP routes call; ``lora.py`` computes every row's adapter in one
-forward pass, ``kv.py`` keeps the running batch's cache, ``adapters.py`` checks, loads and evicts adapters,
+forward pass (``vocab.py`` its own embedding and LM head, for adapters that train them), ``kv.py`` keeps the running batch's cache, ``adapters.py`` checks, loads and evicts adapters,
 ``sampling.py`` picks tokens. The names below load on first use, so importing a sibling module (the routes,
 the catalog) does not import torch.
 """

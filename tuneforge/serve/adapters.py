@@ -4,7 +4,9 @@ An adapter is a PEFT adapter directory (``adapter_config.json`` + ``adapter_mode
 and plain ``peft`` save them. Registering reads only the config and the safetensors header, so a bad adapter
 is refused before any request needs it: another base model (by name, config or layer shapes), a layer the
 base lacks, or a PEFT option that changes a layer's forward beyond ``base + scale·B·A`` (and DoRA's
-magnitude), each named with the reason. Weights are read when a request first needs them and live in the
+magnitude), each named with the reason. ``modules_to_save`` is served for the input embedding and the LM head
+(a tied head follows the trained embedding when PEFT's ``ensure_weight_tying`` is set, as PEFT does on load):
+``vocab.py`` gives each row its adapter's tables. Weights are read when a request first needs them and live in the
 :class:`~tuneforge.serve.lora.LoraBank`'s slots; under a byte budget the least recently used adapter that no
 running request holds and nobody pinned makes room.
 """
@@ -24,14 +26,14 @@ import torch
 from torch import nn
 
 from tuneforge.errors import ModelError, suggest
-from tuneforge.serve.lora import LayerDelta, LoraBank, base_linear
+from tuneforge.serve.lora import LayerDelta, LoraBank, base_linear, unwrap
+from tuneforge.serve.vocab import VocabTables, vocab_names
 
 PREFIX = "base_model.model."
 A_KEY, B_KEY, MAG_KEY = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
 # PEFT options (beyond DoRA) that change what a layer computes: served any other way, the answers would be wrong.
 FORWARD_CHANGING = (
     "lora_bias",
-    "modules_to_save",
     "layer_replication",
     "trainable_token_indices",
     "target_parameters",
@@ -71,6 +73,17 @@ class AdapterInfo:
     dora: bool
     nbytes: int
     base: str | None
+    embed_key: str | None = None  # the tensor holding the adapter's own input embedding table, if it has one
+    head_key: str | None = None  # …its own LM head (the embedding's tensor when the head is tied to it)
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """An adapter's weights as read from disk: LoRA deltas by layer, and its own vocabulary tables if any."""
+
+    layers: dict[str, LayerDelta]
+    embed: torch.Tensor | None = None  # [vocab, hidden]
+    head: torch.Tensor | None = None  # [vocab, hidden]; ``embed`` itself for a tied head
 
 
 def inspect_adapter(name: str, path: str | Path, model: nn.Module, base_path: Path) -> AdapterInfo:
@@ -95,7 +108,8 @@ def inspect_adapter(name: str, path: str | Path, model: nn.Module, base_path: Pa
             "adapters (expected LORA; prompt/prefix tuning changes the input, not the layers — serve it alone with "
             "peft, or train a LoRA adapter)"
         )
-    _check_options(name, config_file, config)
+    embed_name, head_name = vocab_names(model)
+    _check_options(name, config_file, config, embed_name, head_name)
     base = config.base_model_name_or_path
     _check_base(name, config_file, base, base_path, model)
 
@@ -104,6 +118,13 @@ def inspect_adapter(name: str, path: str | Path, model: nn.Module, base_path: Pa
     with safe_open(str(weights), framework="pt") as f:
         names = f.keys()
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in names}
+    tables = {
+        kind: PREFIX + module + ".weight"
+        for kind, module in (("embed", embed_name), ("head", head_name))
+        if module is not None and PREFIX + module + ".weight" in shapes
+    }
+    for kind, key in tables.items():
+        _check_table(name, weights, kind, key, shapes.pop(key), model, embed_name if kind == "embed" else head_name)
     for key, shape in sorted(shapes.items()):
         module, kind = _split_key(name, weights, key)
         if kind == MAG_KEY:
@@ -128,8 +149,16 @@ def inspect_adapter(name: str, path: str | Path, model: nn.Module, base_path: Pa
                 f"base layer ({layer.in_features} → {layer.out_features}); the adapter was trained on another model"
             )
         layers[module] = (r, fan_in, fan_out)
-    if not layers:
+    if not layers and not tables:
         raise AdapterError(f"adapter {name}: {weights} holds no LoRA weights (expected *{A_KEY} and *{B_KEY} tensors)")
+    if "head" in tables and head_name in layers:
+        raise AdapterError(
+            f"adapter {name}: {weights}: {head_name} is both trained in full and adapted with LoRA (expected one)"
+        )
+    embed_key, head_key = tables.get("embed"), tables.get("head")
+    if getattr(config, "ensure_weight_tying", False) and getattr(model.config, "tie_word_embeddings", False):
+        # PEFT ties the head to the trained embedding on load (it saves the same table under both names).
+        embed_key = head_key = embed_key or head_key
     if config.use_dora and magnitudes != set(layers):
         raise AdapterError(
             f"adapter {name}: {weights}: use_dora is set but magnitude vectors are missing for some layers"
@@ -137,15 +166,18 @@ def inspect_adapter(name: str, path: str | Path, model: nn.Module, base_path: Pa
     scales = {m: _scale(config, m, r) for m, (r, _, _) in layers.items()}
     item = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
     nbytes = sum(r * (i + o) + (o if config.use_dora else 0) for r, i, o in layers.values()) * item
-    return AdapterInfo(name, root, layers, scales, bool(config.use_dora), nbytes, base)
+    if embed_key or head_key:  # whole [vocab, hidden] tables; a tied head shares the embedding's
+        table = unwrap(model.get_input_embeddings()).weight
+        nbytes += len({k for k in (embed_key, head_key) if k is not None}) * table.numel() * item
+    return AdapterInfo(name, root, layers, scales, bool(config.use_dora), nbytes, base, embed_key, head_key)
 
 
-def load_deltas(info: AdapterInfo) -> dict[str, LayerDelta]:
-    """Read an adapter's weights: ``{layer name: LayerDelta}``."""
+def load_weights(info: AdapterInfo) -> AdapterWeights:
+    """Read an adapter's weights."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(info.path / "adapter_model.safetensors"))
-    return {
+    layers = {
         m: LayerDelta(
             tensors[PREFIX + m + A_KEY],
             tensors[PREFIX + m + B_KEY],
@@ -154,6 +186,28 @@ def load_deltas(info: AdapterInfo) -> dict[str, LayerDelta]:
         )
         for m in info.layers
     }
+    embed = tensors[info.embed_key] if info.embed_key else None
+    head = embed if info.head_key == info.embed_key else tensors[info.head_key] if info.head_key else None
+    return AdapterWeights(layers, embed, head)
+
+
+def _check_table(name: str, weights: Path, kind: str, key: str, shape: tuple, model: nn.Module, module: str) -> None:
+    """An adapter's own embedding table or LM head must be a plain one of the base's shape."""
+    own = unwrap(model.get_submodule(module))
+    if kind == "embed":
+        plain = type(own) is nn.Embedding and own.max_norm is None
+    else:
+        plain = type(own) is nn.Linear and own.bias is None
+    if not plain:
+        raise AdapterError(
+            f"adapter {name}: {weights}: {key}: the base's {module} is a {type(own).__name__}, which the batched "
+            "engine cannot give per-row tables (merge the adapter and serve the merged model)"
+        )
+    if tuple(shape) != tuple(own.weight.shape):
+        raise AdapterError(
+            f"adapter {name}: {weights}: {key} is {list(shape)} but the base's {module} is "
+            f"{list(own.weight.shape)} (expected an adapter trained on this base, with the same vocabulary)"
+        )
 
 
 def _split_key(name: str, weights: Path, key: str) -> tuple[str, str]:
@@ -167,7 +221,15 @@ def _split_key(name: str, weights: Path, key: str) -> tuple[str, str]:
     )
 
 
-def _check_options(name: str, config_file: Path, config: Any) -> None:
+def _check_options(name: str, config_file: Path, config: Any, embed_name: str | None, head_name: str | None) -> None:
+    served = [m for m in (embed_name, head_name) if m is not None]
+    for module in config.modules_to_save or ():
+        if not any(m == module or m.endswith("." + module) for m in served):
+            raise AdapterError(
+                f"adapter {name}: {config_file}: modules_to_save lists {module!r}, which the batched engine does not "
+                f"serve per row (served: the input embedding and LM head, {' and '.join(served) or 'none here'}); "
+                "merge the adapter and serve the merged model"
+            )
     for opt in FORWARD_CHANGING:
         value = getattr(config, opt, None)
         if value:
@@ -229,7 +291,7 @@ class Entry:
     slot: int | None = None
     users: int = 0  # running requests that read it
     removed: bool = False
-    staged: dict[str, LayerDelta] | None = field(default=None, repr=False)
+    staged: AdapterWeights | None = field(default=None, repr=False)
 
 
 class AdapterPool:
@@ -241,6 +303,7 @@ class AdapterPool:
 
     def __init__(self, bank: LoraBank, model: nn.Module, base_path: Path, budget: int | None) -> None:
         self.bank, self.model, self.base_path, self.budget = bank, model, base_path, budget
+        self.tables = VocabTables(model, bank.rows)
         self.entries: dict[str, Entry] = {}
         self.resident: OrderedDict[int, Entry] = OrderedDict()  # by slot, least recently used first
         self.lock = threading.RLock()
@@ -293,10 +356,10 @@ class AdapterPool:
         with self.lock:
             if entry.slot is not None or entry.staged is not None:
                 return
-        deltas = load_deltas(entry.info)
+        weights = load_weights(entry.info)
         with self.lock:
             if entry.slot is None:
-                entry.staged = deltas
+                entry.staged = weights
 
     def acquire(self, entry: Entry) -> int | None:
         """The slot of ``entry`` for one more running request, installing it (and evicting) as needed.
@@ -313,8 +376,9 @@ class AdapterPool:
                     )
                 if not self._make_room(entry.info.nbytes):
                     return None
-                deltas = entry.staged if entry.staged is not None else load_deltas(entry.info)
-                entry.slot, entry.staged = self.bank.install(deltas), None
+                weights = entry.staged if entry.staged is not None else load_weights(entry.info)
+                entry.slot, entry.staged = self.bank.install(weights.layers), None
+                self.tables.put(entry.slot, weights.embed, weights.head)
             self.resident[entry.slot] = entry
             self.resident.move_to_end(entry.slot)
             entry.users += 1
@@ -352,6 +416,7 @@ class AdapterPool:
     def _evict(self, entry: Entry) -> None:
         if entry.slot is not None:
             self.resident.pop(entry.slot, None)
+            self.tables.clear(entry.slot)
             self.bank.release(entry.slot)
             entry.slot = None
 

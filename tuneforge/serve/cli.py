@@ -33,14 +33,7 @@ def add_commands(sub: Any) -> None:
         help="environment variable holding the key clients must send (default: no key; then only this machine "
         "may load or unload models)",
     )
-    p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together per base model")
-    p.add_argument(
-        "--adapter-budget-mb", type=float, default=None, help="memory for loaded adapters (LRU eviction beyond)"
-    )
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--engine", choices=["tuneforge", "vllm"], default="tuneforge")
-    p.add_argument("--max-loras", type=int, default=8, help="--engine vllm: adapters in one batch")
-    p.add_argument("--max-lora-rank", type=int, default=64, help="--engine vllm: the largest adapter rank")
+    add_engine_flags(p)
     p.add_argument("--tracking-uri", default=None, help="registry for models:/ references (default: embedded)")
     p.set_defaults(fn=_cmd_serve)
 
@@ -52,6 +45,18 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--api-key-env", default="TUNEFORGE_API_KEY", metavar="VAR", help="default: $TUNEFORGE_API_KEY")
     p.add_argument("--tracking-uri", default=None, help="the registry --alias writes to (default: embedded)")
     p.set_defaults(fn=_cmd_deploy)
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The inference engine's flags, shared by ``tuneforge serve`` and ``tuneforge server``; see engine_factory."""
+    p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together per base model")
+    p.add_argument(
+        "--adapter-budget-mb", type=float, default=None, help="memory for loaded adapters (LRU eviction beyond)"
+    )
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--engine", choices=["tuneforge", "vllm"], default="tuneforge")
+    p.add_argument("--max-loras", type=int, default=8, help="--engine vllm: adapters in one batch")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="--engine vllm: the largest adapter rank")
 
 
 def engine_factory(args: argparse.Namespace) -> Any:

@@ -78,7 +78,8 @@ class Engine:
 
     ``max_batch_size`` rows decode together; ``max_prefill_tokens`` bounds one prefill chunk (padded tokens), so
     a newcomer delays running rows by at most one chunk per step. ``adapter_budget_bytes`` bounds the resident
-    adapters' own weights (rank × (in + out) per layer, in ``dtype``); the slot stacks pad every adapter of a
+    adapters' own weights (rank × (in + out) per layer, in ``dtype``, plus the vocabulary × hidden table of an
+    adapter that trains the embedding or LM head; a tied one once); the slot stacks pad every adapter of a
     layer to the largest resident rank, so mixing very different ranks uses more. ``max_model_len`` (default:
     the model's ``max_position_embeddings``) bounds prompt + answer.
     """
@@ -346,6 +347,8 @@ class Engine:
             self._pending.extendleft(reversed(skipped))
         if not taken:
             return None
+        # Rows of one adapter side by side: the LoRA layers then compute each adapter's rows in place (lora.py).
+        taken.sort(key=lambda r: r.slot)
         cache, ids = SlotCache.for_prompts(self.num_layers, [r.prompt for r in taken], self.max_model_len)
         return _Prefill(taken, cache, ids)
 

@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         executor = make_executor(settings.executor, python=settings.python)
         scheduler = Scheduler(db, settings, executor)
         app.state.db, app.state.settings, app.state.scheduler = db, settings, scheduler
-        app.state.catalog = inference.make_catalog(db)  # models load on first use
+        app.state.catalog = inference.make_catalog(db, settings.engine_factory)  # models load on first use
         scheduler.start()
         try:
             yield

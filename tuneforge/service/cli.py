@@ -13,6 +13,8 @@ import os
 import time
 from typing import Any
 
+from tuneforge.serve.cli import add_engine_flags
+
 DEFAULT_PORT = 8100
 
 
@@ -27,6 +29,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow for the jobs (default: the embedded store)")
     p.add_argument("--no-tracking", action="store_true", help="jobs do not log to MLflow")
     p.add_argument("--executor", choices=["local", "kubernetes"], default="local")
+    add_engine_flags(p)  # chat and completions on the same base URL: the same engine flags as `tuneforge serve`
     p.set_defaults(fn=_cmd_server)
 
     p = sub.add_parser("keys", help="API keys of the fine-tuning service")
@@ -66,6 +69,7 @@ def add_commands(sub: Any) -> None:
 def _cmd_server(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from tuneforge.serve.cli import engine_factory
     from tuneforge.service.app import create_app
     from tuneforge.service.settings import Settings
 
@@ -78,6 +82,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     )
     if args.slots:
         settings.slots = args.slots
+    settings.engine_factory = engine_factory(args)
     print(f"tuneforge server on http://{args.host}:{args.port}/v1 (database {settings.url})", flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     return 0

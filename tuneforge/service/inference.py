@@ -10,6 +10,7 @@ a model deployed at run time (``tuneforge deploy --server …``) belongs to the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from sqlalchemy import select
@@ -65,11 +66,13 @@ def finder(db: Database) -> Callable[[str, str | None], Spec | None]:
     return find
 
 
-def make_catalog(db: Database) -> Catalog:
+def make_catalog(db: Database, engine_factory: Callable[[Any], Any] | None = None) -> Catalog:
+    """``engine_factory``: base path → engine (``tuneforge server``'s engine flags); default: tuneforge's engine."""
     from tuneforge.serve.engine import Engine
 
+    factory = engine_factory or (lambda base: Engine(base, max_batch_size=MAX_BATCH_SIZE))
     # serve_bases=False: a fine-tune's base is served under its registered name, not a folder's
-    return Catalog(lambda base: Engine(base, max_batch_size=MAX_BATCH_SIZE), finder=finder(db), serve_bases=False)
+    return Catalog(factory, finder=finder(db), serve_bases=False)
 
 
 async def _project(request: Request) -> str | None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tuneforge.paths import state_dir
 
@@ -24,6 +26,7 @@ class Settings:
     executor: str = "local"  # local | kubernetes
     poll_s: float = 0.25  # how often the scheduler looks at jobs
     python: str | None = None  # interpreter for job processes (default: this one)
+    engine_factory: Callable[[Path], Any] | None = None  # base path → inference engine (default: tuneforge's)
 
     @property
     def url(self) -> str:

@@ -142,8 +142,8 @@ def prepare_prompts(
             f"prompts longer than data.max_length - generation.max_new_tokens = {budget} tokens "
             "(set data.on_overlong: truncate or drop, or raise data.max_length)",
         )
-    every = recipe.train.checkpoint_every
-    if updates_per_batch > 1 and every and every % updates_per_batch:
+    every = recipe.train.checkpoint_every  # auto: the planner rounds it to a multiple (planning.cadence)
+    if updates_per_batch > 1 and isinstance(every, int) and every % updates_per_batch:
         raise RecipeError(
             f"train.checkpoint_every: {every} must be a multiple of {reuse_field}={updates_per_batch}, "
             "so that a resumed run starts on a fresh batch of rollouts"
