@@ -14,7 +14,7 @@ import pytest
 from chat_families import FAMILIES, family_tokenizer
 
 from tuneforge.config import load_recipe
-from tuneforge.data import pipeline
+from tuneforge.data import ahead, encode, pipeline
 from tuneforge.data.hashset import HashSet
 from tuneforge.data.pipeline import load_sources, tokenize_sources
 from tuneforge.data.sanitize import content_hash
@@ -303,3 +303,113 @@ def test_prepare_memory_does_not_grow_with_the_data(tiny_model: Path, tmp_path: 
         peaks.append(int(out.stdout.split()[-1]))
         sizes.append(data.stat().st_size)
     assert peaks[1] - peaks[0] < (sizes[1] - sizes[0]) / 4, (peaks, sizes)
+
+
+def _entries(tokens) -> dict[str, dict[str, bytes]]:
+    """Every token-cache entry of tokenized sources: name → file → bytes."""
+    out = {}
+    for src in tokens:
+        for side, split in (("train", src.train), ("val", src.val)):
+            if split is not None:
+                entry = cache_dir("tokens") / split.cache_key
+                out[f"{src.name}/{side}"] = {p.name: p.read_bytes() for p in sorted(entry.iterdir())}
+    return out
+
+
+def _ahead_then_ordinary(recipe, tok, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, start_after: int = 1):
+    """Tokenize `recipe` twice, in fresh homes: tokens made during the scan, then the ordinary way (from the spool)."""
+    monkeypatch.setattr(ahead, "START_AFTER", start_after)  # start the workers for these small files too
+    monkeypatch.setattr(pipeline, "PARALLEL_MIN_EXAMPLES", 1)
+    results = []
+    for mode in ("ahead", "ordinary"):
+        monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / f"home-{mode}"))
+        factory = pipeline.ahead_factory(recipe, ("messages",), lambda: (tok, tok.chat_template))
+        assert factory is not None
+        try:
+            scanned = scan_sources(recipe, ahead=factory if mode == "ahead" else None)
+        except DataError as e:
+            results.append((e, None))
+            continue
+        made = [s.train.spool is not None and s.train.spool.tokens is not None for s in scanned]
+        try:
+            tokens = tokenize_sources(scanned, tok, tok.chat_template, recipe)
+        except DataError as e:
+            results.append((e, made))
+        else:
+            results.append((_entries(tokens), made))
+        assert not [p for p in cache_dir("tokens").iterdir() if p.name.startswith(".")]  # no partial entry left
+    return results
+
+
+def test_tokens_made_during_the_scan_are_the_ordinary_paths_bytes(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = unique_chats(2400)  # with duplicates: dedup decides what is tokenized
+    for i in range(0, len(records), 7):  # a second turn, half of them with weight 0
+        m = records[i]["messages"]
+        records[i] = {"messages": [*m, {"role": "user", "content": "again"}, {**m[1], "weight": i % 2}]}
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    other = write_jsonl(tmp_path / "e.jsonl", unique_chats(1200, seed=1))
+    spec = base_recipe(tiny_model, data, tmp_path / "out")
+    spec["data"].update(num_workers=2, val_fraction=0.05, on_overlong="truncate", max_length=40)
+    spec["data"]["sources"].append({"path": str(other)})
+    recipe = load_recipe(spec)
+    tok = load_tokenizer(str(tiny_model))
+    (ahead_entries, made), (ordinary_entries, not_made) = _ahead_then_ordinary(recipe, tok, monkeypatch, tmp_path)
+    assert not isinstance(ahead_entries, DataError), str(ahead_entries)
+    assert made == [True, True] and not_made == [False, False]
+    assert set(ahead_entries) == {"d/train", "d/val", "e/train", "e/val"}
+    assert ahead_entries == ordinary_entries  # the same entries (keys), byte for byte
+
+
+@pytest.mark.parametrize(
+    "case", ["overlong", "overlong before the workers start", "rank split", "bad record", "explicit validation file"]
+)
+def test_tokenizing_during_the_scan_falls_back_to_the_ordinary_path(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    records: list = unique_chats(600 if case == "rank split" else 1500)
+    spec = base_recipe(tiny_model, tmp_path / "d.jsonl", tmp_path / "out")
+    spec["data"]["num_workers"] = 2
+    early = case == "overlong before the workers start"  # in a batch buffered until then, written as they start
+    at = 300 if early else 1200
+    if case.startswith("overlong"):  # on_overlong: error names the line; nothing is trained
+        records[at] = {"messages": [{"role": "user", "content": " ".join(WORDS * 3)}, records[5]["messages"][1]]}
+    if case == "bad record":
+        records[1300] = {"messages": [{"role": "user", "content": "no answer"}]}
+    if case == "explicit validation file":
+        spec["data"]["validation"] = str(write_jsonl(tmp_path / "v.jsonl", unique_chats(50, seed=3)))
+    write_jsonl(tmp_path / "d.jsonl", records)
+    recipe = load_recipe(spec)
+    tok = load_tokenizer(str(tiny_model))
+    if early:
+        monkeypatch.setattr(encode, "IN_FLIGHT_PER_WORKER", 1)  # a window smaller than the buffered batches
+    (a, made), (b, _) = _ahead_then_ordinary(recipe, tok, monkeypatch, tmp_path, 1400 if early else 1)
+    if case.startswith("overlong") or case == "bad record":  # the same error, naming the same file:line: field
+        assert isinstance(a, DataError) and isinstance(b, DataError)
+        assert str(a) == str(b) and [str(i) for i in a.issues] == [str(i) for i in b.issues]
+        assert f"d.jsonl:{1301 if case == 'bad record' else at + 1}:" in str(a.issues[0])
+    else:
+        assert a == b and made == [case == "explicit validation file"]
+
+
+def test_prepare_tokenizes_chats_while_it_scans_them(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ahead, "START_AFTER", 1)
+    finished: list = []
+    finish = ahead.TokenizeAhead.finish
+    monkeypatch.setattr(ahead.TokenizeAhead, "finish", lambda self: finished.append(finish(self)) or finished[-1])
+    data = write_jsonl(tmp_path / "d.jsonl", unique_chats(1500))
+    recipe = load_recipe(base_recipe(tiny_model, data, tmp_path / "out"), {"data.num_workers": 2})
+    during = sft_task.prepare(recipe)
+    assert len(finished) == 1 and finished[0] is not None  # the prepare's tokens were made during its scan
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home-ordinary"))
+    monkeypatch.setattr(sft_task, "ahead_factory", lambda *args: None)
+    after = sft_task.prepare(recipe)
+    assert len(finished) == 1
+    for a, b in ((during.tokens[0].train, after.tokens[0].train), (during.tokens[0].val, after.tokens[0].val)):
+        assert a.cache_key == b.cache_key and not a.cache_hit and not b.cache_hit
+        for name in ("ids", "mask", "offsets", "supervised"):
+            assert np.array_equal(getattr(a, name), getattr(b, name))
+    assert np.array_equal(during.plan.refs, after.plan.refs)

@@ -12,6 +12,7 @@ tokenizer's own threads off so forking is safe, and die with their parent (``PR_
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import multiprocessing
 import os
@@ -28,6 +29,7 @@ import numpy as np
 from tuneforge.data.templates import ChatTemplateError, TurnProblem, encode_chat_views, encode_texts
 
 PARALLEL_MIN_EXAMPLES = 8192  # smaller splits are encoded in-process: forking costs more than it saves
+ENCODE_BATCH = 256  # examples per tokenizer call (and per job sent to a worker)
 IN_FLIGHT_PER_WORKER = 3
 
 
@@ -52,6 +54,7 @@ class Encoded:
     supervised: np.ndarray
     too_long: list[tuple[int, int]] = field(default_factory=list)
     problems: list[TurnProblem] = field(default_factory=list)  # turns the chat template cannot train
+    owner: np.ndarray | None = None  # chats: the record (index in batch) each sequence comes from
 
 
 def encode_batch(tokenizer: Any, records: list[bytes], job: EncodeJob) -> Encoded:
@@ -66,24 +69,25 @@ def encode_batch(tokenizer: Any, records: list[bytes], job: EncodeJob) -> Encode
         except ChatTemplateError as e:  # the caller names them all (FILE:LINE: messages[i]: …) and trains nothing
             empty = np.zeros(0, np.int64)
             return Encoded(np.zeros(0, np.int32), np.zeros(0, np.uint8), empty, empty, problems=e.problems)
-        owner = [i for i, seqs in enumerate(views) for _ in seqs]  # a template may train a chat as several sequences
-        encoded = [(s.ids, s.mask) for seqs in views for s in seqs]
-        long = [k for k, (ids, _) in enumerate(encoded) if len(ids) > job.max_length]
-        too_long = sorted({owner[k]: len(encoded[k][0]) for k in long}.items())  # per chat: its last, longest
+        # (ids, mask, the chat it comes from): a template may train a chat as several sequences
+        encoded = [(s.ids, s.mask, i) for i, seqs in enumerate(views) for s in seqs]
+        long = [k for k, (ids, _, _) in enumerate(encoded) if len(ids) > job.max_length]
+        too_long = sorted({encoded[k][2]: len(encoded[k][0]) for k in long}.items())  # per chat: its last, longest
         if long and job.on_overlong == "truncate":
-            encoded = [(ids[: job.max_length], mask[: job.max_length]) for ids, mask in encoded]
+            encoded = [(ids[: job.max_length], mask[: job.max_length], i) for ids, mask, i in encoded]
         elif long:  # "drop", or "error" (the caller raises; the batch's tokens are never used)
             drop = set(long)
             encoded = [e for k, e in enumerate(encoded) if k not in drop]
         encoded = [e for e in encoded if int(e[1][1:].sum()) > 0]  # nothing to learn from (all weights 0)
-    lengths = np.fromiter((len(ids) for ids, _ in encoded), dtype=np.int64, count=len(encoded))
+    owners = np.fromiter((e[2] for e in encoded), dtype=np.int64, count=len(encoded)) if job.kind != "text" else None
+    lengths = np.fromiter((len(e[0]) for e in encoded), dtype=np.int64, count=len(encoded))
     if not encoded:
-        return Encoded(np.zeros(0, np.int32), np.zeros(0, np.uint8), lengths, lengths.copy(), too_long)
+        return Encoded(np.zeros(0, np.int32), np.zeros(0, np.uint8), lengths, lengths.copy(), too_long, owner=owners)
     ids = np.concatenate([e[0] for e in encoded]).astype(np.int32, copy=False)
     mask = np.concatenate([e[1] for e in encoded]).astype(np.uint8, copy=False)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     supervised = np.add.reduceat(mask.astype(np.int64), starts) - mask[starts]  # the first token is no target
-    return Encoded(ids, mask, lengths, supervised, too_long)
+    return Encoded(ids, mask, lengths, supervised, too_long, owner=owners)
 
 
 _WORKER_TOKENIZER: list[Any] = []
@@ -100,6 +104,9 @@ def _die_with_parent() -> None:
 def _init_worker(tokenizer: Any) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it shuts the pool down
+    # What the worker inherited (modules, the tokenizer: ~350k objects with torch loaded) lives as long as it
+    # does; the collector's full passes skip it (a few % of a worker's time) and leave its pages shared.
+    gc.freeze()
     _WORKER_TOKENIZER[:] = [tokenizer]
 
 
@@ -135,6 +142,47 @@ def encode_stream(tokenizer: Any, batches: Iterable[list[bytes]], job: EncodeJob
     finally:
         _restore("TOKENIZERS_PARALLELISM", before)
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class EncodePool:
+    """:func:`encode_batch` on worker processes, pushed batch by batch: results come back in submission order.
+
+    The push-side twin of :func:`encode_stream`, for a producer that cannot be a generator (the streaming scan
+    feeds it while it reads). At most ``IN_FLIGHT_PER_WORKER`` batches per worker are in flight; :meth:`submit`
+    hands back, in order, the results it had to wait for to stay within that window.
+    """
+
+    def __init__(self, tokenizer: Any, job: EncodeJob, workers: int) -> None:
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        self.job, self.window = job, IN_FLIGHT_PER_WORKER * workers
+        self.pending: deque[tuple[Any, Future[Encoded]]] = deque()
+        before = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the forked workers: no Rust threads after fork
+        try:
+            self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(tokenizer,))
+            self.pool.submit(int).result()  # a forking pool starts all its workers on the first submit
+        finally:
+            _restore("TOKENIZERS_PARALLELISM", before)
+
+    def submit(self, records: list[bytes], tag: Any) -> list[tuple[Any, Encoded]]:
+        """Queue one batch (`tag` comes back with its result); the results that had to finish to make room."""
+        self.pending.append((tag, self.pool.submit(_work, records, self.job)))
+        done = []
+        while len(self.pending) > self.window:
+            tag, future = self.pending.popleft()
+            done.append((tag, future.result()))
+        return done
+
+    def drain(self) -> Iterator[tuple[Any, Encoded]]:
+        """Every result still to come, in order."""
+        while self.pending:
+            tag, future = self.pending.popleft()
+            yield tag, future.result()
+
+    def close(self) -> None:
+        self.pending.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _restore(name: str, value: str | None) -> None:

@@ -7,6 +7,10 @@ examples into memory-mapped token arrays through the cache. The first half comes
 formats), ``data.stream.scan_sources`` spools them to disk in bounded memory (SFT / CPT, any size).
 :func:`tokenize_sources` takes either, streams batches through ``data.encode`` (worker processes for large
 splits) into a ``token_cache.CacheWriter``, so no stage holds a whole source.
+
+For large chat sources the halves overlap: with :func:`ahead_factory`, ``scan_sources`` hands each batch it keeps
+to the workers as it reads (``data.ahead``), and :func:`tokenize_sources` only commits those tokens — still
+nothing is *trained* before every record is checked, and a scan that finds a bad record throws them away.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ import numpy as np
 
 from tuneforge.config import Recipe, SourceConfig
 from tuneforge.data import token_cache
-from tuneforge.data.encode import PARALLEL_MIN_EXAMPLES, Encoded, EncodeJob, default_workers, encode_stream
+from tuneforge.data.ahead import AheadFactory, AheadSpec, PendingTokens
+from tuneforge.data.encode import (
+    ENCODE_BATCH,
+    PARALLEL_MIN_EXAMPLES,
+    Encoded,
+    EncodeJob,
+    default_workers,
+    encode_stream,
+)
 from tuneforge.data.fingerprint import verify_in_background
 from tuneforge.data.sanitize import canonical_json, content_hash, sanitize, split
 from tuneforge.data.stream import MAX_ISSUES, ScannedSource, release, rescan, source_name
@@ -47,7 +59,6 @@ class SourceExamples:
 
 
 LoadedSource = SourceExamples | ScannedSource  # records in memory (small data) or spooled on disk (any size)
-ENCODE_BATCH = 256  # examples per tokenizer call (and per job sent to a worker)
 
 
 @dataclass
@@ -136,6 +147,38 @@ def _job(fmt: str, template: str | None, recipe: Recipe) -> EncodeJob:
     return EncodeJob(fmt, template if fmt != "text" else None, d.loss_on, d.max_length, d.on_overlong)
 
 
+def ahead_factory(
+    recipe: Recipe, formats: Collection[str], load: Callable[[], tuple[Any, str | None]]
+) -> AheadFactory | None:
+    """What ``stream.scan_sources`` needs to tokenize chats while it scans them (``data.ahead``), or None when it
+    should not: no token cache (nothing to write ahead into) or a single worker (nothing to overlap with).
+
+    `load` gives the tokenizer and template, as ``load_inputs`` will; it is called once, when a scan first needs
+    it, and if it fails nothing is tokenized ahead — the ordinary path reports the failure after the data's own
+    errors, in the usual order.
+    """
+    workers = recipe.data.num_workers or default_workers()
+    if not recipe.data.cache or workers <= 1:
+        return None
+    loaded: list[tuple[Any, str, str] | None] = []
+
+    def make(fmt: str) -> AheadSpec | None:
+        if fmt == "text" or fmt not in formats:
+            return None
+        if not loaded:
+            try:
+                tokenizer, template = load()
+                loaded.append((tokenizer, template, token_cache.tokenizer_fingerprint(tokenizer)) if template else None)
+            except Exception:
+                loaded.append(None)
+        if loaded[0] is None:
+            return None
+        tokenizer, template, fingerprint = loaded[0]
+        return AheadSpec(tokenizer, fingerprint, _job(fmt, template, recipe), workers)
+
+    return make
+
+
 def _batches_of(examples: list[dict], lines: dict[str, int], size: int) -> Iterator[tuple[np.ndarray, list[bytes]]]:
     """In-memory examples as the ``(lines, canonical JSON records)`` batches a spool yields."""
     for i in range(0, len(examples), size):
@@ -155,11 +198,14 @@ def _tokenize_split(
     recipe: Recipe,
     split_name: str,
     workers: int,
+    pending: PendingTokens | None = None,
 ) -> TokenizedSource:
-    """One split through the token cache: a hit is memory-mapped; a miss streams `batches()` into a new entry."""
+    """One split through the token cache: a hit is memory-mapped; a miss commits the tokens made during the scan
+    (`pending`, when they were made with this job and tokenizer) or streams `batches()` into a new entry."""
+    tokenizer_hash = token_cache.tokenizer_fingerprint(tokenizer)
     key = token_cache.cache_key(
         data_hash=data_hash,
-        tokenizer_hash=token_cache.tokenizer_fingerprint(tokenizer),
+        tokenizer_hash=tokenizer_hash,
         template=job.template,
         max_length=job.max_length,
         kind=job.kind,
@@ -171,6 +217,8 @@ def _tokenize_split(
         hit = token_cache.load(root, name, key)
         if hit is not None:
             return hit
+        if pending is not None and pending.matches(job, tokenizer_hash):
+            return pending.commit(name, key)
     overlong = ValidationReport(
         path=path, format=job.kind, max_issues=MAX_ISSUES, full_report=root / "reports" / f"{key}.txt"
     )
@@ -257,8 +305,11 @@ def tokenize_sources(
                     splits.append(None)
                     continue
                 path, n, data_hash, batches = args
+                pending = _pending(src, side)
                 splits.append(
-                    _tokenize_split(src.name, path, n, data_hash, batches, job, tokenizer, recipe, split_name, workers)
+                    _tokenize_split(
+                        src.name, path, n, data_hash, batches, job, tokenizer, recipe, split_name, workers, pending
+                    )
                 )
             train, val = splits
             assert train is not None
@@ -276,6 +327,14 @@ def tokenize_sources(
         if isinstance(s, ScannedSource) and s.trusted:
             verify_in_background(s.path, s.digest)
     return out
+
+
+def _pending(src: LoadedSource, side: int) -> PendingTokens | None:
+    """The tokens the scan made for one side of a source, if it made them."""
+    split = src.train if side == 0 else src.val
+    if not isinstance(src, ScannedSource) or split is None or split.spool is None or split.side < 0:
+        return None
+    return split.spool.tokens[side] if split.spool.tokens else None
 
 
 def _split_args(src: LoadedSource, side: int) -> tuple[str, int, str, Callable[[], Iterator]] | None:

@@ -152,7 +152,15 @@ class CacheWriter:
         self.examples += len(lengths)
         self.tokens += int(lengths.sum())
 
-    def commit(self, name: str) -> TokenizedSource:
+    def close(self) -> None:
+        """Close the files: appending is over, the entry is committed (or dropped) later."""
+        for f in self.files.values():
+            f.close()
+
+    def commit(self, name: str, key: str | None = None) -> TokenizedSource:
+        """Make the entry visible under `key` (default: the one given at creation — tokens written before their
+        key was known, as a scan that tokenizes while it reads does, are committed under the key found at its end)."""
+        self.key = key or self.key
         for f in self.files.values():
             f.close()
         meta = {"v": CACHE_VERSION, "examples": self.examples, "tokens": self.tokens}

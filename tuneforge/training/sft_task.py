@@ -9,19 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from tuneforge.config import Recipe
 from tuneforge.data.batching import collate
-from tuneforge.data.pipeline import LoadedSource, SourceTokens, tokenize_sources
+from tuneforge.data.pipeline import LoadedSource, SourceTokens, ahead_factory, tokenize_sources
 from tuneforge.data.sampler import Plan, build_plan
 from tuneforge.data.stream import release, scan_sources
 from tuneforge.data.token_cache import TokenizedSource
 from tuneforge.methods import PROMPT_LEARNING, method_spec
 from tuneforge.objectives.sft import sft_loss
-from tuneforge.training.build import load_inputs
+from tuneforge.training.build import load_inputs, load_tokenizer_for
 from tuneforge.training.forward import supervised_logits, supports_selective_head
 from tuneforge.training.precision import autocast
 from tuneforge.training.task import PreparedBase, StepOutput, TaskBase, held_out_means
@@ -64,7 +66,11 @@ def prepare(recipe: Recipe, loaded: Sequence[LoadedSource] | None = None) -> SFT
     if loaded is None:
         spec = method_spec(recipe.method)
         extra = "*" if spec.allow_extra_keys else ()
-        scanned = scan_sources(recipe, default_format=spec.default_format, allow_extra=extra, verify=recipe.data.verify)
+        # Chats are tokenized while they are scanned (data.ahead): the tokenizer loads once the scan needs it.
+        ahead = ahead_factory(recipe, spec.formats, lambda: _local_tokenizer(recipe))
+        scanned = scan_sources(
+            recipe, default_format=spec.default_format, allow_extra=extra, verify=recipe.data.verify, ahead=ahead
+        )
         try:
             inputs = load_inputs(recipe, loaded=scanned)
         except BaseException:
@@ -96,6 +102,15 @@ def prepare(recipe: Recipe, loaded: Sequence[LoadedSource] | None = None) -> SFT
         tokens=tokens,
         packing=packing,
     )
+
+
+def _local_tokenizer(recipe: Recipe) -> tuple[Any, str | None]:
+    """The recipe's tokenizer and template for tokenizing during the scan — only from a local directory: data
+    that turns out bad must not have cost a download."""
+    name = recipe.model.tokenizer or recipe.model.path
+    if not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(name)
+    return load_tokenizer_for(recipe, True)
 
 
 @dataclass
