@@ -168,6 +168,10 @@ def base_recipe(model: Path, data: Path, out: Path, **train: object) -> dict:
             "log_every": 4,
             "warmup_steps": 0,
             "num_threads": 1,
+            # Tests compare runs exactly (replicas vs one process, resumed vs not) — an fp32 property: under bf16
+            # autocast each matmul rounds to 8 bits of mantissa, and its kernel (so its summation order) depends on
+            # the batch's shape. `auto` picks bf16 on CPUs with AMX; tests of the bf16 paths ask for them.
+            "precision": "fp32",
             **train,
         },
         "tracking": {"enabled": False},
