@@ -19,10 +19,12 @@ batch assignment, so their final parameters agree too (reported).
 
 ``--real`` trains the real model (``tuneforge demo`` must have built its base under ``$TUNEFORGE_HOME``; the task
 is ``tuneforge.training.elastic:make_task``, the same code a ``tuneforge train --replicas`` run uses) instead of
-the stand-in, with the same three runs and the same JSON shape. Its length in steps comes from a probe of a few
-steps (``--minutes`` of training on 3 replicas; ``--steps`` overrides), LoRA dropout is off (each process draws
-its own dropout masks, so no run that loses a process could end on the fault-free weights), and token caches
-and runs live in the work directory, not in ``$TUNEFORGE_HOME``.
+the stand-in, with the same three runs and the same JSON shape. Its length in steps comes from a short
+fault-free probe run of the same job (``--minutes`` of training on 3 replicas, plus a 20 % margin so that the
+last kill lands before the end; ``--steps`` overrides), it runs as ``tuneforge train --replicas`` does (the
+recipe's seed and gradient clipping, the plan's own sample order; the torchrun workers clip alike), LoRA
+dropout is off (each process draws its own dropout masks, so no run that loses a process could end on the
+fault-free weights), and token caches and runs live in the work directory, not in ``$TUNEFORGE_HOME``.
 
 The last line printed is one JSON object (see ``main``).
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import socket
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 REPLICAS = 3
+PROBE_STEPS = 40  # --real: the fault-free run that times a step
 
 
 REAL_TASK: dict[str, Any] = {}  # --real: task, task_config, batch sizes of the demo recipe (see real_task)
@@ -54,27 +58,32 @@ def real_task(minutes: float, steps: int | None, work: Path) -> dict[str, Any]:
     The recipe's paths are resolved against the current ``$TUNEFORGE_HOME`` (where ``tuneforge demo`` built the
     base); caches and runs then go to a home inside `work`, never the user's. LoRA dropout is set to 0: a dropout
     mask is drawn from each process's own random stream, which a replacement replica does not share, so with
-    dropout no elastic run (nor a restarted one) could end on the fault-free run's weights. Without ``steps``,
-    the run is as long as a probe of a few steps here says `minutes` of training take on ``REPLICAS`` replicas.
+    dropout no elastic run (nor a restarted one) could end on the fault-free run's weights. Without ``steps``, the
+    run is as long as a short fault-free probe run of the same job says `minutes` of training take.
     """
     from tuneforge.config import load_recipe
-    from tuneforge.planner import resolve
-    from tuneforge.training.build import prepare
 
     recipe_path = Path(__file__).resolve().parents[1] / "recipes" / "sft-lora.yaml"
     overrides = ["tracking.enabled=false", "adapter.dropout=0"]
-    recipe = load_recipe(recipe_path, [*overrides, "train.max_steps=100000"])  # paths against $TUNEFORGE_HOME
+    recipe = load_recipe(recipe_path, [*overrides, f"train.max_steps={PROBE_STEPS}"])  # against $TUNEFORGE_HOME
     if not Path(recipe.model.path).is_dir():
         raise SystemExit(f"--real needs the demo's base model at {recipe.model.path}: run `tuneforge demo` first")
     os.environ["TUNEFORGE_HOME"] = str(work / "home")  # token caches and plans: not the user's home
-    res = resolve(recipe, 100_000)
-    task_config = {"recipe": recipe.to_dict(), "micro_batch_size": res.micro_batch_size, "threads": 1}
     if steps is None:
-        step_s = probe_step_s(task_config, recipe.train.global_batch_size, res.micro_batch_size)
-        steps = int(minutes * 60 / step_s * 1.15) + 1  # a margin: the last kill must land before the end
-        print(f"probe: ~{step_s:.3f} s per step on {REPLICAS} replicas -> {steps} steps", file=sys.stderr)
-    recipe = load_recipe(recipe.to_dict(), [f"train.max_steps={steps}"])
-    prepared = prepare(recipe)  # warms the token cache every replica (and every restart) maps
+        REAL_TASK.update(elastic_task(recipe))
+        step_s = probe_step_s(work / "probe", PROBE_STEPS)
+        REAL_TASK.clear()
+        steps = int(minutes * 60 / step_s * 1.2) + 1  # a margin: the last kill must land before the end
+        print(f"probe: {step_s:.3f} s per step on {REPLICAS} replicas -> {steps} steps", file=sys.stderr)
+    return elastic_task(load_recipe(recipe.to_dict(), [f"train.max_steps={steps}"]))
+
+
+def elastic_task(recipe: Any) -> dict[str, Any]:
+    """``REAL_TASK`` for a recipe: its data tokenized here (every replica and every restart then maps the cache)."""
+    from tuneforge.planner import resolve
+    from tuneforge.training.build import prepare
+
+    prepared = prepare(recipe)
     res = resolve(recipe, prepared.num_steps)
     return {
         "task": "tuneforge.training.elastic:make_task",
@@ -82,35 +91,27 @@ def real_task(minutes: float, steps: int | None, work: Path) -> dict[str, Any]:
         "global_batch_size": recipe.train.global_batch_size,
         "micro_batch_size": res.micro_batch_size,
         "steps": prepared.num_steps,
+        # as `tuneforge train --replicas` runs it (tuneforge.training.elastic.run_elastic)
+        "seed": recipe.train.seed,
+        "shuffle": False,  # the plan is already shuffled and mixed, by global index
+        "max_grad_norm": recipe.train.grad_clip,
     }
 
 
-def probe_step_s(task_config: dict[str, Any], global_batch: int, micro: int, steps: int = 4) -> float:
-    """Seconds per step of a ``REPLICAS``-replica run, estimated from one replica's share timed here.
+def probe_step_s(run_dir: Path, steps: int, warmup: int = 5) -> float:
+    """Seconds per step of the ``REPLICAS``-replica job, from a short fault-free run of it (the first `warmup`
+    steps left out): the replicas' coordination per step counts, and so does whatever else this machine runs now."""
+    from tuneforge.distributed.metrics import read_events
 
-    The replicas share this machine's cores: with more replicas than cores each runs correspondingly slower.
-    """
-    import statistics
-
-    from tuneforge.training.elastic import make_task
-
-    task = make_task(task_config)
-    model, optimizer, scheduler = task.build(0)
-    share = max(1, global_batch // REPLICAS)
-    times = []
-    for step in range(steps + 1):  # the first step warms up
-        t0 = time.perf_counter()
-        rows = list(task.rows_for_step(step))[:share]
-        task.prepare_step(model, step, rows, rows, lambda t: t)
-        scale = 1.0 / max(task.loss_tokens(rows), 1)
-        for i in range(0, len(rows), micro):
-            task.forward_backward(model, rows[i : i + micro], scale)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        times.append(time.perf_counter() - t0)
-    cores = len(os.sched_getaffinity(0))
-    return statistics.median(times[1:]) * max(1.0, REPLICAS / cores)
+    run_tuneforge(run_dir, job_spec(steps, [], 0, 0), 900)
+    ends: dict[int, float] = {}
+    for e in read_events(run_dir):
+        if e["kind"] == "attempt" and e.get("committed"):
+            ends[e["step"]] = max(ends.get(e["step"], 0.0), e["t_end"])
+    if len(ends) <= warmup + 1:
+        raise RuntimeError(f"the probe run committed {len(ends)} steps; see {run_dir / 'logs'}")
+    last = max(ends)
+    return (ends[last] - ends[warmup - 1]) / (last - warmup + 1)
 
 
 def job_spec(steps: int, faults: list[tuple[float, int]], checkpoint_every: int, hot_spares: int) -> Any:
@@ -129,7 +130,9 @@ def job_spec(steps: int, faults: list[tuple[float, int]], checkpoint_every: int,
         steps=min(steps, task.get("steps", steps)),
         global_batch_size=task["global_batch_size"],
         micro_batch_size=task["micro_batch_size"],
-        seed=0,
+        seed=task.get("seed", 0),
+        shuffle=task.get("shuffle", True),
+        max_grad_norm=task.get("max_grad_norm"),
         resilience=ResilienceConfig(
             min_replicas=2,
             max_replicas=REPLICAS,
@@ -276,7 +279,7 @@ def torchrun_worker(run_dir: Path) -> None:
     import torch.distributed as dist
     from torch.utils._pytree import tree_map_only
 
-    from tuneforge.distributed.assignment import plan_step
+    from tuneforge.distributed.assignment import micro_batches, plan_step, shard
     from tuneforge.distributed.config import JobSpec
     from tuneforge.distributed.metrics import EventLog
     from tuneforge.distributed.task import load_task, load_task_state, task_state_dict
@@ -306,16 +309,33 @@ def torchrun_worker(run_dir: Path) -> None:
         load_task_state(task, model, optimizer, scheduler, blob["task"])
         step = int(blob["step"])
         log.log("ckpt_loaded", step=step, path=str(ckpts[-1]))
+    else:  # as DDP does: every rank starts from rank 0's weights
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
     policy = spec.batch_policy()
+    rows_for = getattr(task, "rows_for_step", None)  # the same assignment rule as tuneforge's replicas
+    prepare = getattr(task, "prepare_step", None)
+
+    def reduce(t: Any) -> Any:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the frozen base has no gradients
     saver: threading.Thread | None = None
     every = spec.resilience.checkpoint_every
     while step < spec.steps:
         t0 = time.time()
-        plan = plan_step(policy, step, step * spec.global_batch_size, rank, world, task.num_samples(), spec.seed)
-        scale = 1.0 / task.loss_tokens(plan.global_indices)
+        position = step * spec.global_batch_size
+        plan = plan_step(policy, step, position, rank, world, task.num_samples(), spec.seed, spec.shuffle)
+        indices, micro = plan.global_indices, plan.micro_batches
+        if callable(rows_for) and policy.mode == "fixed":  # the task says which samples a step holds
+            indices = list(rows_for(step))
+            micro = micro_batches(shard(indices, rank, world), spec.micro_batch_size)
+        if callable(prepare):
+            prepare(model, step, indices, [i for mb in micro for i in mb], reduce)
+        scale = 1.0 / max(1, task.loss_tokens(indices))
         optimizer.zero_grad(set_to_none=False)
-        for mb in plan.micro_batches:
+        for mb in micro:
             task.forward_backward(model, mb, scale)
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -323,6 +343,7 @@ def torchrun_worker(run_dir: Path) -> None:
         for p in params:
             p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
+        torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm or math.inf)  # as the replicas do
         optimizer.step()
         scheduler.step()
         step += 1
