@@ -507,7 +507,8 @@ def test_a_high_priority_job_shrinks_an_elastic_one_which_regrows_and_matches_a_
             "type": "supervised",
             "supervised": {"hyperparameters": {"n_epochs": 300, "batch_size": 8, "learning_rate_multiplier": 0.02}},
         },
-        extra_body={"tuneforge": {"replicas": "1:2", "priority": 0}},
+        # fp32: a bit-level comparison with a fixed run (bf16 autocast, auto on AMX CPUs, rounds per micro-batch)
+        extra_body={"tuneforge": {"replicas": "1:2", "priority": 0, "overrides": {"train.precision": "fp32"}}},
     )
     _wait_step(client, elastic.id, 3)
     assert client.fine_tuning.jobs.retrieve(elastic.id).tuneforge["current_replicas"] == 2  # type: ignore[attr-defined]
