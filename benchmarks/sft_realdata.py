@@ -28,7 +28,7 @@ Equal work, concretely:
   - ``padding_free``: no packing, each batch one padding-free sequence — the same cost as ``packed``.
   - ``padded_by_length``: ``padded`` with ``train_sampling_strategy="group_by_length"`` (batches of similar
     length: less padding). Faster than ``padded``, but its batches are of one kind of chat and the held-out loss
-    after the epoch is about twice the others' — not equal work; printed for reference only.
+    after the epoch is about twice the others' — not equal work; there for reference.
 * Equal results are checked too: after the epoch both models' loss on the same held-out chats (2 % of each
   source, assistant tokens only) is computed by one plain-PyTorch function, the same for both.
 * Timing: from the first forward pass of training to the end of the last ``optimizer.step()`` (a global module
@@ -39,9 +39,14 @@ Equal work, concretely:
 
     python benchmarks/sft_realdata.py                        # ~6 min on 2 idle cores (3 pairs); builds the base once
     python benchmarks/sft_realdata.py --repeats 1 --home /tmp/tf-home
+    python benchmarks/sft_realdata.py --threads 1            # on a machine busy with other work (see below)
+
+On a machine other processes keep busy, use ``--threads 1``: a multi-threaded PyTorch op waits for all its
+threads, and a thread the scheduler has parked makes the others spin — measured here, a 2-thread epoch took 7x
+as long as a 1-thread one under load, on both sides, which says nothing about either.
 
 ``--home`` is a ``TUNEFORGE_HOME`` holding the demo's base (``$TUNEFORGE_HOME/demo/full/base``); without it,
-``$TUNEFORGE_HOME`` is used when the base is there, else the base is built once in a temporary home (minutes).
+``$TUNEFORGE_HOME`` is used when the base is there, else the base is built in a temporary home (~10 minutes).
 Nothing is written to ``~/.tuneforge``: runs and caches live in a temporary directory.
 
 The last line printed is one JSON object: ``{"tuneforge_s", "trl_s", "ratio", "tuneforge_val_loss",

@@ -329,9 +329,9 @@ def test_base_cache_key_follows_only_what_the_base_is_built_from() -> None:
     """Changing fine-tuning or evaluation keeps the cached base; changing pre-training or its data rebuilds it."""
     from dataclasses import fields, replace
 
-    from tuneforge.demo.run import _NOT_IN_BASE_KEY, FULL, _base_key
+    from tuneforge.demo.run import FULL, NOT_IN_BASE_KEY, base_key
 
-    assert set(_NOT_IN_BASE_KEY) <= {f.name for f in fields(FULL)}  # no stale names
+    assert set(NOT_IN_BASE_KEY) <= {f.name for f in fields(FULL)}  # no stale names
     for name in (
         "finetune_steps",
         "finetune_batch",
@@ -342,7 +342,7 @@ def test_base_cache_key_follows_only_what_the_base_is_built_from() -> None:
         "ticket_eval",
     ):
         changed = replace(FULL, **{name: getattr(FULL, name) * 2})
-        assert _base_key(changed) == _base_key(FULL), name
+        assert base_key(changed) == base_key(FULL), name
     for name in (
         "pretrain_steps",
         "pretrain_batch",
@@ -355,4 +355,4 @@ def test_base_cache_key_follows_only_what_the_base_is_built_from() -> None:
         "vocab_size",
     ):
         changed = replace(FULL, **{name: getattr(FULL, name) * 2})
-        assert _base_key(changed) != _base_key(FULL), name
+        assert base_key(changed) != base_key(FULL), name

@@ -8,13 +8,18 @@ A table row is a dict::
 ``model`` is the display name; ``role`` (``base`` / ``domain_only`` / ``mixed``, optionally ``lora_mixed``) tells
 the verdict which row is which (without roles, three rows are taken in that order); every other scalar is a column;
 ``skills`` (optional) holds per-skill general accuracy. The verdict is computed, never written in, so the
-report says what this run measured even when that is "mixing did not help".
+report says what this run measured even when that is "mixing did not help". The paired-bootstrap comparisons
+behind its claims (:mod:`tuneforge.eval.bootstrap`) get a table of their own: how sure each difference is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from tuneforge.eval.bootstrap import Comparison
+from tuneforge.eval.report import comparison_rows, fmt
 
 ROLES = ("base", "domain_only", "mixed")
 LORA_ROLE = "lora_mixed"  # LoRA on the mixed data: compared with full fine-tuning on the same mixture
@@ -68,8 +73,9 @@ def format_table(table: list[dict]) -> str:
     return out
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+def _markdown(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """A markdown table: the first ``left`` columns left-aligned, the rest (numbers) right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * left + ["---:"] * (len(header) - left)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -130,6 +136,13 @@ def _lora_sentence(lora: dict, rows: dict[str, dict], margin: float) -> str:
     )
 
 
+def comparison_sentence(candidate: str, baseline: str, r: Comparison) -> str:
+    """One paired comparison as a line: ``LoRA vs full: tickets macro_f1 Δ -0.012 (95% CI [...]): no detectable
+    change``."""
+    ci = f"[{fmt(r.low, True)}, {fmt(r.high, True)}]"
+    return f"{candidate} vs {baseline}: {r.task} {r.metric} Δ {fmt(r.delta, True)} (95% CI {ci}): {r.verdict}"
+
+
 def _pyplot() -> Any:
     """pyplot on the file-only Agg backend: the report is written on headless machines too."""
     import matplotlib
@@ -174,9 +187,17 @@ def before_after_figure(table: list[dict]) -> Any:
 
 
 def write_report(
-    run_dir: Path, table: list[dict], loss_curves: dict[str, list[tuple[int, float]]], title: str
+    run_dir: Path,
+    table: list[dict],
+    loss_curves: dict[str, list[tuple[int, float]]],
+    title: str,
+    comparisons: Sequence[tuple[str, str, Comparison]] = (),
+    eval_report: Path | None = None,
 ) -> dict[str, Path]:
-    """Write ``report.md``, ``loss_curves.png`` and ``before_after.png`` into ``run_dir``; return their paths."""
+    """Write ``report.md``, ``loss_curves.png`` and ``before_after.png`` into ``run_dir``; return their paths.
+
+    ``comparisons``: ``(candidate, baseline, paired comparison)`` for the claims, shown with their intervals;
+    ``eval_report``: tuneforge eval's full report (relative to ``run_dir``), linked from this one."""
     plt = _pyplot()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +233,23 @@ def write_report(
     rows = [[str(r["model"]), *(_cell(r.get(c)) for c in cols)] for r in table]
     parts = [f"# {title}", "", _markdown(["model", *cols], rows)]
     parts += ["", verdict(table)]
+    if comparisons:
+        header = ["comparison", "task", "metric", "candidate", "baseline", "Δ", "95% CI of Δ", "verdict"]
+        rows = [[f"{c} vs {b}", *comparison_rows([r])[0]] for c, b, r in comparisons]
+        parts += [
+            "",
+            "## How sure",
+            "",
+            "Paired bootstrap over the evaluation items (the same resamples for both models): the verdict is *better* "
+            "or *worse* only when the 95 % interval of the difference excludes zero.",
+            "",
+            _markdown(header, rows, left=3),
+        ]
+    if eval_report is not None:
+        parts += [
+            "",
+            f"Every fine-tune against the base, metric by metric and skill by skill: [{eval_report}]({eval_report}).",
+        ]
     if skills:
         rows = [[s, *(_cell((r.get("skills") or {}).get(s)) for r in table)] for s in skills]
         parts += ["", "## General accuracy per skill", "", _markdown(["skill", *models], rows)]
