@@ -50,6 +50,7 @@ def test_every_auto_value_is_explained_with_its_numbers(sft: dict) -> None:
         max_steps=None,
         warmup_steps=None,
         num_threads=None,
+        precision="auto",
     )
     why = res.explain
     assert f"micro-batch {res.micro_batch_size}:" in why["micro_batch_size"]
@@ -217,7 +218,7 @@ def test_auto_epochs_follow_openais_rule() -> None:
 
 
 def test_plan_cli_prints_reasons_and_a_forecast(sft: dict, tmp_path: Path, capsys) -> None:
-    sft["train"]["lr"] = "auto"
+    sft["train"] |= {"lr": "auto", "precision": "auto"}
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(sft))
     assert main(["plan", str(recipe)]) == 0
