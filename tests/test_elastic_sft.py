@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,15 @@ def test_two_replicas_with_a_kill_match_one_process(recipe: dict, tmp_path: Path
     assert report.failures[0].healed_from_peer and not report.failures[0].cold_restart
     assert [h["step"] for h in elastic.history][-1] == 10
     assert elastic.history[-1]["loss"] == pytest.approx(single.history[-1]["loss"], rel=1e-4)
+
+    # every run checks the planner: forecast vs measured, the same shape as the local run's
+    local = json.loads((single.run_dir / "result.json").read_text())["planner"]
+    planner = json.loads((elastic.run_dir / "result.json").read_text())["planner"]
+    assert planner.keys() == local.keys() and planner["errors"].keys() == local["errors"].keys()
+    assert planner["measured"].keys() == local["measured"].keys()
+    assert planner["measured"]["memory_kind"] == local["measured"]["memory_kind"]
+    for key, error in (("peak_mb", "peak_memory"), ("step_s", "step_time"), ("wall_s", "wall_time")):
+        assert planner["measured"][key] > 0 and planner["errors"][error] is not None
+    assert planner["forecast"]["step_s"] > 0 and planner["forecast"]["process_peak_mb"] > 0
+    # each step logs the largest replica's peak so far; the run's peak is the largest of those
+    assert planner["measured"]["peak_mb"] == max(h["peak_mb"] for h in elastic.history)

@@ -41,6 +41,7 @@ from tuneforge.distributed.runfiles import (
     wait_for_lighthouse,
     write_status,
 )
+from tuneforge.distributed.task import MAX_SUFFIX
 from tuneforge.files import atomic_path
 
 
@@ -226,7 +227,6 @@ class Replica:
     def _attempt(self, step: int, step_faults: dict[int, Any]) -> tuple[bool, int, int, dict[str, float], str | None]:
         """Compute this replica's share of ``step``, all-reduce, vote; True if the step was committed."""
         import torch
-        from torch.distributed import ReduceOp
 
         manager = self.manager
         if manager.errored() is not None:  # quorum / process group / heal failed: vote no, retry
@@ -273,11 +273,11 @@ class Replica:
         sums: dict[str, float] = {}
         for mb in micro:
             for key, value in self.task.forward_backward(self.model, mb, scale).items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+                v = float(value)
+                sums[key] = max(sums.get(key, v), v) if key.endswith(MAX_SUFFIX) else sums.get(key, 0.0) + v
         fire_faults()
 
-        keys = sorted(sums)
-        self._allreduce_grads(torch.tensor([sums[k] for k in keys], dtype=torch.float64), ReduceOp.SUM, keys, sums)
+        self._allreduce_grads(sums)
         if manager.errored() is None:  # the norm is logged like a local run's; clipping only when asked
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm or math.inf)
             sums["grad_norm"] = float(norm)
@@ -304,9 +304,11 @@ class Replica:
             raise StepAborted(str(self.manager.errored()))
         return tensor
 
-    def _allreduce_grads(self, metric_values: Any, op: Any, keys: list[str], sums: dict[str, float]) -> None:
-        """SUM all-reduce of all gradients (bucketed, flattened) plus the metric sums in one pass."""
+    def _allreduce_grads(self, sums: dict[str, float]) -> None:
+        """SUM all-reduce of all gradients (bucketed, flattened) plus the step's metrics in one pass (in place:
+        sums, and maxima for the keys ending in ``MAX_SUFFIX``)."""
         import torch
+        from torch.distributed import ReduceOp
 
         for p in self.params:
             if p.grad is None:
@@ -325,9 +327,16 @@ class Replica:
         for params in buckets:
             flat = torch.cat([p.grad.reshape(-1) for p in params]) if params else None
             if flat is not None:
-                works.append((params, flat, self.manager.allreduce(flat, reduce_op=op)))
-        metric_flat = metric_values.to(self.params[0].device if self.params else "cpu")
-        metric_work = self.manager.allreduce(metric_flat, reduce_op=op)
+                works.append((params, flat, self.manager.allreduce(flat, reduce_op=ReduceOp.SUM)))
+        device = self.params[0].device if self.params else "cpu"
+        metric_works = []
+        for op, keys in (
+            (ReduceOp.SUM, sorted(k for k in sums if not k.endswith(MAX_SUFFIX))),
+            (ReduceOp.MAX, sorted(k for k in sums if k.endswith(MAX_SUFFIX))),
+        ):
+            if keys:
+                flat = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+                metric_works.append((keys, flat, self.manager.allreduce(flat, reduce_op=op)))
         for params, flat, work in works:
             work.wait()
             offset = 0
@@ -335,9 +344,9 @@ class Replica:
                 n = p.grad.numel()
                 p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
                 offset += n
-        metric_work.wait()
-        for key, value in zip(keys, metric_flat.tolist()):
-            sums[key] = value
+        for keys, flat, work in metric_works:
+            work.wait()
+            sums.update(zip(keys, flat.tolist()))
 
     def _optimizer_step(self, lr_multiplier: float) -> None:
         self._wait_staged()

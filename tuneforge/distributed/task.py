@@ -13,6 +13,9 @@ after each committed step) and ``save_final(model, out_dir)`` (rank 0, at the en
 Exactness rule: ``forward_backward`` must add ``scale * (sum of per-token losses of its samples)`` to
 the gradients, where ``scale = 1 / loss_tokens(global batch)``. Summing those over replicas gives the
 global-batch mean whatever the split, so membership changes do not change the result.
+
+Metrics whose key ends in :data:`MAX_SUFFIX` (e.g. a replica's peak memory, ``"peak_mb.max"``) are combined with
+a maximum instead of a sum, over micro-batches and over replicas.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from tuneforge.errors import RecipeError
 
 if TYPE_CHECKING:  # keep replica start-up lean: torch is imported by whoever builds the task
     import torch
+
+MAX_SUFFIX = ".max"  # a metric combined by maximum (over micro-batches and replicas), not by sum
 
 
 @runtime_checkable
@@ -47,8 +52,9 @@ class ReplicaTask(Protocol):
         """Run forward + backward on ``indices``; gradients accumulate ``scale * loss_sum``.
 
         The returned numbers are *summed* over micro-batches and replicas by the engine, so return
-        contributions (e.g. ``loss_sum * scale``) whose sum is the quantity to log. Return the same
-        keys on every call (they are all-reduced as one vector).
+        contributions (e.g. ``loss_sum * scale``) whose sum is the quantity to log; keys ending in
+        :data:`MAX_SUFFIX` are maximised instead. Return the same keys on every call (they are
+        all-reduced together).
         """
         ...
 

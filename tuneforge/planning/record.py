@@ -39,16 +39,22 @@ class RunCheck:
         self.t0 = time.perf_counter()
 
     def finish(self, history: list[dict[str, float]], tracker: Any = None) -> dict[str, Any]:
-        """Forecast vs measured (peak memory, median step time after the first step, wall time of the training)."""
+        """Forecast vs measured (peak memory, median step time after the first step, wall time of the training).
+
+        Without :meth:`start_measuring` (an elastic run: replica processes trained) the rows are the measurement:
+        their largest ``peak_mb`` and the sum of their ``step_s`` (from the writing replica's model build on)."""
         steps = [float(r["step_s"]) for r in history if "step_s" in r]
         tail = steps[1:] or steps
+        here = self.meter is not None
         measured: dict[str, Any] = {
             "step_s": statistics.median(tail) if tail else 0.0,
-            "wall_s": time.perf_counter() - self.t0,
+            "wall_s": time.perf_counter() - self.t0 if here else sum(steps),
         }
         if self.meter is not None:
             kind = "tensors" if self.meter.device.type == "cuda" else "process"
             measured.update(peak_mb=self.meter.peak_bytes() / MB, memory_kind=kind, memory_method=self.meter.method)
+        elif peaks := [float(r["peak_mb"]) for r in history if "peak_mb" in r]:
+            measured.update(replica_peak(peaks, torch.device(self.res.device)))
         if self.forecast is None:
             return {"forecast": None, "measured": measured}
         out = versus(self.forecast, measured)
@@ -65,7 +71,8 @@ class RunCheck:
                 **{f"planner/error_{k}": v for k, v in out["errors"].items() if v is not None},
             }
             tracker.log_metrics(numbers, step=self.res.total_steps)
-        self._calibrate(measured["step_s"])
+        if here:  # an elastic step also waits for quorum and all-reduce: not the work the rate cache describes
+            self._calibrate(measured["step_s"])
         return out
 
     def _calibrate(self, step_s: float) -> None:
@@ -96,6 +103,22 @@ class RunCheck:
         )
         if entry is not None:
             record_rate(hardware, model, entry)
+
+
+def replica_peak(peaks: list[float], device: torch.device) -> dict[str, Any]:
+    """An elastic run's measured peak: each replica measured its own (a :class:`MemoryMeter` started before its model
+    was built) and the steps logged the largest over replicas so far; the run's peak is the largest of those."""
+    cuda = device.type == "cuda"
+    method = (
+        "torch.cuda.max_memory_allocated"
+        if cuda
+        else "VmHWM (peak RSS, reset before the model; ru_maxrss where clear_refs is not writable)"
+    )
+    return {
+        "peak_mb": max(peaks),
+        "memory_kind": "tensors" if cuda else "process",
+        "memory_method": f"{method}, max over replicas",
+    }
 
 
 def check_run(recipe: Recipe, res: Resolved, prepared: Any, *, force: bool = False) -> RunCheck:

@@ -24,12 +24,15 @@ from tuneforge.files import atomic_write
 from tuneforge.models.adapters import is_peft
 from tuneforge.models.export import save_result
 from tuneforge.planner import resolve
+from tuneforge.planning.measure import MemoryMeter
 from tuneforge.training.build import build_model, prepare
 from tuneforge.training.loop import make_optimizer
 from tuneforge.training.schedule import lr_multiplier
 from tuneforge.training.task import Task, unflatten_metrics
 
 EVALS_FILE = "evals.json"  # the final held-out evaluation, written by rank 0 next to the result
+PEAK_KEY = "peak_mb.max"  # this replica's peak memory so far; the engine keeps the maximum over replicas
+MB = 2**20
 
 
 class ElasticTask:
@@ -44,6 +47,7 @@ class ElasticTask:
         self.task: Task | None = None
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.meter: MemoryMeter | None = None
         self._lr = 0.0
         self._t_last = time.perf_counter()
 
@@ -52,6 +56,8 @@ class ElasticTask:
         torch.set_flush_denormal(True)
         res = resolve(self.recipe, self.prepared.num_steps)
         device = torch.device(res.device)
+        self.meter = MemoryMeter(device).start()  # as a local run: the peak from right before the model is built
+        self._t_last = time.perf_counter()  # the first step's time counts from here too, as a local run's wall time
         model = build_model(self.recipe, device)
         t = self.recipe.train
         optimizer = make_optimizer(model, t.lr, t.weight_decay, t.betas, device)
@@ -112,7 +118,12 @@ class ElasticTask:
             load(state["task"])
 
     def forward_backward(self, model: torch.nn.Module, indices: Sequence[int], scale: float) -> Mapping[str, float]:
-        return self._task().forward_backward(model, indices, scale).flat(scale)
+        """The step's metric shares, and this replica's peak memory after the backward pass (maximised, not summed,
+        by the engine: each replica holds the whole model, so the run's peak is the largest replica's)."""
+        out = self._task().forward_backward(model, indices, scale).flat(scale)
+        if self.meter is not None:
+            out[PEAK_KEY] = self.meter.peak_bytes() / MB
+        return out
 
     def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
         """Called on the rank-0 replica after each committed step: the same metrics.jsonl rows as a local run."""
@@ -120,6 +131,7 @@ class ElasticTask:
             return
         now = time.perf_counter()
         values = unflatten_metrics(metrics)
+        peak = values.pop(PEAK_KEY, None)
         row = {
             "step": step + 1,
             "loss": values.pop("loss", float("nan")),
@@ -128,6 +140,7 @@ class ElasticTask:
             "tokens": int(values.pop("tokens_fed", 0)),
             "step_s": now - self._t_last,
             **values,
+            **({"peak_mb": peak} if peak is not None else {}),  # max over replicas, read by the planner check
         }
         self._t_last = now
         with self.metrics_path.open("a") as f:
