@@ -18,12 +18,14 @@ side's worker process and stops it when the benchmark itself is stopped.
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -103,6 +105,24 @@ def describe(summary: dict[str, Any], unit: str = "x") -> str:
     return (
         f"{summary['ratio']:.2f}{unit} (pairs {s['n']}: min {s['min']:.2f}, IQR {s['q1']:.2f}-{s['q3']:.2f}, "
         f"max {s['max']:.2f})"
+    )
+
+
+def worker_env(home: Path, work: Path, threads: int) -> dict[str, str]:
+    """The environment of a benchmark worker: offline, ``threads`` threads, every cache and state dir under `work`
+    (``home`` is its ``TUNEFORGE_HOME``), quiet."""
+    return dict(
+        os.environ,
+        TUNEFORGE_HOME=str(home),
+        HF_HOME=str(work / "hf"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(work / "hf-datasets"),
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONWARNINGS="ignore",
     )
 
 

@@ -64,7 +64,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import describe, interleaved, paired_summary, run_child
+from common import describe, interleaved, paired_summary, run_child, worker_env
 
 PAIRS = 4
 MAX_LEN = 160
@@ -421,19 +421,7 @@ def _check_trl_rows(dataset: Any, ids: list[list[int]], method: str) -> None:
 
 # -- orchestration -------------------------------------------------------------------------------------
 def run_worker(system: str, method: str, work: Path, steps: int, threads: int) -> dict[str, Any]:
-    env = dict(
-        os.environ,
-        TUNEFORGE_HOME=str(work / f"home-{system}-{method}-{time.monotonic_ns()}"),
-        HF_HOME=str(work / "hf"),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        HF_DATASETS_CACHE=str(work / "hf-datasets"),
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        TOKENIZERS_PARALLELISM="false",
-        TRANSFORMERS_VERBOSITY="error",
-        PYTHONWARNINGS="ignore",
-    )
+    env = worker_env(work / f"home-{system}-{method}-{time.monotonic_ns()}", work, threads)
     out_file = work / f"result-{system}-{method}-{time.monotonic_ns()}.json"
     cmd = [
         sys.executable,

@@ -66,7 +66,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import describe, interleaved, paired_summary, run_child
+from common import describe, interleaved, paired_summary, run_child, worker_env
 
 SYSTEMS = ("tuneforge", "trl")
 BATCH = 8  # rows per optimizer step
@@ -328,19 +328,7 @@ def check_trl_rows(dataset: Any, examples: list[dict[str, Any]]) -> None:
 
 # -- orchestration ---------------------------------------------------------------------------------
 def run_worker(system: str, data: Path, base: Path, work: Path, threads: int, layout: str) -> dict[str, Any]:
-    env = dict(
-        os.environ,
-        TUNEFORGE_HOME=str(work / "home"),
-        HF_HOME=str(work / "hf"),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        HF_DATASETS_CACHE=str(work / "hf-datasets"),
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        TOKENIZERS_PARALLELISM="false",
-        TRANSFORMERS_VERBOSITY="error",
-        PYTHONWARNINGS="ignore",
-    )
+    env = worker_env(work / "home", work, threads)
     out = work / f"result-{system}-{time.monotonic_ns()}.json"
     cmd = [sys.executable, __file__, "--worker", system, "--data", str(data), "--base", str(base), "--work", str(work)]
     cmd += ["--threads", str(threads), "--trl-layout", layout, "--out", str(out)]

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import describe, interleaved, paired_summary, run_child
+from common import describe, interleaved, paired_summary, run_child, worker_env
 
 SEQ_LEN = 128
 BATCH = 8
@@ -285,18 +285,7 @@ def _check_trl_rows(dataset: Any, seqs: list[list[int]]) -> None:
 
 # -- orchestration -------------------------------------------------------------------------------------
 def run_worker(system: str, adapter: str, work: Path, steps: int, threads: int) -> dict[str, Any]:
-    env = dict(
-        os.environ,
-        TUNEFORGE_HOME=str(work / "home"),
-        HF_HOME=str(work / "hf"),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        TOKENIZERS_PARALLELISM="false",
-        TRANSFORMERS_VERBOSITY="error",
-        PYTHONWARNINGS="ignore",
-    )
+    env = worker_env(work / "home", work, threads)
     out_file = work / f"result-{system}-{adapter}-{time.monotonic_ns()}.json"
     cmd = [
         sys.executable,
