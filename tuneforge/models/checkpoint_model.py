@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from tuneforge.errors import ModelError
 
@@ -20,6 +21,21 @@ WEIGHTS_FILE = "trainable.safetensors"
 
 def is_training_checkpoint(path: str | Path) -> bool:
     return (Path(path) / WEIGHTS_FILE).is_file()
+
+
+def load_trainable(ckpt: Path, model: Any) -> None:
+    """Copy a checkpoint's trainable weights into `model` in place; a weight the model lacks is a clear error."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt / WEIGHTS_FILE))
+    params = dict(model.named_parameters())
+    unknown = [name for name in weights if name not in params]
+    if unknown:
+        raise ModelError(f"{ckpt}: the checkpoint does not match this model or adapter (unknown weight {unknown[0]})")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
 
 
 def export_checkpoint(ckpt: str | Path) -> Path:
@@ -35,7 +51,6 @@ def export_checkpoint(ckpt: str | Path) -> Path:
         raise ModelError(f"{ckpt}: its run directory has no recipe.yaml, so the model it belongs to is unknown")
 
     import torch
-    from safetensors.torch import load_file
 
     from tuneforge.config import load_recipe
     from tuneforge.methods import method_spec
@@ -46,14 +61,7 @@ def export_checkpoint(ckpt: str | Path) -> Path:
     recipe = load_recipe(recipe_file)
     with torch.random.fork_rng(devices=[]):  # building seeds torch; the caller's random state stays its own
         model = build_model(recipe, method_spec(recipe.method), torch.device("cpu"))
-    weights = load_file(str(ckpt / WEIGHTS_FILE))
-    params = dict(model.named_parameters())
-    unknown = [name for name in weights if name not in params]
-    if unknown:
-        raise ModelError(f"{ckpt}: the checkpoint does not match its recipe's model (unknown weight {unknown[0]})")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    load_trainable(ckpt, model)
     if hasattr(model, "value_head"):  # PPO's value head is kept beside results, not in them
         del model.value_head
     m = recipe.model

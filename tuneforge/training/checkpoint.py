@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.models.checkpoint_model import WEIGHTS_FILE, load_trainable
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,7 +55,7 @@ def save_checkpoint(
     tmp = directory / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
     torch.save(
         {
             "step": step,
@@ -94,14 +95,7 @@ def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
     """Restore states in place; returns the saved metadata (with ``step``)."""
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise TuneforgeError(f"{path}: checkpoint does not match this model/adapter (unknown parameter {missing[0]})")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    load_trainable(path, model)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
